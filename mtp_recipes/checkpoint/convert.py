@@ -1,0 +1,52 @@
+"""On-disk <-> in-memory tensor names and layouts, through transformers' own weight conversions.
+
+transformers 5 keeps some tensors in a different form in memory than on disk (Nemotron-H's per-expert
+``mixer.experts.{e}.up_proj.weight`` become one ``mixer.experts.up_proj`` tensor; ``backbone.`` becomes
+``model.``). Its loader applies these conversions only to keys the backbone knows, so the MTP tensors
+it drops would stay unconverted. Running the same conversion objects over the *whole* state dict, MTP
+keys included, gives one exact mapping for both directions.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+
+import torch
+from transformers import PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    dot_natural_key,
+    rename_source_key,
+    revert_weight_conversion,
+)
+
+
+def to_disk(backbone: PreTrainedModel, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """In-memory HF names/layouts -> the names and layouts transformers writes on disk."""
+    return revert_weight_conversion(backbone, state_dict)
+
+
+def from_disk(backbone: PreTrainedModel, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """On-disk names/layouts -> transformers' in-memory names/layouts (the inverse of :func:`to_disk`)."""
+    conversions = get_model_conversion_mapping(backbone)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+
+    pending: dict[str, WeightRenaming | WeightConverter] = {}
+    for key, tensor in sorted(state_dict.items(), key=lambda kv: dot_natural_key(kv[0])):
+        target, pattern = rename_source_key(key, renamings, converters)
+        if pattern is None:
+            transform = pending.setdefault(target, WeightRenaming(key, target))
+            pattern = key
+        else:
+            transform = pending.setdefault(target, deepcopy(by_pattern[pattern]))
+        transform.add_tensor(target, key, pattern, tensor)
+
+    out: dict[str, torch.Tensor] = {}
+    for target, transform in pending.items():
+        for name, value in transform.convert(target, model=backbone, config=backbone.config).items():
+            out[name] = value[0] if isinstance(value, list) else value
+    return out

@@ -1,0 +1,145 @@
+"""The Family interface and its registry.
+
+A family answers a few questions about one Hugging Face ``model_type`` (how many MTP depths its config
+declares, how to build one depth from the backbone's own block classes, how to run a block, where its MTP
+tensors live on disk) and nothing else. The core, the model and the trainer only talk to this interface,
+so adding a family never touches them.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from mtp_recipes.errors import ConfigError
+from mtp_recipes.mtp.config import MTPConfig
+from mtp_recipes.mtp.stack import BlockRunner, MTPDepth, PassesOn
+
+KeyPrefixes = list[tuple[str, str]]
+
+
+class Family(ABC):
+    """How one model family builds, runs and names its MTP depths."""
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    head: ClassVar[Literal["shared", "per_depth"]] = "shared"
+    passes_on: ClassVar[PassesOn] = "normed"
+
+    # ---- config -------------------------------------------------------------------------------
+    def text_config(self, hf_config: PretrainedConfig) -> PretrainedConfig:
+        """The config of the language model (the whole config for text-only families)."""
+        return hf_config.get_text_config()
+
+    @abstractmethod
+    def mtp_config(self, hf_config: PretrainedConfig, **overrides: Any) -> MTPConfig:
+        """Read D and the depth layout from the checkpoint's config, then apply user overrides."""
+
+    @abstractmethod
+    def export_mtp_fields(self, mtp: MTPConfig) -> dict[str, Any]:
+        """The config.json fields (of the text config) that describe ``mtp`` for serving engines."""
+
+    # ---- modules ------------------------------------------------------------------------------
+    def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:
+        """The backbone is transformers' own causal-LM class for this config, never remote code."""
+        return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=False)
+
+    @abstractmethod
+    def build_depth(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> MTPDepth:
+        """Physical depth ``index`` built from the backbone's own block and norm classes."""
+
+    @abstractmethod
+    def block_runner(
+        self,
+        backbone: PreTrainedModel,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        seq_idx: torch.Tensor | None,
+    ) -> BlockRunner:
+        """A function that runs one MTP block with the masks/rotary inputs the backbone would use."""
+
+    def backbone_hidden(
+        self,
+        backbone: PreTrainedModel,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        seq_idx: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The backbone's last hidden state after its final norm (the input h^0 of depth 1)."""
+        out = backbone.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def block_kind(self, block: nn.Module) -> Any:
+        """What makes two blocks interchangeable when a new depth is initialised from the backbone."""
+        return type(block)
+
+    def backbone_blocks(self, backbone: PreTrainedModel) -> list[nn.Module]:
+        return list(backbone.get_decoder().layers)
+
+    def init_depth_from_backbone(self, depth: MTPDepth, backbone: PreTrainedModel) -> None:
+        """``mtp.init=from_scratch``: start each block from the last backbone block of its kind, if any.
+
+        The fusion and norms keep the family's fresh initialisation (norms at identity, ``eh_proj`` random).
+        """
+        layers = self.backbone_blocks(backbone)
+        for block in depth.blocks:
+            kind = self.block_kind(block)
+            donor = next((b for b in reversed(layers) if self.block_kind(b) == kind), None)
+            if donor is None:
+                continue
+            with torch.no_grad():
+                for (name, p), (_, q) in zip(block.state_dict().items(), donor.state_dict().items(), strict=True):
+                    if p.shape == q.shape:
+                        p.copy_(q)
+
+    # ---- checkpoint keys ----------------------------------------------------------------------
+    @abstractmethod
+    def key_prefixes(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> KeyPrefixes:
+        """``(prefix inside MTPDepth, prefix in the HF checkpoint)`` pairs for physical depth ``index``.
+
+        HF-side names are in transformers' in-memory convention (e.g. merged expert tensors); the
+        checkpoint layer applies transformers' own weight conversions to reach the on-disk names.
+        """
+
+    def tied_export_copies(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> dict[str, str]:
+        """Extra HF tensors written on export as copies of backbone tensors: ``{hf_name: backbone_key}``."""
+        return {}
+
+
+def sub_config(hf_config: PretrainedConfig, **fields: Any) -> PretrainedConfig:
+    """A copy of ``hf_config`` with some fields changed, to build MTP blocks with the backbone's classes."""
+    cfg = copy.deepcopy(hf_config)
+    for key, value in fields.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    for model_type in family.model_types:
+        _REGISTRY[model_type] = family
+    return family
+
+
+def registered_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_family(model_type: str) -> Family:
+    """The family serving ``model_type``; a clear error lists the supported ones."""
+    import mtp_recipes.families  # noqa: F401  (registers the built-in families)
+
+    try:
+        return _REGISTRY[model_type]
+    except KeyError:
+        raise ConfigError(
+            f"unknown model family '{model_type}': supported model_type values are "
+            f"{registered_model_types()} (set model.config.model_type or use a checkpoint of one of them)"
+        ) from None

@@ -1,0 +1,122 @@
+"""Nemotron-H (NVIDIA Nemotron-3, transformers ``nemotron_h``): hybrid Mamba2 / attention / MLP / MoE.
+
+One MTP depth is a pattern of P NemotronH sublayers (Super V3 ships ``"*E"``: attention then MoE). On
+disk the depths are flattened: ``mtp.layers.{d*P + i}``, with ``enorm/hnorm/eh_proj`` on sublayer 0 and
+``final_layernorm`` on sublayer P-1. The head is the backbone's ``lm_head``; depth k hands its
+final-normed state to depth k+1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.masking_utils import create_causal_mask
+from transformers.models.nemotron_h import modeling_nemotron_h as hf
+
+from mtp_recipes.families.base import Family, KeyPrefixes, register, sub_config
+from mtp_recipes.mtp.config import MTPConfig
+from mtp_recipes.mtp.stack import BlockRunner, MTPDepth
+
+PATTERN_SYMBOLS = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+SYMBOL_OF = {v: k for k, v in PATTERN_SYMBOLS.items()}
+
+
+def parse_block_pattern(pattern: str | Sequence[str]) -> tuple[str, ...]:
+    """Sublayer types of one depth from a legacy pattern (``"*E"``) or a list of HF 5.23 names."""
+    if isinstance(pattern, str):
+        if not pattern:
+            raise ValueError("empty MTP block pattern: give at least one of M (mamba), * (attention), - (mlp), E (moe)")
+        bad = sorted({c for c in pattern if c not in PATTERN_SYMBOLS})
+        if bad:
+            raise ValueError(
+                f"unknown symbol(s) {bad} in MTP block pattern {pattern!r}: use M (mamba), * (attention), "
+                "- (mlp), E (moe)"
+            )
+        return tuple(PATTERN_SYMBOLS[c] for c in pattern)
+    types = tuple(pattern)
+    if not types:
+        raise ValueError("empty MTP block list: give at least one of " + ", ".join(SYMBOL_OF))
+    bad = sorted({t for t in types if t not in SYMBOL_OF})
+    if bad:
+        raise ValueError(f"unknown MTP block type(s) {bad}: use {sorted(SYMBOL_OF)}")
+    return types
+
+
+def block_pattern_string(types: Sequence[str]) -> str:
+    return "".join(SYMBOL_OF[t] for t in types)
+
+
+class NemotronH(Family):
+    name = "nemotron_h"
+    model_types = ("nemotron_h",)
+    head = "shared"
+    passes_on = "normed"
+
+    def mtp_config(self, hf_config: PretrainedConfig, **overrides: Any) -> MTPConfig:
+        if overrides.get("block_types") is not None:
+            overrides["block_types"] = parse_block_pattern(overrides["block_types"])
+        base = MTPConfig(
+            num_layers=int(hf_config.num_nextn_predict_layers or 0),
+            block_types=parse_block_pattern(hf_config.mtp_layers_block_type or ["full_attention", "moe"]),
+        )
+        return base.with_overrides(**overrides)
+
+    def export_mtp_fields(self, mtp: MTPConfig) -> dict[str, Any]:
+        # vLLM/SGLang read the legacy string and expect one physical depth per listed layer.
+        return {
+            "num_nextn_predict_layers": mtp.num_physical_layers,
+            "mtp_layers_block_type": list(mtp.block_types),
+            "mtp_hybrid_override_pattern": block_pattern_string(mtp.block_types),
+        }
+
+    def build_depth(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> MTPDepth:
+        # NemotronHBlock picks its mixer from config.layers_block_type[layer_idx], so the sublayers are
+        # built from a config whose layer list is the MTP pattern.
+        cfg = sub_config(hf_config, layers_block_type=list(mtp.block_types))
+        blocks = [hf.NemotronHBlock(cfg, layer_idx=i) for i in range(len(mtp.block_types))]
+
+        def norm() -> nn.Module:
+            return hf.NemotronHRMSNorm(hf_config.hidden_size, eps=hf_config.layer_norm_epsilon)
+
+        return MTPDepth(hf_config.hidden_size, norm(), norm(), blocks, norm())
+
+    def block_runner(
+        self,
+        backbone: PreTrainedModel,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        seq_idx: torch.Tensor | None,
+    ) -> BlockRunner:
+        # The same masks the backbone builds: causal (block-diagonal when position_ids restart per
+        # document) for attention, none for Mamba/MLP/MoE.
+        attention_mask = create_causal_mask(
+            config=backbone.config,
+            inputs_embeds=hidden,
+            attention_mask=None,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+
+        def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            mask = attention_mask if block.block_type == "full_attention" else None
+            return block(x, attention_mask=mask, position_ids=position_ids)
+
+        return run
+
+    def block_kind(self, block: nn.Module) -> Any:
+        return block.block_type
+
+    def key_prefixes(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> KeyPrefixes:
+        p = len(mtp.block_types)
+        first, last = index * p, index * p + p - 1
+        pairs = [(f"{n}.", f"mtp.layers.{first}.{n}.") for n in ("enorm", "hnorm", "eh_proj")]
+        pairs += [(f"blocks.{i}.", f"mtp.layers.{first + i}.") for i in range(p)]
+        pairs.append(("final_norm.", f"mtp.layers.{last}.final_layernorm."))
+        return pairs
+
+
+register(NemotronH())

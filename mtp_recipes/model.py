@@ -1,0 +1,283 @@
+"""MTPModel: a transformers backbone plus our D MTP depths, with HF checkpoints in and out.
+
+The forward pass and the loss are family-independent: the family only builds modules, runs blocks and
+names keys (see :mod:`mtp_recipes.families.base`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from mtp_recipes.checkpoint.hf import load_model_state, read_config_dict, resolve_model_dir, save_model_state
+from mtp_recipes.checkpoint.keymap import KeyMap
+from mtp_recipes.errors import CheckpointError, ConfigError
+from mtp_recipes.families.base import Family, get_family
+from mtp_recipes.loss import main_loss, mtp_loss
+from mtp_recipes.mtp.config import MTPConfig
+from mtp_recipes.mtp.stack import MTPStack
+
+
+@dataclass
+class MTPOutput:
+    """What one forward pass returns. Losses are means over the (global, when given) target counts."""
+
+    loss: torch.Tensor | None
+    main_loss: torch.Tensor | None
+    mtp_loss: torch.Tensor | None
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)
+    logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+    mtp_hidden_states: list[torch.Tensor] = field(default_factory=list)
+
+
+def positions_from_seq_idx(seq_idx: torch.Tensor) -> torch.Tensor:
+    """Position ids restarting at 0 wherever the document id changes."""
+    s = seq_idx.shape[-1]
+    idx = torch.arange(s, device=seq_idx.device).expand_as(seq_idx)
+    start = torch.ones_like(seq_idx, dtype=torch.bool)
+    start[..., 1:] = seq_idx[..., 1:] != seq_idx[..., :-1]
+    last_start = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=-1).values
+    return idx - last_start
+
+
+def seq_idx_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document ids from positions: a new document starts wherever positions do not continue by +1."""
+    step = torch.ones_like(position_ids, dtype=torch.bool)
+    step[..., 1:] = position_ids[..., 1:] != position_ids[..., :-1] + 1
+    step[..., 0] = False
+    return step.cumsum(-1).to(torch.int32)
+
+
+class MTPModel(nn.Module):
+    """Backbone (transformers modeling code) + :class:`MTPStack`.
+
+    ``forward`` takes already-shifted labels (spec §1) and returns the main loss, the per-depth MTP
+    losses (unscaled) and ``loss = main + (λ/D)·ΣCE_k``, without ever materialising full logits.
+    """
+
+    def __init__(self, hf_config: PretrainedConfig, mtp_config: MTPConfig, family: Family | None = None) -> None:
+        super().__init__()
+        self.family = family or get_family(hf_config.model_type)
+        self.config = hf_config
+        self.text_config = self.family.text_config(hf_config)
+        self.mtp_config = mtp_config
+        self.backbone = self.family.build_backbone(hf_config)
+        depths = [
+            self.family.build_depth(self.text_config, mtp_config, i) for i in range(mtp_config.num_physical_layers)
+        ]
+        for depth in depths:
+            for module in depth.modules():
+                self.backbone._init_weights(module)
+        self.mtp = MTPStack(depths, mtp_config, self.family.passes_on)
+        if mtp_config.init == "from_scratch":
+            self.init_mtp_from_backbone()
+        if mtp_config.train_only:
+            self.backbone.requires_grad_(False)
+        # Filled when loaded from a checkpoint: where it came from and each tensor's on-disk dtype.
+        self.source_dir: Path | None = None
+        self.source_config: dict[str, Any] | None = None
+        self.disk_dtypes: dict[str, torch.dtype] = {}
+
+    # ---- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, hf_config: PretrainedConfig | dict[str, Any], **mtp_overrides: Any) -> MTPModel:
+        """A randomly initialised model (debug sizes, tests); MTP settings from the config + overrides."""
+        if isinstance(hf_config, dict):
+            hf_config = config_from_dict(hf_config)
+        family = get_family(hf_config.model_type)
+        mtp = family.mtp_config(family.text_config(hf_config), **mtp_overrides)
+        return cls(hf_config, mtp, family)
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, **mtp_overrides: Any
+    ) -> MTPModel:
+        """Load a Hugging Face checkpoint *including* its MTP tensors (which transformers would drop).
+
+        ``dtype`` is the parameter dtype to train in (default float32: exact master weights); the
+        on-disk dtypes are remembered and restored by :meth:`save_pretrained`.
+        """
+        model_dir = resolve_model_dir(str(name_or_path))
+        raw = read_config_dict(model_dir)
+        hf_config = config_from_dict(raw)
+        family = get_family(hf_config.model_type)
+        mtp = family.mtp_config(family.text_config(hf_config), **mtp_overrides)
+        dtype = _as_dtype(dtype) or torch.float32
+        with _default_dtype(dtype):
+            model = cls(hf_config, mtp, family)
+        model.disk_dtypes = load_model_state(model, model_dir)
+        model.source_dir, model.source_config = model_dir, raw
+        return model
+
+    # ---- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
+        *,
+        num_label_tokens: int | torch.Tensor | None = None,
+        num_depth_tokens: list[int] | torch.Tensor | None = None,
+        return_logits: bool = False,
+    ) -> MTPOutput:
+        """Run backbone and MTP depths; compute the losses when ``labels`` (already shifted) are given.
+
+        ``num_label_tokens`` / ``num_depth_tokens`` are the main and per-depth target counts summed over
+        all micro-batches and ranks of the optimizer step; without them each loss is a local mean.
+        """
+        if seq_idx is None and position_ids is not None:
+            seq_idx = seq_idx_from_positions(position_ids)
+        if position_ids is None:
+            if seq_idx is not None:
+                position_ids = positions_from_seq_idx(seq_idx)
+            else:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.mtp_config.train_only):
+            hidden = self.family.backbone_hidden(self.backbone, input_ids, position_ids, seq_idx)
+        mtp_input = hidden.detach() if self.mtp_config.detach_backbone else hidden
+        mtp_hidden: list[torch.Tensor] = []
+        if self.mtp.num_depths:
+            run_block = self.family.block_runner(self.backbone, hidden, position_ids, seq_idx)
+            embed = self.backbone.get_input_embeddings()
+            mtp_hidden = self.mtp(mtp_input, input_ids, embed, run_block, seq_idx)
+
+        head = self.backbone.get_output_embeddings().weight
+        logits = hidden @ head.T if return_logits else None
+        out = MTPOutput(None, None, None, logits=logits, hidden_states=hidden, mtp_hidden_states=mtp_hidden)
+        if labels is None:
+            return out
+
+        out.main_loss = main_loss(hidden, labels, head, num_label_tokens=num_label_tokens)
+        out.loss = out.main_loss
+        if mtp_hidden:
+            result = mtp_loss(
+                mtp_hidden,
+                labels,
+                self.mtp_heads(),
+                loss_scaling_factor=self.mtp_config.loss_scaling_factor,
+                seq_idx=seq_idx,
+                normalization=self.mtp_config.normalization,
+                num_label_tokens=num_label_tokens if num_label_tokens is not None else _count(labels),
+                num_depth_tokens=num_depth_tokens,
+            )
+            out.mtp_loss, out.mtp_losses = result.loss, list(result.per_depth)
+            out.loss = out.main_loss + result.loss
+        return out
+
+    def mtp_heads(self) -> torch.Tensor | list[torch.Tensor]:
+        """The output weight(s) the depths project with: the shared ``lm_head`` or one head per depth."""
+        if self.family.head == "per_depth":
+            return [self.mtp.depth(k).head.weight for k in range(1, self.mtp.num_depths + 1)]
+        head = self.backbone.get_output_embeddings().weight
+        return head.detach() if self.mtp_config.detach_backbone else head
+
+    # ---- MTP initialisation and checkpoints ---------------------------------------------------
+    def init_mtp_from_backbone(self) -> None:
+        for depth in self.mtp.depths:
+            self.family.init_depth_from_backbone(depth, self.backbone)
+
+    def keymap(self) -> KeyMap:
+        pairs = [
+            (f"mtp.depths.{i}.{inner}", hf)
+            for i in range(self.mtp_config.num_physical_layers)
+            for inner, hf in self.family.key_prefixes(self.text_config, self.mtp_config, i)
+        ]
+        return KeyMap(pairs)
+
+    def tied_keys(self) -> set[str]:
+        """State-dict keys that alias an earlier tensor (e.g. a tied ``lm_head``); never saved twice."""
+        seen: dict[int, str] = {}
+        tied = set()
+        for key, tensor in self.state_dict(keep_vars=True).items():
+            ptr = tensor.data_ptr() if tensor.device.type != "meta" else id(tensor)
+            if ptr in seen and tensor.numel():
+                tied.add(key)
+            seen.setdefault(ptr, key)
+        return tied
+
+    def export_config(self) -> dict[str, Any]:
+        """config.json for the export: the source's own JSON (unknown fields kept) + current MTP fields."""
+        raw = copy.deepcopy(self.source_config) if self.source_config else json.loads(self.config.to_json_string())
+        section = raw.get("text_config", raw) if self.text_config is not self.config else raw
+        section.update(self.family.export_mtp_fields(self.mtp_config))
+        return raw
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        tokenizer: Any = None,
+        max_shard_size: int = 5 * 1024**3,
+    ) -> Path:
+        """Write a Hugging Face checkpoint with the MTP tensors in the layout serving engines load."""
+        out = save_model_state(
+            self,
+            save_directory,
+            state_dict=state_dict,
+            config_dict=self.export_config(),
+            disk_dtypes=self.disk_dtypes,
+            default_dtype=_as_dtype(getattr(self.config, "dtype", None)),
+            copy_files_from=self.source_dir,
+            max_shard_bytes=max_shard_size,
+        )
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        return out
+
+
+def config_from_dict(raw: dict[str, Any]) -> PretrainedConfig:
+    """A transformers config from a config.json dict, without remote code."""
+    model_type = raw.get("model_type")
+    if model_type is None:
+        raise ConfigError("the model config has no model_type; set model.config.model_type (e.g. nemotron_h)")
+    get_family(model_type)
+    raw = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(PretrainedConfig._decode_special_floats(raw))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid {model_type} config: {str(e).splitlines()[0]}") from None
+
+
+def _count(labels: torch.Tensor) -> int:
+    return int((labels != -100).sum())
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise ConfigError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return value
+
+
+class _default_dtype:
+    """Build modules in ``dtype`` (torch.set_default_dtype, restored afterwards)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __enter__(self) -> None:
+        self.previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_default_dtype(self.previous)
+
+
+__all__ = ["MTPModel", "MTPOutput", "CheckpointError"]

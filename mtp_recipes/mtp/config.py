@@ -1,0 +1,58 @@
+"""MTPConfig: everything the MTP core needs to know, independent of the model family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+from mtp_recipes.errors import ConfigError
+
+Normalization = Literal["depth_tokens", "main_tokens"]
+Init = Literal["from_checkpoint", "from_scratch"]
+
+
+@dataclass(frozen=True)
+class MTPConfig:
+    """Settings of the D MTP depths.
+
+    ``block_types`` is the family's description of the sublayers of one depth (for Nemotron-H a list
+    such as ``["full_attention", "moe"]``; families with one fixed block leave it empty).
+    """
+
+    num_layers: int = 1
+    block_types: tuple[str, ...] = ()
+    loss_scaling_factor: float = 0.1
+    use_repeated_layer: bool = False
+    normalization: Normalization = "depth_tokens"
+    init: Init = "from_checkpoint"
+    detach_backbone: bool = False
+    train_only: bool = False
+    family_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_layers, int) or self.num_layers < 0:
+            raise ConfigError(f"mtp.num_layers must be an integer >= 0, got {self.num_layers!r}")
+        if self.loss_scaling_factor < 0:
+            raise ConfigError(f"mtp.loss_scaling_factor must be >= 0, got {self.loss_scaling_factor}")
+        if self.normalization not in ("depth_tokens", "main_tokens"):
+            raise ConfigError(
+                f"mtp.normalization must be 'depth_tokens' or 'main_tokens', got {self.normalization!r}"
+            )
+        if self.init not in ("from_checkpoint", "from_scratch"):
+            raise ConfigError(f"mtp.init must be 'from_checkpoint' or 'from_scratch', got {self.init!r}")
+        object.__setattr__(self, "block_types", tuple(self.block_types))
+
+    @property
+    def num_physical_layers(self) -> int:
+        """Depth modules that hold weights: one when a single depth is reused D times."""
+        if self.num_layers == 0:
+            return 0
+        return 1 if self.use_repeated_layer else self.num_layers
+
+    def with_overrides(self, **overrides: Any) -> MTPConfig:
+        """Return a copy with user overrides applied; ``None`` values mean "keep the checkpoint's"."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown MTP option(s) {unknown}; valid options are {sorted(known)}")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
