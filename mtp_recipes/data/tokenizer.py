@@ -1,0 +1,40 @@
+"""Tokenizer loading, including the bundled offline ``builtin:debug`` tokenizer.
+
+Only fast (Rust-backed) tokenizers are accepted: chat masking needs character offsets.
+Remote code stays off unless the caller opts in, because a tokenizer name from a config
+file must not be able to run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+DEBUG_TOKENIZER = "builtin:debug"
+DEBUG_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "debug_tokenizer"
+
+
+def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
+    """Load a fast tokenizer; None, "" and ``builtin:debug`` give the bundled debug tokenizer.
+
+    A tokenizer without a pad token gets its EOS token as pad: packing only needs some
+    valid id there, since padded slots carry label -100.
+    """
+    if not name_or_path or name_or_path == DEBUG_TOKENIZER:
+        name_or_path = str(DEBUG_TOKENIZER_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise ValueError(
+            f"tokenizer {name_or_path!r} loaded as {type(tokenizer).__name__}, not a fast tokenizer; "
+            "provide a tokenizer.json (chat masking needs character offsets)"
+        )
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {name_or_path!r} has no eos_token; documents need an end marker")
+    if tokenizer.pad_token_id is None:
+        logger.info("tokenizer %s has no pad token; using eos %r", name_or_path, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
