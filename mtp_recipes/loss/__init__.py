@@ -1,0 +1,19 @@
+"""Losses: chunked linear cross-entropy, the main next-token loss and the MTP loss (spec §3)."""
+
+from mtp_recipes.loss.linear_ce import linear_cross_entropy
+from mtp_recipes.loss.mtp import (
+    AcceptanceStats,
+    MTPLossOutput,
+    acceptance_length,
+    main_loss,
+    mtp_loss,
+)
+
+__all__ = [
+    "AcceptanceStats",
+    "MTPLossOutput",
+    "acceptance_length",
+    "linear_cross_entropy",
+    "main_loss",
+    "mtp_loss",
+]

@@ -1,4 +1,4 @@
-"""Chunked linear cross-entropy: ``CE(hidden @ weight.T, targets)`` without a ``[N, V]`` logits tensor.
+"""Chunked linear cross-entropy: ``CE(hidden @ weight.T, targets)`` with no ``[N, V]`` logits.
 
 With a 128k vocabulary the logits of one 8k-token micro-batch take 4 GiB in fp32, and the main loss
 plus D MTP depths would each need them (spec §3). Here the forward pass walks over token chunks
@@ -49,7 +49,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         num_tokens = hidden.shape[0]
         loss = torch.zeros(num_tokens, dtype=dtype, device=hidden.device)
         lse = torch.zeros(num_tokens, dtype=dtype, device=hidden.device)
-        argmax = torch.empty(num_tokens if want_argmax else 0, dtype=torch.long, device=hidden.device)
+        argmax = hidden.new_empty(num_tokens if want_argmax else 0, dtype=torch.long)
         for start in range(0, num_tokens, chunk_size):
             end = min(start + chunk_size, num_tokens)
             logits = hidden[start:end].to(dtype) @ weight_c.T
@@ -122,7 +122,8 @@ def linear_cross_entropy(
         raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"expected hidden [N,H] and weight [V,H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+            "expected hidden [N,H] and weight [V,H], "
+            f"got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets shape {tuple(targets.shape)} != [N] = {tuple(hidden.shape[:1])}")

@@ -12,7 +12,7 @@ from torch import Tensor
 
 
 def _shifted_valid(like: Tensor, k: int, seq_idx: Tensor | None) -> Tensor:
-    """Bool mask over ``like[..., :S-k]``: True where slot ``t+k`` is in the same document as ``t``."""
+    """Bool mask over ``like[..., :S-k]``: True where slot ``t+k`` is in the document of ``t``."""
     size = like.shape[-1]
     if seq_idx is None:
         return torch.ones(like.shape[:-1] + (size - k,), dtype=torch.bool, device=like.device)

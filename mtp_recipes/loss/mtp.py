@@ -1,0 +1,298 @@
+"""Main and MTP losses over one chunked cross-entropy (spec §3), and acceptance metrics (§4).
+
+``mtp_loss`` returns ``(λ / D) · Σ_k CE_k``; the caller adds it to ``main_loss``. Normalisers are
+passed in rather than computed here whenever the trainer has global counts, because a per
+micro-batch mean weights short and long micro-batches alike (Megatron issue #7452).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+from torch import Tensor
+
+from mtp_recipes.loss.linear_ce import linear_cross_entropy
+from mtp_recipes.mtp.roll import roll_targets
+
+Normalization = Literal["depth_tokens", "main_tokens"]
+Count = Union[int, Tensor]
+
+
+@dataclass
+class MTPLossOutput:
+    """What one MTP loss call produces.
+
+    ``loss`` is already scaled by ``λ / D``; ``per_depth`` holds the unscaled ``CE_k`` for logging.
+    ``num_targets`` are the local valid-target counts per depth. With ``return_accuracy`` the
+    per-depth ``predictions`` (argmax ids), ``correct`` and ``valid`` (bool) are ``[B,S]`` tensors,
+    enough for :func:`acceptance_length` and for agreement with the backbone's own argmax.
+    """
+
+    loss: Tensor
+    per_depth: list[Tensor]
+    num_targets: Tensor
+    predictions: list[Tensor] | None = None
+    correct: list[Tensor] | None = None
+    valid: list[Tensor] | None = None
+
+
+@dataclass
+class AcceptanceStats:
+    """Slot counts behind per-depth accuracy and acceptance length, all int64 ``[D]`` tensors.
+
+    Counts rather than ratios so a trainer can add them over micro-batches (``+``) and
+    ``all_reduce`` them before dividing.
+    """
+
+    correct: Tensor
+    valid: Tensor
+    cum_correct: Tensor
+    cum_valid: Tensor
+
+    def __add__(self, other: AcceptanceStats) -> AcceptanceStats:
+        return AcceptanceStats(
+            self.correct + other.correct,
+            self.valid + other.valid,
+            self.cum_correct + other.cum_correct,
+            self.cum_valid + other.cum_valid,
+        )
+
+    @property
+    def accuracy(self) -> Tensor:
+        """Top-1 accuracy of each depth on its valid slots (0 where a depth has none)."""
+        return self.correct / self.valid.clamp_min(1)
+
+    @property
+    def cumulative(self) -> Tensor:
+        """``c_k``: share of slots with depths 1..k all valid whose depths 1..k are all right."""
+        return self.cum_correct / self.cum_valid.clamp_min(1)
+
+    @property
+    def acceptance_length(self) -> Tensor:
+        """Expected tokens per step under greedy verification: ``1 + Σ_k c_k``."""
+        return 1 + self.cumulative.sum()
+
+
+def acceptance_length(
+    correct_per_depth: Sequence[Tensor], valid_per_depth: Sequence[Tensor]
+) -> AcceptanceStats:
+    """Count per-depth and cumulative hits from per-depth bool ``[B,S]`` masks (spec §4).
+
+    ``c_k`` is taken over slots where depths 1..k all have a target: a slot near a document end
+    has no depth-k draft to accept, and counting it as a miss would bias ``c_k`` by document length.
+    """
+    if len(correct_per_depth) != len(valid_per_depth):
+        raise ValueError(
+            f"got {len(correct_per_depth)} correct masks but {len(valid_per_depth)} valid masks"
+        )
+    correct, valid, cum_correct, cum_valid = [], [], [], []
+    all_valid: Tensor | None = None
+    all_correct: Tensor | None = None
+    for hit, ok in zip(correct_per_depth, valid_per_depth):
+        hit = hit.bool() & ok.bool()
+        all_valid = ok.bool() if all_valid is None else all_valid & ok.bool()
+        all_correct = hit if all_correct is None else all_correct & hit
+        correct.append(hit.sum())
+        valid.append(ok.bool().sum())
+        cum_correct.append(all_correct.sum())
+        cum_valid.append(all_valid.sum())
+    return AcceptanceStats(*(_stack_counts(c) for c in (correct, valid, cum_correct, cum_valid)))
+
+
+def _stack_counts(counts: list[Tensor]) -> Tensor:
+    return torch.stack(counts) if counts else torch.zeros(0, dtype=torch.int64)
+
+
+def main_loss(
+    hidden: Tensor,
+    labels: Tensor,
+    head_weight: Tensor,
+    *,
+    num_label_tokens: Count | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    return_argmax: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Next-token CE of ``hidden [..., H]`` on already-shifted ``labels [...]``, chunked.
+
+    Divided by ``num_label_tokens`` (the trainer's global count) when given, else by the local
+    count. With ``return_argmax`` also returns the backbone's argmax in ``labels``' shape.
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}"
+        )
+    targets = labels.reshape(-1)
+    out = linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]),
+        head_weight,
+        targets,
+        ignore_index=ignore_index,
+        reduction="sum",
+        chunk_size=chunk_size,
+        return_argmax=return_argmax,
+    )
+    summed, argmax = out if return_argmax else (out, None)
+    count = (targets != ignore_index).sum() if num_label_tokens is None else num_label_tokens
+    loss = summed / torch.as_tensor(count, device=summed.device).to(summed.dtype).clamp_min(1)
+    return (loss, argmax.view(labels.shape)) if return_argmax else loss
+
+
+def _validate(
+    per_depth_hidden: Sequence[Tensor],
+    labels: Tensor,
+    head_weight: Tensor | Sequence[Tensor],
+    loss_scaling_factor: float,
+    normalization: str,
+    num_label_tokens: Count | None,
+    num_depth_tokens: Sequence[Count] | Tensor | None,
+) -> None:
+    if normalization not in ("depth_tokens", "main_tokens"):
+        raise ValueError(
+            f"normalization must be 'depth_tokens' or 'main_tokens', got {normalization!r}"
+        )
+    if normalization == "main_tokens" and num_label_tokens is None:
+        raise ValueError("normalization='main_tokens' needs num_label_tokens")
+    if normalization == "main_tokens" and num_depth_tokens is not None:
+        raise ValueError("num_depth_tokens is only used with normalization='depth_tokens'")
+    if loss_scaling_factor < 0:
+        raise ValueError(f"loss_scaling_factor must be >= 0, got {loss_scaling_factor}")
+    depths = len(per_depth_hidden)
+    if num_depth_tokens is not None and len(num_depth_tokens) != depths:
+        raise ValueError(
+            f"num_depth_tokens has {len(num_depth_tokens)} entries for {depths} depths"
+        )
+    heads = [head_weight] if isinstance(head_weight, Tensor) else list(head_weight)
+    if not isinstance(head_weight, Tensor) and len(heads) != depths:
+        raise ValueError(f"got {len(heads)} head weights for {depths} depths (or pass one shared)")
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [B,S], got {tuple(labels.shape)}")
+    for k, hidden in enumerate(per_depth_hidden, start=1):
+        if hidden.dim() != 3 or hidden.shape[:2] != labels.shape:
+            raise ValueError(
+                f"hidden of depth {k} is {tuple(hidden.shape)}, expected [B,S,H] with [B,S] = "
+                f"{tuple(labels.shape)}"
+            )
+    for k, head in enumerate(heads, start=1):
+        if depths and (head.dim() != 2 or head.shape[1] != per_depth_hidden[0].shape[-1]):
+            raise ValueError(
+                f"head weight {k} is {tuple(head.shape)}, expected [V,H] with "
+                f"H = {per_depth_hidden[0].shape[-1]}"
+            )
+
+
+def mtp_loss(
+    per_depth_hidden: Sequence[Tensor],
+    labels: Tensor,
+    head_weight: Tensor | Sequence[Tensor],
+    *,
+    loss_scaling_factor: float = 0.1,
+    seq_idx: Tensor | None = None,
+    normalization: Normalization = "depth_tokens",
+    num_label_tokens: Count | None = None,
+    num_depth_tokens: Sequence[Count] | Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    return_accuracy: bool = False,
+) -> MTPLossOutput:
+    """``(λ / D) · Σ_k CE_k`` over D depths; depth k's targets are ``labels[t+k]`` in-document.
+
+    ``per_depth_hidden[k-1]`` is depth k's ``[B,S,H]`` state as its head takes it (already normed).
+    ``head_weight`` is one shared ``[V,H]`` weight or one per depth. ``CE_k`` is the summed CE
+    divided by ``N_k``: ``num_depth_tokens[k-1]`` (global counts from the trainer) or the local
+    valid count under ``depth_tokens``; ``num_label_tokens`` for every depth under ``main_tokens``.
+    """
+    _validate(
+        per_depth_hidden,
+        labels,
+        head_weight,
+        loss_scaling_factor,
+        normalization,
+        num_label_tokens,
+        num_depth_tokens,
+    )
+    depths = len(per_depth_hidden)
+    if depths == 0:
+        empty: list[Tensor] | None = [] if return_accuracy else None
+        return MTPLossOutput(
+            loss=torch.zeros((), device=labels.device),
+            per_depth=[],
+            num_targets=torch.zeros(0, dtype=torch.int64, device=labels.device),
+            predictions=empty,
+            correct=empty,
+            valid=None if empty is None else [],
+        )
+    targets = [roll_targets(labels, k, seq_idx, ignore_index) for k in range(1, depths + 1)]
+    valid = [t != ignore_index for t in targets]
+    summed, predictions = _summed_ce(
+        per_depth_hidden, targets, head_weight, ignore_index, chunk_size, return_accuracy
+    )
+    num_targets = torch.stack([v.sum() for v in valid])
+    if normalization == "main_tokens":
+        counts = torch.as_tensor(num_label_tokens, device=summed.device).expand(depths)
+    elif num_depth_tokens is not None:
+        counts = _as_count_tensor(num_depth_tokens, summed.device)
+    else:
+        counts = num_targets
+    # A zero count only happens with a zero sum: report CE_k = 0 rather than NaN.
+    per_depth = summed / counts.to(summed.dtype).clamp_min(1)
+    out = MTPLossOutput(
+        loss=per_depth.sum() * (loss_scaling_factor / depths),
+        per_depth=list(per_depth.unbind()),
+        num_targets=num_targets,
+    )
+    if return_accuracy:
+        out.predictions = list(predictions.unbind())
+        out.valid = valid
+        out.correct = [(p == t) & v for p, t, v in zip(out.predictions, targets, valid)]
+    return out
+
+
+def _as_count_tensor(counts: Sequence[Count] | Tensor, device: torch.device) -> Tensor:
+    if isinstance(counts, Tensor):
+        return counts.to(device)
+    return torch.stack([torch.as_tensor(c, device=device) for c in counts])
+
+
+def _summed_ce(
+    per_depth_hidden: Sequence[Tensor],
+    targets: list[Tensor],
+    head_weight: Tensor | Sequence[Tensor],
+    ignore_index: int,
+    chunk_size: int | None,
+    want_argmax: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Summed CE per depth ``[D]`` and, on request, argmax ``[D,B,S]``.
+
+    A shared head runs all depths through one chunked call: the fp32 head copy and its fp32
+    gradient buffer are made once instead of D times, at the cost of concatenating the hidden.
+    """
+    depths, shape = len(targets), targets[0].shape
+
+    def per_token_ce(
+        hidden: Tensor, weight: Tensor, target: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        out = linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]),
+            weight,
+            target.reshape(-1),
+            ignore_index=ignore_index,
+            reduction="none",
+            chunk_size=chunk_size,
+            return_argmax=want_argmax,
+        )
+        return out if want_argmax else (out, None)
+
+    if isinstance(head_weight, Tensor):
+        per_token, argmax = per_token_ce(
+            torch.cat(list(per_depth_hidden)), head_weight, torch.cat(targets)
+        )
+        summed = per_token.view(depths, -1).sum(dim=1)
+    else:
+        results = [per_token_ce(*args) for args in zip(per_depth_hidden, head_weight, targets)]
+        summed = torch.stack([loss.sum() for loss, _ in results])
+        argmax = torch.stack([a for _, a in results]) if want_argmax else None
+    return summed, None if argmax is None else argmax.view(depths, *shape)
