@@ -156,8 +156,6 @@ def _validate(
         )
     if normalization == "main_tokens" and num_label_tokens is None:
         raise ValueError("normalization='main_tokens' needs num_label_tokens")
-    if normalization == "main_tokens" and num_depth_tokens is not None:
-        raise ValueError("num_depth_tokens is only used with normalization='depth_tokens'")
     if loss_scaling_factor < 0:
         raise ValueError(f"loss_scaling_factor must be >= 0, got {loss_scaling_factor}")
     depths = len(per_depth_hidden)
@@ -203,7 +201,8 @@ def mtp_loss(
     ``per_depth_hidden[k-1]`` is depth k's ``[B,S,H]`` state as its head takes it (already normed).
     ``head_weight`` is one shared ``[V,H]`` weight or one per depth. ``CE_k`` is the summed CE
     divided by ``N_k``: ``num_depth_tokens[k-1]`` (global counts from the trainer) or the local
-    valid count under ``depth_tokens``; ``num_label_tokens`` for every depth under ``main_tokens``.
+    valid count under ``depth_tokens``; ``num_label_tokens`` for every depth under ``main_tokens``
+    (which ignores ``num_depth_tokens``, so a trainer can pass all its counts whatever the mode).
     """
     _validate(
         per_depth_hidden,

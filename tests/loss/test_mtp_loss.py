@@ -135,6 +135,11 @@ def test_main_tokens_divides_every_depth_by_the_label_count():
     )
     for got, ref, n in zip(out.per_depth, local.per_depth, local.num_targets.tolist()):
         assert torch.allclose(got, ref * n / 1000, rtol=1e-6)
+    ignored = mtp_loss(
+        hiddens, labels, heads, seq_idx=seq_idx, normalization="main_tokens",
+        num_label_tokens=1000, num_depth_tokens=[1, 1, 1],
+    )
+    assert ignored.loss.item() == out.loss.item()
 
 
 def test_scaling_factor_and_depth_mean():
@@ -189,7 +194,6 @@ def test_errors():
     cases = [
         (dict(normalization="tokens"), "normalization must be"),
         (dict(normalization="main_tokens"), "needs num_label_tokens"),
-        (dict(normalization="main_tokens", num_label_tokens=5, num_depth_tokens=[1, 1, 1]), "only"),
         (dict(loss_scaling_factor=-0.1), "loss_scaling_factor"),
         (dict(num_depth_tokens=[1, 2]), "num_depth_tokens has 2"),
     ]
