@@ -65,9 +65,22 @@ class MTPModel(nn.Module):
     losses (unscaled) and ``loss = main + (λ/D)·ΣCE_k``, without ever materialising full logits.
     """
 
-    def __init__(self, hf_config: PretrainedConfig, mtp_config: MTPConfig, family: Family | None = None) -> None:
+    def __init__(
+        self,
+        hf_config: PretrainedConfig,
+        mtp_config: MTPConfig,
+        family: Family | None = None,
+        *,
+        attn_implementation: str | None = None,
+        experts_implementation: str | None = None,
+    ) -> None:
         super().__init__()
         self.family = family or get_family(hf_config.model_type)
+        # Set before any module is built so the MTP blocks (built from copies of this config) agree.
+        if attn_implementation is not None:
+            hf_config._attn_implementation = attn_implementation
+        if experts_implementation is not None:
+            hf_config._experts_implementation = experts_implementation
         self.config = hf_config
         self.text_config = self.family.text_config(hf_config)
         self.mtp_config = mtp_config
@@ -90,17 +103,36 @@ class MTPModel(nn.Module):
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
-    def from_config(cls, hf_config: PretrainedConfig | dict[str, Any], **mtp_overrides: Any) -> MTPModel:
+    def from_config(
+        cls,
+        hf_config: PretrainedConfig | dict[str, Any],
+        *,
+        attn_implementation: str | None = None,
+        experts_implementation: str | None = None,
+        **mtp_overrides: Any,
+    ) -> MTPModel:
         """A randomly initialised model (debug sizes, tests); MTP settings from the config + overrides."""
         if isinstance(hf_config, dict):
             hf_config = config_from_dict(hf_config)
         family = get_family(hf_config.model_type)
         mtp = family.mtp_config(family.text_config(hf_config), **mtp_overrides)
-        return cls(hf_config, mtp, family)
+        return cls(
+            hf_config,
+            mtp,
+            family,
+            attn_implementation=attn_implementation,
+            experts_implementation=experts_implementation,
+        )
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, **mtp_overrides: Any
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        attn_implementation: str | None = None,
+        experts_implementation: str | None = None,
+        **mtp_overrides: Any,
     ) -> MTPModel:
         """Load a Hugging Face checkpoint *including* its MTP tensors (which transformers would drop).
 
@@ -114,7 +146,13 @@ class MTPModel(nn.Module):
         mtp = family.mtp_config(family.text_config(hf_config), **mtp_overrides)
         dtype = _as_dtype(dtype) or torch.float32
         with _default_dtype(dtype):
-            model = cls(hf_config, mtp, family)
+            model = cls(
+                hf_config,
+                mtp,
+                family,
+                attn_implementation=attn_implementation,
+                experts_implementation=experts_implementation,
+            )
         model.disk_dtypes = load_model_state(model, model_dir)
         model.source_dir, model.source_config = model_dir, raw
         return model

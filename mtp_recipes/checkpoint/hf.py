@@ -213,10 +213,16 @@ def save_model_state(
         hf_state[copy_name] = hf_state[source]
     disk = to_disk(model.backbone, hf_state)
     disk_dtypes = disk_dtypes or {}
-    disk = {
-        k: v.to(disk_dtypes.get(k, default_dtype or v.dtype)).contiguous().cpu()
-        for k, v in sorted(disk.items())
-    }
+    fp32 = tuple(getattr(model.backbone, "_keep_in_fp32_modules_strict", None) or ())
+
+    def dtype_of(key: str, tensor: torch.Tensor) -> torch.dtype:
+        if key in disk_dtypes:
+            return disk_dtypes[key]
+        if any(name in key for name in fp32):  # e.g. MoE gate bias: kept float32 like transformers does
+            return torch.float32
+        return default_dtype or tensor.dtype
+
+    disk = {k: v.to(dtype_of(k, v)).contiguous().cpu() for k, v in sorted(disk.items())}
 
     with atomic_directory(out_dir) as tmp:
         shards = _shards(disk, max_shard_bytes)

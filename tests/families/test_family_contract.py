@@ -1,0 +1,169 @@
+"""What every registered family must do, parametrised over configs/model/*_debug.yaml.
+
+A family added later is covered the day its debug config lands.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from mtp_recipes.checkpoint.hf import tensor_files
+from mtp_recipes.errors import CheckpointError
+from mtp_recipes.model import MTPModel
+from tests.helpers import DEBUG_MODELS, debug_model_config, packed_batch
+
+
+def disk_tensors(path) -> dict[str, torch.Tensor]:
+    files = tensor_files(path)
+    out = {}
+    for f in set(files.values()):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(params=DEBUG_MODELS)
+def model_name(request) -> str:
+    return request.param
+
+
+def build(name: str, **overrides) -> MTPModel:
+    torch.manual_seed(0)
+    return MTPModel.from_config(debug_model_config(name), **overrides)
+
+
+def test_forward_backward_reaches_every_parameter(model_name):
+    model = build(model_name, num_layers=2)
+    batch = packed_batch(model.text_config.vocab_size, [[10, 6], [16]])
+    out = model(**batch)
+    assert len(out.mtp_losses) == 2 and len(out.mtp_hidden_states) == 2
+    assert out.mtp_hidden_states[0].shape == (2, 16, model.text_config.hidden_size)
+    expected = out.main_loss + model.mtp_config.loss_scaling_factor / 2 * sum(out.mtp_losses)
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    mtp_params = dict(model.mtp.named_parameters())
+    assert mtp_params
+    missing = [n for n, p in mtp_params.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    # MoE experts that no token was routed to legitimately get no gradient.
+    assert all("experts" in n for n in missing), missing
+
+
+def test_checkpoint_round_trip_is_bit_exact(model_name, tmp_path):
+    model = build(model_name)
+    model.config.dtype = torch.bfloat16  # write the first checkpoint in bf16, as published ones are
+    first = model.save_pretrained(tmp_path / "a", max_shard_size=200_000)
+    assert (first / "model.safetensors.index.json").exists(), "small max_shard_size must shard"
+    disk_a = disk_tensors(first)
+    assert any(t.dtype == torch.bfloat16 for t in disk_a.values())
+
+    loaded = MTPModel.from_pretrained(first)
+    assert loaded.mtp_config.num_layers == model.mtp_config.num_layers
+    second = loaded.save_pretrained(tmp_path / "b")
+    disk_b = disk_tensors(second)
+    assert set(disk_b) == set(disk_a)
+    for key, tensor in disk_a.items():
+        assert disk_b[key].dtype == tensor.dtype, key
+        assert torch.equal(disk_b[key], tensor), key
+    cfg_a = json.loads((first / "config.json").read_text())
+    cfg_b = json.loads((second / "config.json").read_text())
+    assert cfg_a == cfg_b
+
+
+def test_loaded_model_computes_the_same_losses(model_name, tmp_path):
+    model = build(model_name)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = MTPModel.from_pretrained(tmp_path / "ckpt")
+    batch = packed_batch(model.text_config.vocab_size, [[7, 9]])
+    a, b = model(**batch), loaded(**batch)
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack(a.mtp_losses), torch.stack(b.mtp_losses), rtol=0, atol=0)
+
+
+def _strip_mtp(src, dst, keep) -> list[str]:
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    tensors = disk_tensors(src)
+    mtp_keys = [k for k in tensors if not keep(k)]
+    save_file({k: v for k, v in tensors.items() if keep(k)}, dst / "model.safetensors")
+    return mtp_keys
+
+
+def test_missing_mtp_tensors_fail_clearly_unless_from_scratch(model_name, tmp_path):
+    model = build(model_name)
+    model.save_pretrained(tmp_path / "full")
+    mtp_disk = {model.keymap().to_hf(k) for k in model.state_dict() if k.startswith("mtp.")}
+    removed = _strip_mtp(tmp_path / "full", tmp_path / "no_mtp", keep=lambda k: not _is_mtp_disk_key(k, model))
+    assert removed and len(removed) >= len(mtp_disk) // 2
+    with pytest.raises(CheckpointError) as err:
+        MTPModel.from_pretrained(tmp_path / "no_mtp")
+    message = str(err.value)
+    assert "\n" not in message and "from_scratch" in message
+    assert any(k in message for k in removed)
+
+    fresh = MTPModel.from_pretrained(tmp_path / "no_mtp", init="from_scratch")
+    fresh_blocks = fresh.mtp.depths[0].blocks
+    donors = fresh.family.backbone_blocks(fresh.backbone)
+    for block in fresh_blocks:
+        donor = [b for b in donors if fresh.family.block_kind(b) == fresh.family.block_kind(block)]
+        if donor:
+            for p, q in zip(block.parameters(), donor[-1].parameters()):
+                assert torch.equal(p, q)
+    out = fresh.save_pretrained(tmp_path / "attached")
+    assert _disk_mtp_keys(out, fresh) == _disk_mtp_keys(tmp_path / "full", model)
+
+
+def test_unexpected_and_misshaped_mtp_tensors_fail_clearly(model_name, tmp_path):
+    model = build(model_name)
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="does not expect"):
+        MTPModel.from_pretrained(ckpt, num_layers=0)
+
+    tensors = disk_tensors(ckpt)
+    victim = sorted(_disk_mtp_keys(ckpt, model))[0]
+    tensors[victim] = torch.zeros(3, 5, dtype=tensors[victim].dtype)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((ckpt / "config.json").read_text())
+    save_file(tensors, bad / "model.safetensors")
+    with pytest.raises(CheckpointError, match="wrong shape") as err:
+        MTPModel.from_pretrained(bad)
+    assert victim in str(err.value)
+
+
+def test_repeated_layer_ties_one_physical_depth(model_name, tmp_path):
+    model = build(model_name, num_layers=3, use_repeated_layer=True)
+    assert len(model.mtp.depths) == 1
+    assert model.mtp.depth(1) is model.mtp.depth(3)
+    batch = packed_batch(model.text_config.vocab_size, [[12]])
+    out = model(**batch)
+    assert len(out.mtp_losses) == 3
+    out.loss.backward()
+    ckpt = model.save_pretrained(tmp_path / "rep")
+    reloaded = MTPModel.from_pretrained(ckpt, num_layers=3, use_repeated_layer=True)
+    for a, b in zip(model.mtp.parameters(), reloaded.mtp.parameters()):
+        assert torch.equal(a, b)
+    single = build(model_name, num_layers=1)
+    assert _disk_mtp_keys(ckpt, model) == _disk_mtp_keys(single.save_pretrained(tmp_path / "one"), single)
+
+
+def _is_mtp_disk_key(key: str, model: MTPModel) -> bool:
+    return key in _mtp_disk_names(model)
+
+
+def _mtp_disk_names(model: MTPModel) -> set[str]:
+    from mtp_recipes.checkpoint.convert import to_disk
+
+    hf = {model.keymap().to_hf(k): v for k, v in model.state_dict().items() if k.startswith("mtp.")}
+    return set(to_disk(model.backbone, hf)) | set(model.family.tied_export_copies(model.text_config, model.mtp_config))
+
+
+def _disk_mtp_keys(path, model: MTPModel) -> set[str]:
+    names = set()
+    for f in set(tensor_files(path).values()):
+        with safe_open(f, framework="pt") as h:
+            names.update(k for k in h.keys() if k in _mtp_disk_names(model))
+    return names
