@@ -215,15 +215,14 @@ def mtp_loss(
     )
     depths = len(per_depth_hidden)
     if depths == 0:
-        empty: list[Tensor] | None = [] if return_accuracy else None
-        return MTPLossOutput(
+        out = MTPLossOutput(
             loss=torch.zeros((), device=labels.device),
             per_depth=[],
             num_targets=torch.zeros(0, dtype=torch.int64, device=labels.device),
-            predictions=empty,
-            correct=empty,
-            valid=None if empty is None else [],
         )
+        if return_accuracy:
+            out.predictions, out.correct, out.valid = [], [], []
+        return out
     targets = [roll_targets(labels, k, seq_idx, ignore_index) for k in range(1, depths + 1)]
     valid = [t != ignore_index for t in targets]
     summed, predictions = _summed_ce(
