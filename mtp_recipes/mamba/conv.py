@@ -1,0 +1,86 @@
+"""Depthwise causal conv1d that respects document boundaries of packed rows.
+
+transformers' torch fallback for ``causal_conv1d_fn`` is a plain padded ``F.conv1d``: with several
+documents packed in one row, the first ``K-1`` tokens of every document read the tail of the previous
+one. The CUDA ``causal_conv1d`` kernel avoids this through ``seq_idx``; this module gives the CPU (and
+kernel-less GPU) path the same semantics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+
+def document_starts(seq_idx: torch.Tensor) -> torch.Tensor:
+    """``[B, S]`` bool, True where a token starts a new document (its ``seq_idx`` differs from the previous token).
+
+    Boundaries are change points rather than "ids differ", so a row is split correctly even if an id is reused
+    later in the row (e.g. ``[0, 0, 1, 1, 0, 0]`` is three documents). Position 0 is False: nothing precedes it.
+    """
+    starts = torch.zeros(seq_idx.shape, dtype=torch.bool, device=seq_idx.device)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return starts
+
+
+def position_in_document(seq_idx: torch.Tensor) -> torch.Tensor:
+    """``[B, S]`` long: the offset of every token from the first token of its document."""
+    seq_len = seq_idx.shape[-1]
+    arange = torch.arange(seq_len, device=seq_idx.device).expand(seq_idx.shape)
+    start = torch.where(document_starts(seq_idx), arange, torch.zeros_like(arange)).cummax(dim=-1).values
+    return arange - start
+
+
+def causal_conv1d_varlen(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """Depthwise causal conv over ``x [B, C, S]`` with ``weight [C, K]`` that never reads across a document start.
+
+    Tap ``j`` (looking ``j`` tokens back) contributes to position ``t`` only if ``t - j`` is in the same document,
+    which is exactly zero-padding every document on its own. Without ``seq_idx`` this is transformers'
+    ``causal_conv1d_fn`` (one ``F.conv1d``). Like transformers, the maths runs in ``weight.dtype`` and the result
+    is returned in ``x.dtype``.
+    """
+    batch, channels, seq_len = x.shape
+    kernel_size = weight.shape[-1]
+    xw = x.to(weight.dtype)
+    if seq_idx is None:
+        out = F.conv1d(xw, weight.unsqueeze(1), bias, padding=kernel_size - 1, groups=channels)[:, :, :seq_len]
+    else:
+        if seq_idx.shape != (batch, seq_len):
+            raise ValueError(f"seq_idx has shape {tuple(seq_idx.shape)}, expected {(batch, seq_len)} to match x")
+        pos = position_in_document(seq_idx.to(x.device)).unsqueeze(1)  # [B, 1, S]
+        # Tap j = 0 (the current token) is always in-document; the others are masked where the source
+        # position lies before the start of the token's document. K is tiny (4), so a loop over taps is
+        # cheaper than any gather-based formulation.
+        out = xw * weight[:, kernel_size - 1, None]
+        for j in range(1, min(kernel_size, seq_len)):
+            shifted = F.pad(xw[:, :, : seq_len - j], (j, 0))
+            out = out + (shifted * weight[:, kernel_size - 1 - j, None]).masked_fill(pos < j, 0.0)
+        if bias is not None:
+            out = out + bias[:, None]
+    if activation is not None:
+        out = ACT2FN[activation](out)
+    return out.to(x.dtype)
+
+
+def causal_conv1d_fn(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Drop-in for transformers' ``causal_conv1d_fn`` that honours ``seq_idx`` passed through ``kwargs``.
+
+    The Nemotron-H mixer forwards its ``**kwargs`` here, so ``seq_idx`` given to the model forward arrives in
+    ``kwargs``; anything else in there (``activation`` aside) is meaningless for a conv and ignored.
+    """
+    return causal_conv1d_varlen(hidden_states, weight, bias, kwargs.get("seq_idx"), activation)

@@ -1,0 +1,181 @@
+"""Chunked Mamba2 SSD scan in plain PyTorch that resets its state at every document start.
+
+transformers' torch fallback ``mamba2_chunk_scan`` has no ``seq_idx``: in a packed row the SSM state of one
+document flows into the next. This scan is a drop-in for it that takes ``seq_idx`` (from ``kwargs``, as the
+Nemotron-H mixer forwards them) with the semantics of ``mamba_ssm.mamba_chunk_scan_combined``:
+
+* within a chunk the decay matrix is masked to "same document", so ``exp(-inf) = 0`` across boundaries;
+* a chunk's carried-in state reaches position ``l`` only if ``l`` is in the document that was running at the
+  end of the previous chunk, and the state a chunk passes on contains only tokens of the document of its last
+  token (plus the carried-in state when the chunk holds no boundary).
+
+Memory stays linear in the sequence: the only ``[l, s]`` tensors are per chunk (``[b, c, h, Q, Q]``), ``B``/``C``
+are contracted over the state dim per *group* before anything is expanded to heads, and the inter-chunk
+recurrence is a loop over chunks instead of transformers' ``[chunks, chunks]`` decay matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mtp_recipes.mamba.conv import document_starts
+
+
+def _chunked(t: torch.Tensor, pad: int, chunk_size: int) -> torch.Tensor:
+    """``[b, S, ...] -> [b, S/Q, Q, ...]`` after zero-padding the sequence dim to a multiple of ``Q``."""
+    if pad:
+        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+    return t.view(t.shape[0], -1, chunk_size, *t.shape[2:])
+
+
+def ssd_chunk_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    seq_idx: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    return_final_states: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Mamba2 SSD over ``x [b, S, h, p]`` with ``dt [b, S, h]``, ``A [h]``, ``B``/``C [b, S, g, n]``.
+
+    ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t``, ``y_t = C_t . h_t + D x_t`` (then ``* silu(z)`` if given), with
+    ``h`` reset to zero at every document start in ``seq_idx [b, S]`` (``initial_states [b, h, p, n]`` feeds the
+    row's first document only). Computes in fp32 (fp64 for fp64 inputs) and returns ``y`` in ``x.dtype``; with
+    ``return_final_states`` also the state (compute dtype) after the last token, i.e. of the row's last document.
+    """
+    batch, seq_len, n_heads, head_dim = x.shape
+    n_groups, state_size = B.shape[2], B.shape[3]
+    heads_per_group = n_heads // n_groups
+    pad = (-seq_len) % chunk_size
+    n_chunks = (seq_len + pad) // chunk_size
+    view_grouped = (batch, n_chunks, chunk_size, n_groups, heads_per_group, head_dim)
+
+    # fp32 at least (bf16 cumsums/exps are far too coarse), fp64 kept as is so references can be exact.
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    dt = dt.to(cdt)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(cdt)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    xc = x.to(cdt)
+
+    xdt = _chunked(xc * dt[..., None], pad, chunk_size)  # [b, c, l, h, p]
+    Bc = _chunked(B.to(cdt), pad, chunk_size)  # [b, c, l, g, n]
+    Cc = _chunked(C.to(cdt), pad, chunk_size)
+    # Cumulative log-decay within each chunk, heads before positions: [b, c, h, l]. Padded tokens have
+    # dt = 0, so they neither decay nor feed the state and the final state is the one after token S-1.
+    acum = _chunked(dt * A.to(cdt), pad, chunk_size).cumsum(dim=2).transpose(2, 3)
+
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
+    if seq_idx is None:
+        intra_mask = causal
+    else:
+        doc = document_starts(seq_idx.to(x.device)).cumsum(dim=-1)  # monotone document number per token
+        if pad:
+            doc = torch.cat([doc, doc[:, -1:].expand(batch, pad)], dim=1)
+        doc = doc.view(batch, n_chunks, chunk_size)
+        intra_mask = (causal & (doc[..., :, None] == doc[..., None, :])).unsqueeze(2)  # [b, c, 1, l, s]
+        end_doc = doc[..., -1]  # [b, c]
+        prev_end_doc = torch.cat([doc[:, :1, 0], end_doc[:, :-1]], dim=1)
+        passes_on = (doc == end_doc[..., None]).unsqueeze(2)  # [b, c, 1, l]: tokens in the chunk's last document
+        receives = (doc == prev_end_doc[..., None]).unsqueeze(2)  # tokens that continue the previous chunk's doc
+        carries = end_doc == prev_end_doc  # [b, c]: chunk holds no boundary, carried state survives it
+
+    # 1. Intra-chunk (diagonal blocks). C.B is contracted over n per group before expanding to heads.
+    decay = torch.exp((acum[..., :, None] - acum[..., None, :]).masked_fill(~intra_mask, -math.inf))
+    scores = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
+    weights = (decay.view(batch, n_chunks, n_groups, heads_per_group, chunk_size, chunk_size) * scores[:, :, :, None])
+    weights = weights.view(batch, n_chunks, n_heads, chunk_size, chunk_size)
+    y = torch.einsum("bchls,bcshp->bclhp", weights, xdt)
+
+    # 2. State each chunk contributes at its end: sum_s exp(acum_end - acum_s) B_s x_s dt_s.
+    to_end = torch.exp(acum[..., -1:] - acum)
+    if seq_idx is not None:
+        to_end = to_end * passes_on
+    xw = (xdt * to_end.transpose(2, 3)[..., None]).view(view_grouped)
+    chunk_states = torch.einsum("bclgn,bclgrp->bcgrpn", Bc, xw).reshape(
+        batch, n_chunks, n_heads, head_dim, state_size
+    )
+
+    # 3. Inter-chunk recurrence, sequential over chunks: O(chunks) memory, no [chunks, chunks] matrix.
+    chunk_decay = torch.exp(acum[..., -1])  # [b, c, h]
+    if seq_idx is not None:
+        chunk_decay = chunk_decay * carries[..., None]
+    if initial_states is None:
+        state = xc.new_zeros(batch, n_heads, head_dim, state_size)
+    else:
+        state = initial_states.to(device=x.device, dtype=cdt)
+    carried_in = []
+    for c in range(n_chunks):
+        carried_in.append(state)
+        state = state * chunk_decay[:, c, :, None, None] + chunk_states[:, c]
+    carried = torch.stack(carried_in, dim=1).view(batch, n_chunks, n_groups, heads_per_group, head_dim, state_size)
+
+    # 4. Carried state -> outputs (off-diagonal blocks), again contracting over n per group.
+    from_start = torch.exp(acum)
+    if seq_idx is not None:
+        from_start = from_start * receives
+    y_off = torch.einsum("bclgn,bcgrpn->bclgrp", Cc, carried).reshape(
+        batch, n_chunks, chunk_size, n_heads, head_dim
+    )
+    y = y + y_off * from_start.transpose(2, 3)[..., None]
+
+    y = y.reshape(batch, n_chunks * chunk_size, n_heads, head_dim)[:, :seq_len]
+    if D is not None:
+        Dc = D.to(cdt)
+        y = y + xc * (Dc[:, None] if Dc.dim() == 1 else Dc)
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    y = y.to(x.dtype)
+    return (y, state) if return_final_states else y
+
+
+def mamba2_chunk_scan(
+    hidden_states: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    return_final_states: bool = False,
+    **kwargs: Any,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for transformers' ``mamba2_chunk_scan`` that reads ``seq_idx`` (and ``z``) from ``kwargs``.
+
+    The Nemotron-H mixer passes its forward ``**kwargs`` (where a model-level ``seq_idx`` lands) straight into
+    the scan; other entries there (``cu_seqlens``, attention flags) have no meaning for the scan and are ignored.
+    """
+    return ssd_chunk_scan(
+        hidden_states,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size,
+        D=D,
+        dt_bias=dt_bias,
+        initial_states=initial_states,
+        dt_softplus=dt_softplus,
+        dt_limit=dt_limit,
+        seq_idx=kwargs.get("seq_idx"),
+        z=kwargs.get("z"),
+        return_final_states=return_final_states,
+    )
