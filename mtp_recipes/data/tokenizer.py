@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from ..errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -28,12 +29,12 @@ def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False) ->
         name_or_path = str(DEBUG_TOKENIZER_DIR)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
-        raise ValueError(
+        raise DataError(
             f"tokenizer {name_or_path!r} loaded as {type(tokenizer).__name__}, not a fast tokenizer; "
             "provide a tokenizer.json (chat masking needs character offsets)"
         )
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {name_or_path!r} has no eos_token; documents need an end marker")
+        raise DataError(f"tokenizer {name_or_path!r} has no eos_token; documents need an end marker")
     if tokenizer.pad_token_id is None:
         logger.info("tokenizer %s has no pad token; using eos %r", name_or_path, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token

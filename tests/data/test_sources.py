@@ -7,6 +7,7 @@ import datasets
 import pytest
 from pydoc_data.topics import topics
 
+from mtp_recipes.errors import DataError
 from mtp_recipes.data.sources import load_source
 
 ROWS = [{"text": f"document number {i}"} for i in range(5)]
@@ -43,7 +44,7 @@ def test_text_files_by_line_and_document(tmp_path) -> None:
 
 
 def test_missing_mixed_and_unknown_sources(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="matches no"):
+    with pytest.raises(DataError, match="matches no"):
         load_source(str(tmp_path / "nothing*.jsonl"))
     write_jsonl(tmp_path / "a.jsonl", ROWS)
     (tmp_path / "b.txt").write_text("x\n")

@@ -1,0 +1,143 @@
+"""The typed schema of a fine-tuning run, and the checks that run before any work starts.
+
+Hydra composes YAML from ``configs/``; merging the result into these dataclasses rejects unknown keys
+and wrong types, and :func:`validate` rejects out-of-range values, each in one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mtp_recipes.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # checkpoint dir or Hub id; None builds `config` with random weights
+    config: Optional[dict[str, Any]] = None  # HF config fields for a model built from scratch
+    tokenizer: Optional[str] = None  # None: the checkpoint's own; "builtin:debug": the bundled one
+    dtype: str = "float32"  # parameter dtype (master weights); compute dtype is trainer.precision
+    attn_implementation: Optional[str] = "sdpa"
+    experts_implementation: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin:pydoc"
+    split: str = "train"
+    format: str = "auto"
+    text_field: str = "text"
+    messages_field: str = "messages"
+    text_sample_by: str = "line"
+    max_documents: Optional[int] = None
+    seq_len: int = 1024
+    batch_size: int = 8
+    packing: str = "first_fit"
+    packing_buffer: int = 8192
+    shuffle: bool = True
+    seed: int = 0
+
+
+@dataclass
+class LambdaStep:
+    step: int = 0
+    value: float = 0.1
+
+
+@dataclass
+class MTPSection:
+    num_layers: Optional[int] = None  # None: the checkpoint's own depth count
+    block_types: Optional[Any] = None  # None: the checkpoint's own (Nemotron-H: "*E" or a list)
+    loss_scaling_factor: float = 0.1
+    loss_scaling_schedule: list[LambdaStep] = field(default_factory=list)
+    use_repeated_layer: bool = False
+    normalization: str = "depth_tokens"
+    init: str = "from_checkpoint"
+    detach_backbone: bool = False
+    train_only: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    grad_accum_steps: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    log_every: int = 1
+    save_every: int = 0  # HF export every N steps; 0: only the final one
+    save_final: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mtp: MTPSection = field(default_factory=MTPSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def to_schema(cfg: DictConfig | dict[str, Any]) -> DictConfig:
+    """Merge a composed config into the schema: unknown keys and wrong types become a ConfigError."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = {k: v for k, v in cfg.items() if k != "hydra"}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(FinetuneConfig), cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"bad config value {key}: {reason}").with_traceback(None) from None
+    validate(merged)
+    return merged
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks that types alone cannot express."""
+    checks = [
+        (cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}"),
+        (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+        (0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
+        (cfg.optim.max_grad_norm >= 0, "optim.max_grad_norm must be >= 0 (0 disables clipping)"),
+        (cfg.mtp.loss_scaling_factor >= 0, f"mtp.loss_scaling_factor must be >= 0, got {cfg.mtp.loss_scaling_factor}"),
+        (all(s.value >= 0 and s.step >= 0 for s in cfg.mtp.loss_scaling_schedule),
+         "mtp.loss_scaling_schedule entries need step >= 0 and value >= 0"),
+        (cfg.mtp.num_layers is None or cfg.mtp.num_layers >= 0, f"mtp.num_layers must be >= 0, got {cfg.mtp.num_layers}"),
+        (cfg.trainer.max_steps > 0, f"trainer.max_steps must be > 0, got {cfg.trainer.max_steps}"),
+        (cfg.trainer.grad_accum_steps >= 1, "trainer.grad_accum_steps must be >= 1"),
+        (cfg.trainer.device in ("auto", "cpu", "cuda"), "trainer.device must be auto, cpu or cuda"),
+        (cfg.trainer.precision in ("auto", "bf16", "fp32"), "trainer.precision must be auto, bf16 or fp32"),
+        (cfg.data.seq_len >= 2, "data.seq_len must be >= 2"),
+        (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
+        (cfg.model.path is not None or cfg.model.config is not None,
+         "set model.path (a checkpoint) or model.config (a model built from scratch)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def lambda_at(cfg: DictConfig, step: int) -> float:
+    """λ for ``step``: the last schedule entry whose step has been reached, else the base value."""
+    value = cfg.mtp.loss_scaling_factor
+    for entry in sorted(cfg.mtp.loss_scaling_schedule, key=lambda s: s.step):
+        if step >= entry.step:
+            value = entry.value
+    return float(value)

@@ -1,0 +1,151 @@
+"""The recipe end to end: Hydra composition, CLI overrides, a multirun sweep, errors before work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors import safe_open
+
+from mtp_recipes.config import to_schema
+from mtp_recipes.errors import ConfigError, TrainingError
+from mtp_recipes.finetune import CONFIG_DIR
+from mtp_recipes.model import MTPModel
+from mtp_recipes.recipe import FinetuneRecipe
+
+FAST = [
+    "trainer.progress_bar=false",
+    "data.seq_len=64",
+    "data.batch_size=4",
+    "data.max_documents=20",
+]
+
+
+def composed(*overrides: str, name: str = "finetune"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def run_cli(*args: str, cwd: Path, offline: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"} if offline else dict(os.environ)
+    return subprocess.run(
+        [sys.executable, "-m", "mtp_recipes.finetune", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_every_recipe_composes_and_validates():
+    names = sorted(p.stem for p in Path(CONFIG_DIR).glob("*.yaml"))
+    assert "finetune" in names and "nemotron_super" in names
+    for name in names:
+        overrides = () if name == "finetune" else ("data.source=x.jsonl",)
+        cfg = to_schema(composed(*overrides, name=name))
+        assert cfg.mtp.loss_scaling_factor >= 0
+    super_cfg = composed("data.source=x.jsonl", name="nemotron_super")
+    assert super_cfg.model.path == "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16"
+    assert super_cfg.mtp.loss_scaling_factor == 0.1 and super_cfg.mtp.num_layers is None
+
+
+def test_overrides_reach_the_schema():
+    cfg = to_schema(composed("optim.lr=1e-5", "mtp.loss_scaling_factor=0.3", "mtp.num_layers=2"))
+    assert cfg.optim.lr == 1e-5 and cfg.mtp.loss_scaling_factor == 0.3 and cfg.mtp.num_layers == 2
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("optim.lr=0", "optim.lr must be > 0"),
+        ("optim.lr=-1e-4", "optim.lr must be > 0"),
+        ("mtp.loss_scaling_factor=-0.1", "mtp.loss_scaling_factor must be >= 0"),
+        ("mtp.num_layers=-1", "mtp.num_layers must be >= 0"),
+        ("optim.lr=fast", "optim.lr"),
+        ("trainer.max_steps=0", "trainer.max_steps"),
+    ],
+)
+def test_bad_values_are_rejected_before_work(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")) as err:
+        FinetuneRecipe(composed(override), "/nonexistent/never-created")
+    assert "\n" not in str(err.value)
+    assert not Path("/nonexistent/never-created").exists()
+
+
+def test_default_recipe_trains_and_writes_a_reloadable_checkpoint(tmp_path):
+    cfg = composed(*FAST, "trainer.max_steps=40", "trainer.save_every=20", "optim.warmup_steps=2")
+    recipe = FinetuneRecipe(cfg, tmp_path)
+    recipe.run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 40
+    first, last = records[:5], records[-5:]
+    assert sum(r["loss"] for r in last) / 5 < sum(r["loss"] for r in first) / 5 - 0.5
+    assert sum(r["mtp_ce_1"] for r in last) < sum(r["mtp_ce_1"] for r in first)
+    for r in records:
+        assert r["loss"] == pytest.approx(r["main_ce"] + r["lambda"] * r["mtp_ce_1"], rel=1e-5)
+
+    assert (tmp_path / "checkpoints" / "step_000020" / "config.json").exists()
+    final = tmp_path / "final"
+    with safe_open(final / "model.safetensors", framework="pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("mtp.layers.0.eh_proj") for k in keys)
+    assert (final / "tokenizer.json").exists()
+    reloaded = MTPModel.from_pretrained(final)
+    for (name, a), b in zip(recipe.model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    recipe = FinetuneRecipe(composed(*FAST, "trainer.max_steps=6", "trainer.save_every=2"), tmp_path)
+    recipe.setup()
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        # the embedding runs twice per step (backbone and MTP depth 1): poison from step 3 on
+        return output * float("nan") if calls["n"] > 4 else output
+
+    recipe.model.backbone.get_input_embeddings().register_forward_hook(poison)
+    with pytest.raises(TrainingError, match="non-finite loss at step 3") as err:
+        recipe.train()
+    recipe.cleanup()
+    assert "step_000002" in str(err.value)
+    MTPModel.from_pretrained(tmp_path / "checkpoints" / "step_000002")
+    assert not (tmp_path / "final").exists()
+
+
+def test_cli_override_and_error_lines(tmp_path):
+    ok = run_cli(*FAST, "trainer.max_steps=2", "mtp.loss_scaling_factor=0.3", f"hydra.run.dir={tmp_path}/run",
+                 cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["lambda"] == 0.3
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+    bad = run_cli("mtp.loss_scaling_factor=-1", f"hydra.run.dir={tmp_path}/bad", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == "error: mtp.loss_scaling_factor must be >= 0, got -1.0"
+
+    unknown = run_cli("optim.lrr=1", f"hydra.run.dir={tmp_path}/unknown", cwd=tmp_path)
+    assert unknown.returncode != 0 and "lrr" in unknown.stderr and "Traceback" not in unknown.stderr
+
+    missing = run_cli("--config-name", "nemotron_super", "data.source=x.jsonl", f"hydra.run.dir={tmp_path}/sup",
+                      cwd=tmp_path)
+    assert missing.returncode == 2
+    lines = [line for line in missing.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in missing.stderr
+    assert "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16" in lines[0] and "model.path" in lines[0]
+
+
+def test_multirun_sweep_writes_one_run_per_value(tmp_path):
+    result = run_cli("-m", *FAST, "trainer.max_steps=2", "mtp.loss_scaling_factor=0.05,0.3",
+                     f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
+    assert len(runs) == 2
+    lambdas = sorted(json.loads((r / "metrics.jsonl").read_text().splitlines()[0])["lambda"] for r in runs)
+    assert lambdas == [0.05, 0.3]
+    assert all((r / "final" / "model.safetensors").exists() for r in runs)
