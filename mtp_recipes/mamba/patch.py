@@ -1,17 +1,19 @@
 """Make Nemotron-H's Mamba2 mixers keep packed documents apart (``seq_idx``) on the pure-torch path.
 
-How transformers 5.23 binds the mixer's functions: ``causal_conv1d_fn`` and ``mamba2_chunk_scan`` are module-level
-functions of ``modeling_nemotron_h``, each wrapped by ``use_kernel_func_from_hub_with_fallback`` (picks
-``causal_conv1d`` / ``mamba_ssm`` when importable, else the torch body, and *raises* on ``seq_idx`` in the torch
-case). ``use_kernelized_func`` on the class only registers them for the optional ``kernels`` package (a no-op
-without it); ``NemotronHMamba2Mixer.forward`` itself resolves the names through the module globals at call time.
+How transformers 5.23 binds the mixer's functions: ``causal_conv1d_fn`` and ``mamba2_chunk_scan`` are
+module-level functions of ``modeling_nemotron_h``, each wrapped by ``use_kernel_func_from_hub_with_fallback``
+(picks ``causal_conv1d`` / ``mamba_ssm`` when importable, else the torch body, and *raises* on ``seq_idx`` in the
+torch case). ``use_kernelized_func`` on the class only registers them for the optional ``kernels`` package (a
+no-op without it); ``NemotronHMamba2Mixer.forward`` itself resolves the names through the module globals at call
+time.
 
 So the hook is per instance and leaves transformers untouched: :func:`use_boundary_aware_mamba` swaps each mixer's
 class for :class:`BoundaryAwareNemotronHMamba2Mixer`, whose ``forward`` is transformers' own forward code
 re-bound to a copy of the module globals in which those two names point at :mod:`mtp_recipes.mamba`'s
-implementations (and the fused training-mode ``mamba2_split_conv1d_scan_combined``, whose kernel-less wrapper
-raises on ``seq_idx``, at a stand-in that returns ``None`` so the mixer takes the separate conv + scan path). Everything else (caches, ``apply_mask_to_padding_states``, gating, projections) is the upstream
-code unchanged, and :func:`restore_default_mamba` swaps the class back.
+implementations, and the fused training-mode ``mamba2_split_conv1d_scan_combined`` (whose kernel-less wrapper
+also raises on ``seq_idx``) at a stand-in returning ``None``, so the mixer takes the separate conv + scan path.
+Everything else (caches, ``apply_mask_to_padding_states``, gating, projections) is the upstream code unchanged,
+and :func:`restore_default_mamba` swaps the class back.
 
 ``seq_idx`` reaches the mixer through the model forward: ``TransformersKwargs`` declares it, ``NemotronHModel``
 passes ``**kwargs`` to each block and the block to its mixer, which hands them to both functions.
@@ -110,8 +112,9 @@ def use_boundary_aware_mamba(model: nn.Module) -> int:
     """Make every ``NemotronHMamba2Mixer`` in ``model`` (backbone and MTP blocks alike) honour ``seq_idx``.
 
     Pass ``seq_idx [B, S]`` (one id per packed document) to the model forward together with ``position_ids`` that
-    restart at 0 per document (which is what keeps attention block-diagonal). Idempotent; returns the number of
-    mixers switched. Reverse with :func:`restore_default_mamba`.
+    restart at 0 per document, ``attention_mask=None`` and ``use_cache=False``: transformers only derives the
+    block-diagonal attention mask from packed ``position_ids`` when there is neither a 2D mask nor a cache.
+    Idempotent; returns the number of mixers switched. Reverse with :func:`restore_default_mamba`.
     """
     switched = 0
     for module in model.modules():

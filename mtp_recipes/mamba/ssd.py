@@ -97,7 +97,7 @@ def ssd_chunk_scan(
     # 1. Intra-chunk (diagonal blocks). C.B is contracted over n per group before expanding to heads.
     decay = torch.exp((acum[..., :, None] - acum[..., None, :]).masked_fill(~intra_mask, -math.inf))
     scores = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
-    weights = (decay.view(batch, n_chunks, n_groups, heads_per_group, chunk_size, chunk_size) * scores[:, :, :, None])
+    weights = decay.view(batch, n_chunks, n_groups, heads_per_group, chunk_size, chunk_size) * scores[:, :, :, None]
     weights = weights.view(batch, n_chunks, n_heads, chunk_size, chunk_size)
     y = torch.einsum("bchls,bcshp->bclhp", weights, xdt)
 

@@ -67,8 +67,13 @@ def test_unpatched_fallback_leaks_across_documents(model, packed):
     diff = (leaky - run_alone(model, ids)).abs().amax(dim=-1)[0]
     assert diff[: LENGTHS[0]].max() < 1e-5  # the first document has nothing to leak from
     assert diff[LENGTHS[0] :].max() > 1e-2
-    with pytest.raises(ValueError, match="packed sequences"):  # and transformers refuses seq_idx without kernels
-        run_packed(model, packed)
+    # Handing transformers seq_idx does not help without the CUDA kernels: 5.23 refuses it (older 5.x ignore it).
+    try:
+        ignored = run_packed(model, packed).last_hidden_state
+    except ValueError as err:
+        assert "packed sequences" in str(err)
+    else:
+        assert (ignored - run_alone(model, ids)).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("training", [False, True])
