@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _mamba_reference import random_seq_idx, scan_reference
+from tests.mamba._mamba_reference import random_seq_idx, scan_reference
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
 from mtp_recipes.mamba import mamba2_chunk_scan, ssd_chunk_scan
