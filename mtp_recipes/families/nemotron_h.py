@@ -4,6 +4,10 @@ One MTP depth is a pattern of P NemotronH sublayers (Super V3 ships ``"*E"``: at
 disk the depths are flattened: ``mtp.layers.{d*P + i}``, with ``enorm/hnorm/eh_proj`` on sublayer 0 and
 ``final_layernorm`` on sublayer P-1. The head is the backbone's ``lm_head``; depth k hands its
 final-normed state to depth k+1.
+
+Packed rows: every Mamba2 mixer (backbone and MTP) is switched to the boundary-aware conv + scan of
+:mod:`mtp_recipes.mamba`, and ``seq_idx`` is passed down with every forward, so no conv window or SSM
+state crosses a document start; attention is block-diagonal from the per-document ``position_ids``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
 from mtp_recipes.families.base import Family, KeyPrefixes, register, sub_config
+from mtp_recipes.mamba import use_boundary_aware_mamba
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.stack import BlockRunner, MTPDepth
 
@@ -73,11 +78,30 @@ class NemotronH(Family):
             "mtp_hybrid_override_pattern": block_pattern_string(mtp.block_types),
         }
 
+    def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:
+        backbone = super().build_backbone(hf_config)
+        use_boundary_aware_mamba(backbone)
+        return backbone
+
+    def backbone_hidden(
+        self,
+        backbone: PreTrainedModel,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        seq_idx: torch.Tensor | None,
+    ) -> torch.Tensor:
+        out = backbone.get_decoder()(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False, **_packing(seq_idx)
+        )
+        return out.last_hidden_state
+
     def build_depth(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> MTPDepth:
         # NemotronHBlock picks its mixer from config.layers_block_type[layer_idx], so the sublayers are
         # built from a config whose layer list is the MTP pattern.
         cfg = sub_config(hf_config, layers_block_type=list(mtp.block_types))
         blocks = [hf.NemotronHBlock(cfg, layer_idx=i) for i in range(len(mtp.block_types))]
+        for block in blocks:
+            use_boundary_aware_mamba(block)
 
         def norm() -> nn.Module:
             return hf.NemotronHRMSNorm(hf_config.hidden_size, eps=hf_config.layer_norm_epsilon)
@@ -101,9 +125,11 @@ class NemotronH(Family):
             position_ids=position_ids,
         )
 
+        packing = _packing(seq_idx)
+
         def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
             mask = attention_mask if block.block_type == "full_attention" else None
-            return block(x, attention_mask=mask, position_ids=position_ids)
+            return block(x, attention_mask=mask, position_ids=position_ids, **packing)
 
         return run
 
@@ -117,6 +143,11 @@ class NemotronH(Family):
         pairs += [(f"blocks.{i}.", f"mtp.layers.{first + i}.") for i in range(p)]
         pairs.append(("final_norm.", f"mtp.layers.{last}.final_layernorm."))
         return pairs
+
+
+def _packing(seq_idx: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Forward kwargs that carry document boundaries to the Mamba2 mixers."""
+    return {} if seq_idx is None else {"seq_idx": seq_idx}
 
 
 register(NemotronH())
