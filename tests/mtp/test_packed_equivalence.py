@@ -41,7 +41,11 @@ def keep_float64(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "to", to64)
     monkeypatch.setattr(torch.Tensor, "type", type64)
-    monkeypatch.setattr(torch.Tensor, "float", lambda self, *a, **k: self if self.dtype is torch.float64 else flt(self, *a, **k))
+    monkeypatch.setattr(
+        torch.Tensor, "float", lambda self, *a, **k: self if self.dtype is torch.float64 else flt(self, *a, **k)
+    )
+
+
 ALL_NEMOTRON_TYPES = ["linear_attention", "full_attention", "mlp", "moe"]
 
 
