@@ -30,7 +30,9 @@ def to_disk(backbone: PreTrainedModel, state_dict: dict[str, torch.Tensor]) -> d
 
 def from_disk(backbone: PreTrainedModel, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """On-disk names/layouts -> transformers' in-memory names/layouts (the inverse of :func:`to_disk`)."""
-    conversions = get_model_conversion_mapping(backbone)
+    # Conversions attached to the backbone win, as in transformers' own revert_weight_conversion (to_disk).
+    attached = getattr(backbone, "_weight_conversions", None)
+    conversions = deepcopy(attached) if attached is not None else get_model_conversion_mapping(backbone)
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
     by_pattern = {p: c for c in converters for p in c.source_patterns}

@@ -4,7 +4,8 @@ transformers drops every MTP tensor on load, so this module reads and writes the
 itself: all tensors (backbone and MTP) go through transformers' own weight conversions
 (:mod:`mtp_recipes.checkpoint.convert`) and the family's MTP prefix table
 (:mod:`mtp_recipes.checkpoint.keymap`). On save every tensor gets back its on-disk name and dtype, so
-untouched tensors are bit-exact.
+untouched tensors are bit-exact. A multimodal checkpoint that nests the language model under a prefix
+keeps it, and its other towers are copied through unchanged (:class:`CheckpointLayout`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +103,19 @@ def read_tensors(files: dict[str, Path], keys: Iterable[str] | None = None) -> d
     return out
 
 
+@dataclass
+class CheckpointLayout:
+    """Where a loaded model's tensors sat in its checkpoint, so that a save writes the same layout.
+
+    ``prefix`` nests the backbone and MTP tensors (a VL checkpoint's ``language_model.``, see
+    ``Family.checkpoint_prefixes``); ``passthrough`` names the tensors outside it that the model does not
+    hold (vision tower, projector) and the source files they are copied from, verbatim, on save.
+    """
+
+    prefix: str = ""
+    passthrough: dict[str, Path] = field(default_factory=dict)
+
+
 def _examples(keys: list[str], n: int = 4) -> str:
     keys = sorted(keys)
     more = f" and {len(keys) - n} more" if len(keys) > n else ""
@@ -115,7 +130,9 @@ def load_model_state(model: MTPModel, model_dir: Path) -> dict[str, torch.dtype]
     new depths are initialised from the backbone instead.
     """
     files = tensor_files(model_dir)
-    disk = read_tensors(files)
+    prefix = next((p for p in model.family.checkpoint_prefixes if any(k.startswith(p) for k in files)), "")
+    model.checkpoint_layout = CheckpointLayout(prefix, {k: f for k, f in files.items() if not k.startswith(prefix)})
+    disk = {k[len(prefix) :]: v for k, v in read_tensors(files, [k for k in files if k.startswith(prefix)]).items()}
     dtypes = {k: t.dtype for k, t in disk.items()}
     hf_state = from_disk(model.backbone, disk)
     del disk
@@ -222,7 +239,10 @@ def save_model_state(
             return torch.float32
         return default_dtype or tensor.dtype
 
-    disk = {k: v.to(dtype_of(k, v)).contiguous().cpu() for k, v in sorted(disk.items())}
+    layout = getattr(model, "checkpoint_layout", None) or CheckpointLayout()
+    disk = {layout.prefix + k: v.to(dtype_of(k, v)).contiguous().cpu() for k, v in disk.items()}
+    disk.update(read_tensors(layout.passthrough))
+    disk = dict(sorted(disk.items()))
 
     with atomic_directory(out_dir) as tmp:
         shards = _shards(disk, max_shard_bytes)

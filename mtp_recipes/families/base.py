@@ -30,6 +30,10 @@ class Family(ABC):
     model_types: ClassVar[tuple[str, ...]]
     head: ClassVar[Literal["shared", "per_depth"]] = "shared"
     passes_on: ClassVar[PassesOn] = "normed"
+    # Prefixes under which a checkpoint may nest the backbone's tensors (a multimodal checkpoint's
+    # ``language_model.``); the loader strips the one it finds, the saver writes it back, and tensors
+    # outside it (other towers) are copied verbatim.
+    checkpoint_prefixes: ClassVar[tuple[str, ...]] = ()
 
     # ---- config -------------------------------------------------------------------------------
     def text_config(self, hf_config: PretrainedConfig) -> PretrainedConfig:

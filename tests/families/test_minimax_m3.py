@@ -1,0 +1,152 @@
+"""MiniMax-M3 specifics: the published checkpoint layout (with and without ``language_model.``), the
+frozen indexer, packing, and the MTP forward against a plain-PyTorch reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
+from transformers.models.minimax_m3_vl.configuration_minimax_m3_vl import MiniMaxM3VLConfig
+
+from mtp_recipes.model import MTPModel
+from tests.helpers import debug_model_config, packed_batch
+
+VL = "language_model."
+MTP_NAMES = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "final_layernorm.weight")
+
+
+def published_checkpoint(path, prefix: str, depths: int = 2):
+    """A tiny MiniMax-M3 checkpoint as MiniMax ships it: transformers' own VL ``save_pretrained`` for the
+    backbone (on-disk names, vision tower), MTP tensors under the spec names, bf16 except the router's
+    float32 ``e_score_correction_bias``. ``prefix=""`` gives the text-only layout (text config, no towers)."""
+    cfg = debug_model_config("minimax_m3_debug")
+    cfg["text_config"] = {**cfg["text_config"], "num_mtp_modules": depths}
+    config = MiniMaxM3VLConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
+    torch.manual_seed(0)
+    hf.MiniMaxM3SparseForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(path)
+    tensors = load_file(path / "model.safetensors")
+    last = f"{VL}model.layers.{config.text_config.num_hidden_layers - 1}."
+    h = config.text_config.hidden_size
+    for d in range(depths):
+        mtp = f"{VL}model.mtp.layers.{d}."
+        tensors.update({mtp + n: torch.zeros((h, 2 * h) if "eh_proj" in n else (h,)) for n in MTP_NAMES})
+        tensors.update(
+            {k.replace(last, mtp + "transformer_layer."): v for k, v in tensors.items() if k.startswith(last)}
+        )
+    g = torch.Generator().manual_seed(1)
+    for k, v in tensors.items():  # random values everywhere, so "bit-exact" means something
+        dtype = torch.float32 if k.endswith("e_score_correction_bias") else torch.bfloat16
+        tensors[k] = (torch.randn(v.shape, generator=g) * 0.05).to(dtype)
+    if prefix == "":
+        tensors = {k[len(VL) :]: v for k, v in tensors.items() if k.startswith(VL)}
+        config.text_config.to_json_file(path / "config.json")
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return tensors, json.loads((path / "config.json").read_text())
+
+
+def mtp_section(cfg: dict) -> dict:
+    return cfg.get("text_config", cfg)
+
+
+@pytest.mark.parametrize("prefix", [VL, ""], ids=["vl", "text_only"])
+def test_published_layout_round_trip_and_training(prefix, tmp_path):
+    published, published_cfg = published_checkpoint(tmp_path / "pub", prefix)
+    assert any(
+        k.startswith(f"{prefix}model.mtp.layers.1.transformer_layer.block_sparse_moe.experts.") for k in published
+    )
+    assert any(k.startswith("vision_tower.") for k in published) == (prefix == VL)
+
+    # Untouched: every tensor (vision tower included) and the config come back bit-exact.
+    model = MTPModel.from_pretrained(tmp_path / "pub")
+    assert model.mtp_config.num_layers == 2
+    same = load_file(model.save_pretrained(tmp_path / "same") / "model.safetensors")
+    assert set(same) == set(published)
+    for k, v in published.items():
+        assert same[k].dtype == v.dtype and torch.equal(same[k], v), k
+    assert json.loads((tmp_path / "same" / "config.json").read_text()) == published_cfg
+
+    # Two AdamW steps (with weight decay), then save: same keys, shapes and dtypes; indexers frozen.
+    assert not any("indexer" in n for n, _ in model.named_parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    batch = packed_batch(model.text_config.vocab_size, [[10, 6], [16]])
+    for _ in range(2):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    trained = load_file(model.save_pretrained(tmp_path / "trained") / "model.safetensors")
+    assert set(trained) == set(published)
+    for k, v in published.items():
+        assert trained[k].shape == v.shape and trained[k].dtype == v.dtype, k
+        if "index_" in k or not k.startswith(prefix) or k.endswith("e_score_correction_bias"):
+            assert torch.equal(trained[k], v), k  # indexers, passthrough towers, router bias buffers
+    assert not torch.equal(
+        trained[f"{prefix}model.mtp.layers.1.eh_proj.weight"], published[f"{prefix}model.mtp.layers.1.eh_proj.weight"]
+    )
+    saved_cfg = json.loads((tmp_path / "trained" / "config.json").read_text())
+    assert mtp_section(saved_cfg)["num_mtp_modules"] == mtp_section(published_cfg)["num_mtp_modules"] == 2
+
+
+def test_fresh_export_writes_num_mtp_modules_in_text_config(tmp_path):
+    model = MTPModel.from_config(debug_model_config("minimax_m3_debug"), num_layers=2)
+    cfg = json.loads((model.save_pretrained(tmp_path / "c") / "config.json").read_text())
+    assert cfg["model_type"] == "minimax_m3_vl"
+    assert cfg["text_config"]["num_mtp_modules"] == 2 and "num_mtp_modules" not in cfg
+
+
+def test_packed_document_matches_running_it_alone():
+    """Slot positions for the indexer: a later document sees exactly what it sees alone (dense selection)."""
+    cfg = debug_model_config("minimax_m3_debug")
+    cfg["text_config"] = {**cfg["text_config"], "index_topk_blocks": 4}  # 4 blocks of 4 cover S=16
+    torch.manual_seed(0)
+    model = MTPModel.from_config(cfg, num_layers=1)
+    packed = packed_batch(model.text_config.vocab_size, [[10, 6]])
+    alone = {k: v[:, 10:] - (1 if k == "seq_idx" else 0) for k, v in packed.items()}
+    with torch.no_grad():
+        a, b = model(**packed), model(**alone)
+    torch.testing.assert_close(a.hidden_states[:, 10:], b.hidden_states, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.mtp_hidden_states[0][:, 10:15], b.mtp_hidden_states[0][:, :5], rtol=1e-5, atol=1e-5)
+
+
+def test_mtp_forward_matches_a_plain_pytorch_reference():
+    """Depth k: cat[enorm(emb(x_{t+k})), hnorm(h_{k-1})] -> eh_proj -> decoder layer -> final_layernorm,
+    norms Gemma-style ``x * (1 + w)``, the normed state passed on, logits through the shared lm_head."""
+    torch.manual_seed(0)
+    model = MTPModel.from_config(
+        debug_model_config("minimax_m3_debug"), num_layers=2, experts_implementation="eager"
+    ).double()
+    with torch.no_grad():  # norms start at identity (w = 0): randomise them so (1 + w) vs w shows
+        for name, p in model.mtp.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.5)
+    batch = packed_batch(model.text_config.vocab_size, [[16]])
+    ids, s = batch["input_ids"], batch["input_ids"].shape[1]
+    out = model(**batch)
+
+    text = model.backbone.model
+    # h0 is the backbone's own final-normed output for a single document.
+    torch.testing.assert_close(out.hidden_states, text(input_ids=ids).last_hidden_state, rtol=0, atol=1e-12)
+
+    def rms(x, w, eps=model.text_config.rms_norm_eps):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1 + w)
+
+    pos = torch.arange(s)[None]
+    freqs = pos[..., None].double() * text.rotary_emb.inv_freq.double()
+    rope = (torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin())
+    emb, head = model.backbone.get_input_embeddings().weight, model.backbone.lm_head.weight
+    assert model.mtp_heads() is head
+    h = out.hidden_states
+    for k, depth in enumerate(model.mtp.depths, start=1):
+        shifted = torch.cat([ids[:, k:], torch.zeros_like(ids[:, :k])], dim=1)
+        x = torch.cat([rms(emb[shifted], depth.enorm.weight), rms(h, depth.hnorm.weight)], -1) @ depth.eh_proj.weight.T
+        # The block is transformers' decoder layer (sparse attention + MoE) run as for one unpacked document.
+        x = depth.blocks[0](x, position_embeddings=rope, attention_mask=None, position_ids=pos)
+        h = rms(x, depth.final_norm.weight)
+        # transformers' Gemma RMSNorm rounds through float32 even for float64 inputs, hence 1e-6.
+        torch.testing.assert_close(out.mtp_hidden_states[k - 1], h, rtol=1e-6, atol=1e-6)
+        target = batch["labels"][0, k:]
+        ce = F.cross_entropy((h[0, : s - k] @ head.T), target, ignore_index=-100)
+        torch.testing.assert_close(out.mtp_losses[k - 1], ce, rtol=1e-6, atol=1e-6)
