@@ -11,6 +11,7 @@ keeps it, and its other towers are copied through unchanged (:class:`CheckpointL
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,8 @@ from mtp_recipes.errors import CheckpointError
 
 if TYPE_CHECKING:
     from mtp_recipes.model import MTPModel
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -142,6 +145,10 @@ def load_model_state(model: MTPModel, model_dir: Path) -> dict[str, torch.dtype]
     expected = {keymap.to_hf(k): k for k in params}
     tied = model.tied_keys()
     from_scratch = model.mtp_config.init == "from_scratch"
+    # Export-only copies of backbone tensors (Family.tied_export_copies): tied in training, so they are
+    # accepted when present, checked against their source, and never loaded.
+    copy_sources = model.family.tied_export_copies(model.text_config, model.mtp_config)
+    copies = {k: hf_state.pop(k) for k in copy_sources if k in hf_state}
     ignore = [re.compile(p) for p in getattr(model.backbone, "_keys_to_ignore_on_load_unexpected", None) or []]
 
     def is_mtp(hf_key: str) -> bool:
@@ -179,9 +186,25 @@ def load_model_state(model: MTPModel, model_dir: Path) -> dict[str, torch.dtype]
         for k, v in hf_state.items()
         if v.shape != params[expected[k]].shape
     ]
+    bad_shapes += [
+        f"{k} {tuple(v.shape)} vs {copy_sources[k]} {tuple(hf_state[copy_sources[k]].shape)}"
+        for k, v in copies.items()
+        if copy_sources[k] in hf_state and v.shape != hf_state[copy_sources[k]].shape
+    ]
     if bad_shapes:
         raise CheckpointError(f"{where} has tensors of the wrong shape: {_examples(bad_shapes, 3)}")
 
+    differing = [
+        k for k, v in copies.items() if copy_sources[k] in hf_state and not torch.equal(v, hf_state[copy_sources[k]])
+    ]
+    if differing:
+        logger.warning(
+            "%s: %s differ from the tensors they copy (%s); they are tied in training and will be "
+            "re-written from them on save",
+            where,
+            _examples(differing),
+            _examples(sorted({copy_sources[k] for k in differing})),
+        )
     with torch.no_grad():
         for hf_key, value in hf_state.items():
             params[expected[hf_key]].copy_(value)
@@ -227,7 +250,7 @@ def save_model_state(
     tied = model.tied_keys()
     hf_state = {keymap.to_hf(k): v.detach() for k, v in state.items() if k not in tied}
     for copy_name, source in model.family.tied_export_copies(model.text_config, model.mtp_config).items():
-        hf_state[copy_name] = hf_state[source]
+        hf_state[copy_name] = hf_state[source].clone()  # own storage: safetensors refuses aliases
     disk = to_disk(model.backbone, hf_state)
     disk_dtypes = disk_dtypes or {}
     fp32 = tuple(getattr(model.backbone, "_keep_in_fp32_modules_strict", None) or ())

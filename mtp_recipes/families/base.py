@@ -9,6 +9,7 @@ so adding a family never touches them.
 from __future__ import annotations
 
 import copy
+import re
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Literal
 
@@ -121,6 +122,26 @@ def sub_config(hf_config: PretrainedConfig, **fields: Any) -> PretrainedConfig:
     for key, value in fields.items():
         setattr(cfg, key, value)
     return cfg
+
+
+def num_nextn_layers(hf_config: PretrainedConfig) -> int:
+    """D from ``num_nextn_predict_layers`` (DeepSeek-style configs), else its alias ``num_mtp_layers``."""
+    value = getattr(hf_config, "num_nextn_predict_layers", None)
+    if value is None:
+        value = getattr(hf_config, "num_mtp_layers", None)
+    return int(value or 0)
+
+
+def ignore_trailing_layers(backbone: PreTrainedModel, num_hidden_layers: int, prefix: str = "model.layers.") -> None:
+    """Mark every ``{prefix}{i}.`` with ``i >= num_hidden_layers`` as an MTP key the backbone does not load.
+
+    Families that append their MTP depths as extra decoder layers (DeepSeek-V3, Step-3.5) need this so a
+    checkpoint's MTP tensors are recognised as MTP keys whatever D the model is built with (D=0 included);
+    transformers' own patterns are not enough (DeepSeek-V3 hard-codes layer 61).
+    """
+    below = "|".join(str(i) for i in range(num_hidden_layers)) or "(?!)"
+    pattern = rf"^{re.escape(prefix)}(?!(?:{below})\.)\d+\."
+    backbone._keys_to_ignore_on_load_unexpected = [*(backbone._keys_to_ignore_on_load_unexpected or []), pattern]
 
 
 _REGISTRY: dict[str, Family] = {}

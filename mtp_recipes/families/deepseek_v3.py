@@ -1,0 +1,104 @@
+"""DeepSeek-V3 (transformers ``deepseek_v3``): MLA attention + DeepSeekMoE, D MTP modules.
+
+Depth d is one ``DeepseekV3DecoderLayer`` stored as the extra decoder layer ``model.layers.{N+d}``
+(N = ``num_hidden_layers``): its own keys (``self_attn.*``, ``mlp.*``, ``input_layernorm``,
+``post_attention_layernorm``) sit directly under that prefix, next to ``enorm``, ``hnorm``, ``eh_proj``
+and ``shared_head.norm`` (our ``final_norm``). The MTP block is always MoE, as in the published model:
+transformers picks dense vs MoE by ``layer_idx >= first_k_dense_replace``, so the block is built from a
+config copy with ``first_k_dense_replace=0`` (what transformers' own ``get_mtp_config`` does).
+
+The head is the backbone's ``lm_head`` (shared in training); the checkpoint also stores per-depth
+copies ``shared_head.head`` and ``embed_tokens`` that vLLM reads, written on export from ``lm_head`` /
+``embed_tokens`` and checked, not loaded, on import. Depth k hands the block output *before*
+``shared_head.norm`` to depth k+1. The block gets the backbone's rotary ``(cos, sin)`` and causal mask
+for the unrolled position ids.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.masking_utils import create_causal_mask
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
+
+from mtp_recipes.families.base import (
+    Family,
+    KeyPrefixes,
+    ignore_trailing_layers,
+    num_nextn_layers,
+    register,
+    sub_config,
+)
+from mtp_recipes.mtp.config import MTPConfig
+from mtp_recipes.mtp.stack import BlockRunner, MTPDepth
+
+
+class DeepseekV3(Family):
+    name = "deepseek_v3"
+    model_types = ("deepseek_v3",)
+    head = "shared"
+    passes_on = "pre_norm"
+
+    def mtp_config(self, hf_config: PretrainedConfig, **overrides: Any) -> MTPConfig:
+        return MTPConfig(num_layers=num_nextn_layers(hf_config)).with_overrides(**overrides)
+
+    def export_mtp_fields(self, mtp: MTPConfig) -> dict[str, Any]:
+        return {"num_nextn_predict_layers": mtp.num_physical_layers}
+
+    def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:
+        backbone = super().build_backbone(hf_config)
+        ignore_trailing_layers(backbone, hf_config.num_hidden_layers)
+        return backbone
+
+    def build_depth(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> MTPDepth:
+        cfg = sub_config(hf_config, first_k_dense_replace=0)
+        block = hf.DeepseekV3DecoderLayer(cfg, layer_idx=hf_config.num_hidden_layers + index)
+
+        def norm() -> nn.Module:
+            return hf.DeepseekV3RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
+
+        return MTPDepth(hf_config.hidden_size, norm(), norm(), [block], norm())
+
+    def block_runner(
+        self,
+        backbone: PreTrainedModel,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        seq_idx: torch.Tensor | None,
+    ) -> BlockRunner:
+        # Exactly what DeepseekV3Model.forward hands its layers: one causal mask (block-diagonal when
+        # position_ids restart per document) and one (cos, sin) pair for the unrolled positions.
+        decoder = backbone.get_decoder()
+        mask = create_causal_mask(
+            config=backbone.config,
+            inputs_embeds=hidden,
+            attention_mask=None,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+        rotary = decoder.rotary_emb(hidden, position_ids)
+
+        def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return block(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary)
+
+        return run
+
+    def key_prefixes(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> KeyPrefixes:
+        layer = f"model.layers.{hf_config.num_hidden_layers + index}."
+        pairs = [(f"{n}.", f"{layer}{n}.") for n in ("enorm", "hnorm", "eh_proj")]
+        pairs += [("blocks.0.", layer), ("final_norm.", f"{layer}shared_head.norm.")]
+        return pairs
+
+    def tied_export_copies(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> dict[str, str]:
+        copies = {}
+        for i in range(mtp.num_physical_layers):
+            layer = f"model.layers.{hf_config.num_hidden_layers + i}."
+            copies[f"{layer}shared_head.head.weight"] = "lm_head.weight"
+            copies[f"{layer}embed_tokens.weight"] = "model.embed_tokens.weight"
+        return copies
+
+
+register(DeepseekV3())
