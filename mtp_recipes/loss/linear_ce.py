@@ -1,36 +1,66 @@
 """Chunked linear cross-entropy: ``CE(hidden @ weight.T, targets)`` with no ``[N, V]`` logits.
 
 With a 128k vocabulary the logits of one 8k-token micro-batch take 4 GiB in fp32, and the main loss
-plus D MTP depths would each need them (spec §3). Here the forward pass walks over token chunks
-and keeps only the per-token log-sum-exp; the backward pass recomputes each chunk's logits to form
-the gradients. Logits, softmax and gradient accumulation are in fp32 (fp64 for fp64 inputs), so
-values and gradients equal the materialised computation up to summation order.
+plus D MTP depths would each need them (spec §3). Two implementations walk over token chunks:
+
+* ``"torch"`` (:class:`_LinearCrossEntropy`): the forward pass keeps only the per-token
+  log-sum-exp and the backward pass recomputes each chunk's logits, all in fp32 (fp64 for fp64
+  inputs). Exact up to summation order, works for any upstream gradient (``reduction="none"``),
+  and is the CPU default. On a GPU it costs a fourth GEMM and fp32 GEMMs for bf16 inputs.
+* ``"fused"`` / ``"compiled"`` (:class:`_FusedLinearCrossEntropy`): one pass, Liger / Cut-CE
+  style. Each chunk's logits are made in the input dtype, turned into ``softmax - onehot`` right
+  away and consumed by the two gradient GEMMs, so backward only rescales stored gradients: three
+  GEMMs per token instead of four, and ``grad_weight`` accumulated in fp32 across chunks. This
+  needs the weight of every token in the final loss up front, so it computes ``Σ_i w_i CE_i``
+  (:func:`weighted_linear_cross_entropy`). ``"compiled"`` runs the per-chunk softmax-gradient
+  step through ``torch.compile``, which fuses its elementwise passes over ``[chunk, V]``; on an
+  H100 that took the loss from 1.8x to 1.2x the three-GEMM floor (shared/bench/ANCHORS.md).
+
+``impl="auto"`` picks ``"compiled"`` for CUDA tensors and ``"torch"`` elsewhere.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 Reduction = Literal["sum", "mean", "none"]
+Impl = Literal["auto", "torch", "fused", "compiled"]
+SoftmaxGradStep = Callable[[Tensor, Tensor, Tensor, int], "tuple[Tensor, Tensor]"]
 
-# Budget of one chunk's logits, in elements: 2**26 fp32 values = 256 MiB. Forward (logsumexp's
-# temporary) and backward (softmax formed in place) hold at most about two such buffers at a time.
+# Budget of one chunk's logits, in elements. The torch path holds about two fp32 buffers of 2**26
+# (256 MiB each). The fused path holds the input-dtype logits and gradient of a chunk; 2**29 makes
+# 4096 tokens at V=131k, the chunk size that measured fastest on an H100 (ANCHORS.md, A2 rows).
 _CHUNK_LOGIT_ELEMENTS = 2**26
+_FUSED_CHUNK_LOGIT_ELEMENTS = 2**29
 
 
-def default_chunk_size(vocab_size: int) -> int:
-    """Tokens per chunk so that one chunk of fp32 logits stays near 256 MiB."""
-    return max(1, _CHUNK_LOGIT_ELEMENTS // max(1, vocab_size))
+def default_chunk_size(vocab_size: int, impl: Impl = "torch") -> int:
+    """Tokens per chunk that keep one chunk of logits within the implementation's budget."""
+    budget = _CHUNK_LOGIT_ELEMENTS if impl == "torch" else _FUSED_CHUNK_LOGIT_ELEMENTS
+    return max(1, budget // max(1, vocab_size))
 
 
-def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+def resolve_impl(impl: Impl, device: torch.device) -> Impl:
+    """The concrete implementation ``impl`` stands for on ``device``."""
+    if impl not in ("auto", "torch", "fused", "compiled"):
+        raise ValueError(f"impl must be 'auto', 'torch', 'fused' or 'compiled', got {impl!r}")
+    if impl == "auto":
+        return "compiled" if device.type == "cuda" else "torch"
+    return impl
+
+
+def loss_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype losses come back in: fp32, or fp64 when an input is fp64."""
     return torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
 
 
+# ---- the recompute path ------------------------------------------------------------------------
 class _LinearCrossEntropy(torch.autograd.Function):
     """Per-token CE (0 on ignored tokens) and, on request, the per-token argmax."""
 
@@ -44,7 +74,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk_size: int,
         want_argmax: bool,
     ) -> tuple[Tensor, Tensor]:
-        dtype = _compute_dtype(hidden, weight)
+        dtype = loss_dtype(hidden, weight)
         weight_c = weight.to(dtype)  # one upcast per call, not per chunk
         num_tokens = hidden.shape[0]
         loss = torch.zeros(num_tokens, dtype=dtype, device=hidden.device)
@@ -69,9 +99,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(
-        ctx: FunctionCtx, grad_loss: Tensor, _grad_argmax: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: FunctionCtx, grad_loss: Tensor, _grad_argmax: Tensor | None) -> tuple[Tensor | None, ...]:
         hidden, weight, targets, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_h or need_w):
@@ -100,6 +128,228 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
+# ---- the one-pass path -------------------------------------------------------------------------
+def softmax_grad_step(
+    logits: Tensor, targets: Tensor, token_weight: Tensor, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    """One chunk's per-token CE and ``w_i · (softmax - onehot)``, from logits in any float dtype.
+
+    The maths runs in at least fp32 and the gradient comes back in ``logits.dtype``, so a bf16
+    chunk is read once and written once. Written as plain tensor ops (no in-place updates) so
+    ``torch.compile`` can fuse it into a couple of passes over ``[chunk, V]``.
+    """
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0)
+    lse = torch.logsumexp(z, dim=1)
+    ce = torch.where(valid, lse - z.gather(1, safe.unsqueeze(1)).squeeze(1), 0.0)
+    onehot = torch.arange(z.shape[1], device=z.device) == safe.unsqueeze(1)
+    scale = torch.where(valid, token_weight.to(z.dtype), 0.0)
+    grad = (torch.exp(z - lse.unsqueeze(1)) - onehot.to(z.dtype)) * scale.unsqueeze(1)
+    return ce, grad.to(logits.dtype)
+
+
+# Compiled lazily on first call; dynamic=None recompiles once with a symbolic chunk length when the
+# last (shorter) chunk arrives, instead of once per distinct length.
+_compiled_softmax_grad_step: SoftmaxGradStep = torch.compile(softmax_grad_step, dynamic=None)
+
+
+@functools.cache
+def _has_mixed_addmm(device_type: str) -> bool:
+    """Whether ``addmm(out_dtype=float32)`` (low-precision inputs, fp32 accumulator) runs on this device."""
+    acc = torch.zeros(2, 2, device=device_type)
+    a = torch.ones(2, 2, device=device_type, dtype=torch.bfloat16)
+    try:
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return bool((acc == 2).all())
+
+
+def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in fp32 (or fp64) whatever the dtype of ``a`` and ``b``."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif _has_mixed_addmm(acc.device.type):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:  # e.g. CPU bf16: upcast the chunk (cheap next to the [V, H] accumulator)
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """``Σ_i w_i CE_i`` with both gradients formed in the forward pass, chunk by chunk.
+
+    Returns the weighted loss (differentiable), the per-token CE and the argmax (neither
+    differentiable). Backward only multiplies the stored gradients by the incoming scalar.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        token_weight: Tensor,
+        ignore_index: int,
+        chunk_size: int,
+        want_argmax: bool,
+        step: SoftmaxGradStep,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        weight_c = weight.to(dtype)  # a no-op when both are bf16: the GEMMs stay in bf16
+        num_tokens = hidden.shape[0]
+        ce = torch.zeros(num_tokens, dtype=loss_dtype(hidden, weight), device=hidden.device)
+        argmax = hidden.new_empty(num_tokens if want_argmax else 0, dtype=torch.long)
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=ce.dtype, device=weight.device) if need_w else None
+        for start in range(0, num_tokens, chunk_size):
+            end = min(start + chunk_size, num_tokens)
+            hidden_c = hidden[start:end].to(dtype)
+            logits = hidden_c @ weight_c.T
+            ce[start:end], grad_logits = step(logits, targets[start:end], token_weight[start:end], ignore_index)
+            if want_argmax:
+                argmax[start:end] = logits.argmax(dim=-1)
+            if need_h:
+                grad_hidden[start:end] = grad_logits @ weight_c
+            if need_w:
+                _accumulate(grad_weight, grad_logits.T, hidden_c)
+        loss = (ce * token_weight.to(ce.dtype)).sum()
+        # Held until backward in the weight's dtype: 1 GiB instead of 2 at V=131k, H=4096, bf16.
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(ce, argmax)
+        return loss, ce, argmax
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, grad_loss: Tensor, _grad_ce: Tensor | None, _grad_argmax: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_loss.to(grad_hidden.dtype if grad_hidden is not None else grad_weight.dtype)
+        return (
+            None if grad_hidden is None else grad_hidden * scale,
+            None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype),
+            *([None] * 6),
+        )
+
+
+# ---- public API --------------------------------------------------------------------------------
+class WeightedCE(NamedTuple):
+    """Result of :func:`weighted_linear_cross_entropy`."""
+
+    loss: Tensor
+    """``Σ_i w_i CE_i``, differentiable."""
+    per_token: Tensor
+    """``CE_i`` (0 on ignored tokens), detached: for logging and per-segment sums."""
+    argmax: Tensor | None
+    """Per-token top-1 id when asked for, else ``None``."""
+
+
+def _validate(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int | None) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected hidden [N,H] and weight [V,H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} != [N] = {tuple(hidden.shape[:1])}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def _needs_grad(hidden: Tensor, weight: Tensor) -> bool:
+    return torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+
+
+def weighted_linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    token_weight: Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    impl: Impl = "auto",
+    return_argmax: bool = False,
+) -> WeightedCE:
+    """``Σ_i token_weight_i · CE(hidden_i @ weight.T, targets_i)``, chunked, plus the per-token CE.
+
+    This is the form the one-pass path needs: the gradient of each token is formed in the forward
+    pass, so its weight in the final loss (a normaliser such as ``1 / N`` or ``λ / (D · N_k)``)
+    must be known then. ``token_weight [N]`` is treated as a constant (no gradient). Concatenate
+    several losses that share ``weight`` (main head and MTP depths) into one call so the head is
+    cast, and its fp32 gradient buffer allocated, once. Without gradients (eval) the forward-only
+    recompute path runs whatever ``impl`` says, since there is nothing to fuse.
+    """
+    _validate(hidden, weight, targets, chunk_size)
+    if token_weight.shape != targets.shape:
+        raise ValueError(f"token_weight shape {tuple(token_weight.shape)} != targets {tuple(targets.shape)}")
+    targets, token_weight = targets.long(), token_weight.detach()
+    impl = resolve_impl(impl, hidden.device)
+    if impl == "torch" or not _needs_grad(hidden, weight):
+        chunk = chunk_size or default_chunk_size(weight.shape[0], "torch")
+        per_token, argmax = _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk, return_argmax)
+        loss = (per_token * token_weight.to(per_token.dtype)).sum()
+        per_token = per_token.detach()
+    else:
+        chunk = chunk_size or default_chunk_size(weight.shape[0], impl)
+        step = _compiled_softmax_grad_step if impl == "compiled" else softmax_grad_step
+        loss, per_token, argmax = _FusedLinearCrossEntropy.apply(
+            hidden, weight, targets, token_weight, ignore_index, chunk, return_argmax, step
+        )
+    return WeightedCE(loss, per_token, argmax if return_argmax else None)
+
+
+class SegmentedCE(NamedTuple):
+    """Result of :func:`segmented_linear_cross_entropy`."""
+
+    loss: Tensor
+    """``Σ_j scale_j · Σ_{i in segment j} CE_i``, differentiable."""
+    sums: Tensor
+    """``[J]`` unweighted CE sum of each segment, detached (for logging)."""
+    argmax: list[Tensor] | None
+    """Per segment, the top-1 ids in that segment's target shape, when asked for."""
+
+
+def segmented_linear_cross_entropy(
+    hiddens: Sequence[Tensor],
+    weight: Tensor,
+    targets: Sequence[Tensor],
+    scales: Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    impl: Impl = "auto",
+    return_argmax: bool = False,
+) -> SegmentedCE:
+    """Several losses on one shared head in one chunked call: segment ``j`` is ``hiddens[j] [..., H]``
+    against ``targets[j] [...]``, every one of its tokens weighted by ``scales[j]``.
+
+    The main loss and the MTP depths of a shared-head model are such segments (``scales`` =
+    ``1 / N_main`` and ``λ / (D · N_k)``). One call casts the head and allocates its fp32 gradient
+    accumulator once for all of them, at the price of concatenating the hidden states.
+    """
+    if not (len(hiddens) == len(targets) == scales.numel()) or not hiddens:
+        raise ValueError(f"got {len(hiddens)} hiddens, {len(targets)} targets and {scales.numel()} scales")
+    flat_h = [h.reshape(-1, h.shape[-1]) for h in hiddens]
+    flat_t = [t.reshape(-1) for t in targets]
+    sizes = [t.numel() for t in flat_t]
+    token_weight = scales.detach().repeat_interleave(torch.tensor(sizes, device=scales.device))
+    out = weighted_linear_cross_entropy(
+        flat_h[0] if len(flat_h) == 1 else torch.cat(flat_h),
+        weight,
+        flat_t[0] if len(flat_t) == 1 else torch.cat(flat_t),
+        token_weight,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+        impl=impl,
+        return_argmax=return_argmax,
+    )
+    sums = torch.stack([part.sum() for part in out.per_token.split(sizes)])
+    argmax = None
+    if out.argmax is not None:
+        argmax = [a.view(t.shape) for a, t in zip(out.argmax.split(sizes), targets, strict=True)]
+    return SegmentedCE(out.loss, sums, argmax)
+
+
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -109,6 +359,7 @@ def linear_cross_entropy(
     reduction: Reduction = "sum",
     chunk_size: int | None = None,
     return_argmax: bool = False,
+    impl: Impl = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Cross-entropy of ``hidden [N,H] @ weight[V,H].T`` against ``targets [N]``, chunked over N.
 
@@ -117,27 +368,35 @@ def linear_cross_entropy(
     inputs) whatever the input dtype, and gradients come back in the input dtypes. With
     ``return_argmax`` also returns the per-token top-1 prediction ``[N]`` (no grad) from the same
     chunk loop, for accuracy metrics at no extra matmul.
+
+    ``impl`` picks the implementation (module docstring). ``reduction="none"`` with gradients has
+    no fixed per-token weights, so ``"auto"`` takes the recompute path for it and an explicit
+    ``"fused"`` / ``"compiled"`` is an error.
     """
     if reduction not in ("sum", "mean", "none"):
         raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            "expected hidden [N,H] and weight [V,H], "
-            f"got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+    _validate(hidden, weight, targets, chunk_size)
+    if reduction == "none":
+        if impl in ("fused", "compiled") and _needs_grad(hidden, weight):
+            raise ValueError(f"impl={impl!r} needs reduction 'sum' or 'mean' (per-token weights known up front)")
+        chunk = chunk_size or default_chunk_size(weight.shape[0], "torch")
+        resolve_impl(impl, hidden.device)  # validates the name
+        per_token, argmax = _LinearCrossEntropy.apply(
+            hidden, weight, targets.long(), ignore_index, chunk, return_argmax
         )
-    if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"targets shape {tuple(targets.shape)} != [N] = {tuple(hidden.shape[:1])}")
-    if chunk_size is None:
-        chunk_size = default_chunk_size(weight.shape[0])
-    elif chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    per_token, argmax = _LinearCrossEntropy.apply(
-        hidden, weight, targets.long(), ignore_index, chunk_size, return_argmax
+        return (per_token, argmax) if return_argmax else per_token
+    valid = targets != ignore_index
+    scale = 1.0 if reduction == "sum" else 1.0 / valid.sum()  # 1/0 = inf: NaN loss, as F.cross_entropy
+    dtype = loss_dtype(hidden, weight)
+    token_weight = torch.as_tensor(scale, dtype=dtype, device=hidden.device).expand(targets.shape)
+    out = weighted_linear_cross_entropy(
+        hidden,
+        weight,
+        targets,
+        token_weight,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+        impl=impl,
+        return_argmax=return_argmax,
     )
-    if reduction == "sum":
-        loss = per_token.sum()
-    elif reduction == "mean":
-        loss = per_token.sum() / (targets != ignore_index).sum()
-    else:
-        loss = per_token
-    return (loss, argmax) if return_argmax else loss
+    return (out.loss, out.argmax) if return_argmax else out.loss

@@ -3,6 +3,12 @@
 ``mtp_loss`` returns ``(λ / D) · Σ_k CE_k``; the caller adds it to ``main_loss``. Normalisers are
 passed in rather than computed here whenever the trainer has global counts, because a per
 micro-batch mean weights short and long micro-batches alike (Megatron issue #7452).
+
+Both go through :func:`~mtp_recipes.loss.linear_ce.segmented_linear_cross_entropy`, which can take
+the main loss and every shared-head depth as segments of ONE call (head cast and fp32 gradient
+buffer made once). ``MTPModel.forward`` still calls ``main_loss`` and ``mtp_loss`` separately, so
+today the depths share one call and the main head has its own; merging them is a change to
+``model.py`` (pass ``[hidden, *mtp_hidden]`` with scales ``[1/N, λ/(D·N_k)...]``), not to this module.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Literal, Union
 import torch
 from torch import Tensor
 
-from mtp_recipes.loss.linear_ce import linear_cross_entropy
+from mtp_recipes.loss.linear_ce import Impl, loss_dtype, segmented_linear_cross_entropy
 from mtp_recipes.mtp.roll import roll_targets
 
 Normalization = Literal["depth_tokens", "main_tokens"]
@@ -25,7 +31,8 @@ Count = Union[int, Tensor]
 class MTPLossOutput:
     """What one MTP loss call produces.
 
-    ``loss`` is already scaled by ``λ / D``; ``per_depth`` holds the unscaled ``CE_k`` for logging.
+    ``loss`` is already scaled by ``λ / D``; ``per_depth`` holds the unscaled ``CE_k`` for logging,
+    detached: the one-pass loss forms gradients for ``loss`` only (its per-token weights are fixed).
     ``num_targets`` are the local valid-target counts per depth. With ``return_accuracy`` the
     per-depth ``predictions`` (argmax ids), ``correct`` and ``valid`` (bool) are ``[B,S]`` tensors,
     enough for :func:`acceptance_length` and for agreement with the backbone's own argmax.
@@ -115,30 +122,32 @@ def main_loss(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     return_argmax: bool = False,
+    impl: Impl = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Next-token CE of ``hidden [..., H]`` on already-shifted ``labels [...]``, chunked.
 
     Divided by ``num_label_tokens`` (the trainer's global count) when given, else by the local
     count. With ``return_argmax`` also returns the backbone's argmax in ``labels``' shape.
+    ``impl`` selects the linear cross-entropy implementation (:mod:`mtp_recipes.loss.linear_ce`).
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(
             f"hidden {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}"
         )
-    targets = labels.reshape(-1)
-    out = linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]),
+    count = (labels != ignore_index).sum() if num_label_tokens is None else num_label_tokens
+    dtype = loss_dtype(hidden, head_weight)
+    scale = 1 / torch.as_tensor(count, device=hidden.device).to(dtype).clamp_min(1).reshape(1)
+    out = segmented_linear_cross_entropy(
+        [hidden],
         head_weight,
-        targets,
+        [labels],
+        scale,
         ignore_index=ignore_index,
-        reduction="sum",
         chunk_size=chunk_size,
+        impl=impl,
         return_argmax=return_argmax,
     )
-    summed, argmax = out if return_argmax else (out, None)
-    count = (targets != ignore_index).sum() if num_label_tokens is None else num_label_tokens
-    loss = summed / torch.as_tensor(count, device=summed.device).to(summed.dtype).clamp_min(1)
-    return (loss, argmax.view(labels.shape)) if return_argmax else loss
+    return (out.loss, out.argmax[0]) if return_argmax else out.loss
 
 
 def _validate(
@@ -195,6 +204,7 @@ def mtp_loss(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     return_accuracy: bool = False,
+    impl: Impl = "auto",
 ) -> MTPLossOutput:
     """``(λ / D) · Σ_k CE_k`` over D depths; depth k's targets are ``labels[t+k]`` in-document.
 
@@ -225,27 +235,36 @@ def mtp_loss(
         return out
     targets = [roll_targets(labels, k, seq_idx, ignore_index) for k in range(1, depths + 1)]
     valid = [t != ignore_index for t in targets]
-    summed, predictions = _summed_ce(
-        per_depth_hidden, targets, head_weight, ignore_index, chunk_size, return_accuracy
-    )
     num_targets = torch.stack([v.sum() for v in valid])
     if normalization == "main_tokens":
-        counts = torch.as_tensor(num_label_tokens, device=summed.device).expand(depths)
+        counts = torch.as_tensor(num_label_tokens, device=labels.device).expand(depths)
     elif num_depth_tokens is not None:
-        counts = _as_count_tensor(num_depth_tokens, summed.device)
+        counts = _as_count_tensor(num_depth_tokens, labels.device)
     else:
         counts = num_targets
     # A zero count only happens with a zero sum: report CE_k = 0 rather than NaN.
-    per_depth = summed / counts.to(summed.dtype).clamp_min(1)
+    heads = [head_weight] if isinstance(head_weight, Tensor) else list(head_weight)
+    counts = counts.to(loss_dtype(per_depth_hidden[0], heads[0])).clamp_min(1)
+    scales = loss_scaling_factor / depths / counts
+    kwargs = dict(ignore_index=ignore_index, chunk_size=chunk_size, impl=impl, return_argmax=return_accuracy)
+    if isinstance(head_weight, Tensor):
+        # One call for all depths: the shared head is cast and its gradient accumulated once.
+        parts = [segmented_linear_cross_entropy(per_depth_hidden, head_weight, targets, scales, **kwargs)]
+    else:
+        parts = [
+            segmented_linear_cross_entropy([h], w, [t], scales[k : k + 1], **kwargs)
+            for k, (h, w, t) in enumerate(zip(per_depth_hidden, head_weight, targets, strict=True))
+        ]
+    per_depth = torch.cat([p.sums for p in parts]) / counts
     out = MTPLossOutput(
-        loss=per_depth.sum() * (loss_scaling_factor / depths),
+        loss=torch.stack([p.loss for p in parts]).sum(),
         per_depth=list(per_depth.unbind()),
         num_targets=num_targets,
     )
     if return_accuracy:
-        out.predictions = list(predictions.unbind())
+        out.predictions = [a for p in parts for a in p.argmax]
         out.valid = valid
-        out.correct = [(p == t) & v for p, t, v in zip(out.predictions, targets, valid)]
+        out.correct = [(p == t) & v for p, t, v in zip(out.predictions, targets, valid, strict=True)]
     return out
 
 
@@ -253,44 +272,3 @@ def _as_count_tensor(counts: Sequence[Count] | Tensor, device: torch.device) -> 
     if isinstance(counts, Tensor):
         return counts.to(device)
     return torch.stack([torch.as_tensor(c, device=device) for c in counts])
-
-
-def _summed_ce(
-    per_depth_hidden: Sequence[Tensor],
-    targets: list[Tensor],
-    head_weight: Tensor | Sequence[Tensor],
-    ignore_index: int,
-    chunk_size: int | None,
-    want_argmax: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """Summed CE per depth ``[D]`` and, on request, argmax ``[D,B,S]``.
-
-    A shared head runs all depths through one chunked call: the fp32 head copy and its fp32
-    gradient buffer are made once instead of D times, at the cost of concatenating the hidden.
-    """
-    depths, shape = len(targets), targets[0].shape
-
-    def per_token_ce(
-        hidden: Tensor, weight: Tensor, target: Tensor
-    ) -> tuple[Tensor, Tensor | None]:
-        out = linear_cross_entropy(
-            hidden.reshape(-1, hidden.shape[-1]),
-            weight,
-            target.reshape(-1),
-            ignore_index=ignore_index,
-            reduction="none",
-            chunk_size=chunk_size,
-            return_argmax=want_argmax,
-        )
-        return out if want_argmax else (out, None)
-
-    if isinstance(head_weight, Tensor):
-        per_token, argmax = per_token_ce(
-            torch.cat(list(per_depth_hidden)), head_weight, torch.cat(targets)
-        )
-        summed = per_token.view(depths, -1).sum(dim=1)
-    else:
-        results = [per_token_ce(*args) for args in zip(per_depth_hidden, head_weight, targets)]
-        summed = torch.stack([loss.sum() for loss, _ in results])
-        argmax = torch.stack([a for _, a in results]) if want_argmax else None
-    return summed, None if argmax is None else argmax.view(depths, *shape)
