@@ -82,6 +82,11 @@ class TrainerConfig:
     log_every: int = 1
     save_every: int = 0  # HF export every N steps; 0: only the final one
     save_final: bool = True
+    checkpoint_every: int = 0  # exact-resume checkpoint every N steps; 0: none (SIGTERM still writes one)
+    keep_last: int = 2  # resume checkpoints kept
+    resume: Optional[str] = None  # null | auto (newest complete one in the run dir) | a checkpoint path
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block (GPU)
     progress_bar: bool = True
 
 
@@ -122,6 +127,8 @@ def validate(cfg: DictConfig) -> None:
         (cfg.mtp.num_layers is None or cfg.mtp.num_layers >= 0, f"mtp.num_layers must be >= 0, got {cfg.mtp.num_layers}"),
         (cfg.trainer.max_steps > 0, f"trainer.max_steps must be > 0, got {cfg.trainer.max_steps}"),
         (cfg.trainer.grad_accum_steps >= 1, "trainer.grad_accum_steps must be >= 1"),
+        (cfg.trainer.checkpoint_every >= 0 and cfg.trainer.save_every >= 0, "checkpoint/save intervals must be >= 0"),
+        (cfg.trainer.keep_last >= 1, "trainer.keep_last must be >= 1"),
         (cfg.trainer.device in ("auto", "cpu", "cuda"), "trainer.device must be auto, cpu or cuda"),
         (cfg.trainer.precision in ("auto", "bf16", "fp32"), "trainer.precision must be auto, bf16 or fp32"),
         (cfg.data.seq_len >= 2, "data.seq_len must be >= 2"),

@@ -238,13 +238,12 @@ class MTPModel(nn.Module):
 
     def tied_keys(self) -> set[str]:
         """State-dict keys that alias an earlier tensor (e.g. a tied ``lm_head``); never saved twice."""
-        seen: dict[int, str] = {}
+        seen: set[int] = set()
         tied = set()
         for key, tensor in self.state_dict(keep_vars=True).items():
-            ptr = tensor.data_ptr() if tensor.device.type != "meta" else id(tensor)
-            if ptr in seen and tensor.numel():
+            if id(tensor) in seen:  # tied weights are one Parameter object, sharded or not
                 tied.add(key)
-            seen.setdefault(ptr, key)
+            seen.add(id(tensor))
         return tied
 
     def export_config(self) -> dict[str, Any]:

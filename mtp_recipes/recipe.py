@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -19,8 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from mtp_recipes.checkpoint.hf import resolve_model_dir
+from mtp_recipes.checkpoint.resume import find_resume, load_resume, save_resume
 from mtp_recipes.config import lambda_at, to_schema
 from mtp_recipes.data import build_data, load_tokenizer
+from mtp_recipes.distributed.mesh import World, all_reduce_sum, broadcast_object, init_world, shutdown
+from mtp_recipes.distributed.parallelize import apply_activation_checkpointing, apply_compile, apply_fsdp
 from mtp_recipes.errors import ConfigError, TrainingError
 from mtp_recipes.model import MTPModel
 from mtp_recipes.mtp.roll import count_depth_targets
@@ -40,13 +45,24 @@ class FinetuneRecipe:
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
+        self.world = init_world(cfg.trainer.device)
+        self._share_run_dir()
+        if not self.world.is_main:
+            log.setLevel(logging.WARNING)
         torch.manual_seed(cfg.trainer.seed)
-        self.device = _device(cfg.trainer.device)
+        self.device = self.world.device
         self.autocast_dtype = _autocast_dtype(cfg.trainer.precision, self.device)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        if self.world.is_main:
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
         self.model = self._build_model().to(self.device)
+        if cfg.trainer.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        if cfg.trainer.compile:
+            apply_compile(self.model)
+        if self.world.distributed:
+            apply_fsdp(self.model, self.world.mesh, param_dtype=self.autocast_dtype)
+            self.autocast_dtype = None  # FSDP's mixed-precision policy casts the gathered parameters
         self.tokenizer = self._build_tokenizer()
         vocab = self.model.text_config.vocab_size
         if len(self.tokenizer) > vocab:
@@ -54,7 +70,7 @@ class FinetuneRecipe:
                 f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is {vocab}; "
                 "use the checkpoint's own tokenizer (model.tokenizer=null) or a larger vocab_size"
             )
-        self.data = build_data(cfg.data, self.tokenizer)
+        self.data = build_data(cfg.data, self.tokenizer, self.world.rank, self.world.world_size)
 
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -65,10 +81,25 @@ class FinetuneRecipe:
             weight_decay=cfg.optim.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        resume = find_resume(cfg.trainer.resume, self.run_dir / "resume", self.world)
+        if resume is not None:
+            state = load_resume(resume, self.model, self.optimizer, self.world)
+            self.step = state["step"]
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.data.load_state_dict(state["data"])
+            log.info("resumed from %s at step %d", resume, self.step)
+        self.metrics_file = (self.run_dir / "metrics.jsonl").open("a") if self.world.is_main else None
         n_params = sum(p.numel() for p in trainable)
-        log.info("run dir %s | %s | %.2fM trainable parameters | MTP %s",
-                 self.run_dir, self.device, n_params / 1e6, self.model.mtp_config)
+        log.info("run dir %s | %s x%d | %.2fM trainable parameters | MTP %s", self.run_dir, self.device,
+                 self.world.world_size, n_params / 1e6, self.model.mtp_config)
+
+    def _share_run_dir(self) -> None:
+        """Every rank uses rank 0's run directory (Hydra gives each process its own timestamp)."""
+        own = self.run_dir
+        self.run_dir = Path(broadcast_object(str(own), self.world))
+        if own != self.run_dir and own.exists():
+            shutil.rmtree(own, ignore_errors=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _build_model(self) -> MTPModel:
         mcfg = self.cfg.model
@@ -105,40 +136,52 @@ class FinetuneRecipe:
         cfg = self.cfg.trainer
         depths = self.model.mtp.num_depths
         data = iter(self.data)
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress_bar, desc="train")
+        stop = _StopOnSigterm()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress_bar and self.world.is_main),
+                   desc="train")
         while self.step < cfg.max_steps:
             self.model.mtp_config = replace(self.model.mtp_config, loss_scaling_factor=lambda_at(self.cfg, self.step))
             start = time.perf_counter()
             micro = [_to(next(data), self.device) for _ in range(cfg.grad_accum_steps)]
-            # Exact global normalisation: divide every micro-batch by the step's total target counts.
+            # Exact global normalisation: every micro-batch on every rank is divided by the step's
+            # total target counts (main and per depth), so gradients add up to the global mean's.
             counts = sum(count_depth_targets(b["labels"], depths, b["seq_idx"]) for b in micro)
-            totals = {"loss": 0.0, "main_ce": 0.0, "mtp_ce": [0.0] * depths}
+            counts = all_reduce_sum(counts.to(self.device), self.world).cpu()
+            totals = torch.zeros(2 + depths, dtype=torch.float64)  # loss, main CE, CE_1..CE_D
             for batch in micro:
                 with self._autocast():
                     out = self.model(**batch, num_label_tokens=counts[0], num_depth_tokens=counts[1:])
                 out.loss.backward()
-                totals["loss"] += out.loss.item()
-                totals["main_ce"] += out.main_loss.item()
-                for k, ce in enumerate(out.mtp_losses):
-                    totals["mtp_ce"][k] += ce.item()
-            if not math.isfinite(totals["loss"]):
+                totals += torch.tensor([out.loss.item(), out.main_loss.item(), *(c.item() for c in out.mtp_losses)],
+                                       dtype=torch.float64)
+            totals = all_reduce_sum(totals.to(self.device), self.world).cpu()
+            if not math.isfinite(totals[0]):
                 self.optimizer.zero_grad(set_to_none=True)
                 kept = self.last_checkpoint or "none written yet"
                 raise TrainingError(
-                    f"non-finite loss at step {self.step + 1} (main CE {totals['main_ce']}, MTP CE {totals['mtp_ce']}): "
-                    f"lower optim.lr or check the data; last good checkpoint: {kept}"
+                    f"non-finite loss at step {self.step + 1} (main CE {totals[1]:.4g}, MTP CE "
+                    f"{[round(float(x), 4) for x in totals[2:]]}): lower optim.lr or check the data; "
+                    f"last good checkpoint: {kept}"
                 )
             grad_norm = self._clip()
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            elapsed = time.perf_counter() - start
-            tokens = sum(b["input_ids"].numel() for b in micro)
-            self._log(totals, grad_norm, tokens / elapsed, bar)
+            tokens = sum(b["input_ids"].numel() for b in micro) * self.world.world_size
+            self._log(totals, grad_norm, tokens / (time.perf_counter() - start), bar)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_resume_checkpoint()
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                 self.save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step:06d}")
+            if stop.requested(self.world):
+                path = self.save_resume_checkpoint()
+                log.warning("SIGTERM: wrote %s; continue with trainer.resume=auto", path)
+                bar.close()
+                stop.restore()
+                return
         bar.close()
+        stop.restore()
         if cfg.save_final:
             self.save_checkpoint(self.run_dir / "final")
 
@@ -151,14 +194,17 @@ class FinetuneRecipe:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.optim.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        return float(norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def _log(self, totals: dict[str, Any], grad_norm: float, tokens_per_s: float, bar: tqdm) -> None:
+    def _log(self, totals: torch.Tensor, grad_norm: float, tokens_per_s: float, bar: tqdm) -> None:
+        """One metrics.jsonl record per step (rank 0): total, main CE, each depth's unscaled CE, λ, lr."""
+        if not self.world.is_main:
+            return
         record = {
             "step": self.step,
-            "loss": totals["loss"],
-            "main_ce": totals["main_ce"],
-            **{f"mtp_ce_{k + 1}": v for k, v in enumerate(totals["mtp_ce"])},
+            "loss": float(totals[0]),
+            "main_ce": float(totals[1]),
+            **{f"mtp_ce_{k}": float(v) for k, v in enumerate(totals[2:], start=1)},
             "lambda": self.model.mtp_config.loss_scaling_factor,
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
@@ -168,21 +214,34 @@ class FinetuneRecipe:
         self.metrics_file.flush()
         bar.update(1)
         if self.step % self.cfg.trainer.log_every == 0:
-            mtp = " ".join(f"ce{k + 1}={v:.3f}" for k, v in enumerate(totals["mtp_ce"]))
+            mtp = " ".join(f"ce{k}={float(v):.3f}" for k, v in enumerate(totals[2:], start=1))
             bar.set_postfix_str(f"loss={record['loss']:.3f} main={record['main_ce']:.3f} {mtp}".strip())
             log.info("step %d loss %.4f main %.4f %s lr %.2e %.0f tok/s", self.step, record["loss"],
                      record["main_ce"], mtp, record["lr"], tokens_per_s)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, directory: Path) -> Path:
-        """A Hugging Face export (MTP tensors included), written atomically."""
-        self.last_checkpoint = self.model.save_pretrained(directory, tokenizer=self.tokenizer)
-        log.info("saved Hugging Face checkpoint to %s", directory)
+        """A Hugging Face export (MTP tensors included), gathered to rank 0 and written atomically."""
+        state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.model.state_dict().items()}
+        if self.world.is_main:
+            self.last_checkpoint = self.model.save_pretrained(directory, state_dict=state, tokenizer=self.tokenizer)
+            log.info("saved Hugging Face checkpoint to %s", directory)
+        self.last_checkpoint = Path(broadcast_object(str(directory), self.world))
         return self.last_checkpoint
+
+    def save_resume_checkpoint(self) -> Path:
+        """An exact-resume checkpoint (sharded model + optimizer, schedule, data position, RNG)."""
+        trainer_state = {"scheduler": self.scheduler.state_dict(), "data": self.data.state_dict()}
+        path = save_resume(self.run_dir / "resume", self.step, self.model, self.optimizer, trainer_state,
+                           self.world, self.cfg.trainer.keep_last)
+        self.last_checkpoint = path
+        return path
 
     def cleanup(self) -> None:
         if getattr(self, "metrics_file", None) is not None:
             self.metrics_file.close()
+        if getattr(self, "world", None) is not None:
+            shutdown(self.world)
 
     def run(self) -> None:
         try:
@@ -192,12 +251,22 @@ class FinetuneRecipe:
             self.cleanup()
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
-    return torch.device(name)
+class _StopOnSigterm:
+    """Turn SIGTERM into a flag checked at step boundaries, so the run can checkpoint before exiting."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.flag = True
+
+    def requested(self, world: World) -> bool:
+        """True on every rank as soon as any rank got SIGTERM (all ranks must stop at the same step)."""
+        return bool(all_reduce_sum(torch.tensor([float(self.flag)], device=world.device), world).item())
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

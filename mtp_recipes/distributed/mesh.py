@@ -1,0 +1,83 @@
+"""The process group and device mesh: one data-parallel dimension, set up from torchrun's environment.
+
+``python -m mtp_recipes.finetune`` (one process) and ``torchrun --nproc_per_node N -m
+mtp_recipes.finetune`` (N processes) run the same code: without torchrun's variables the world has
+one rank and no process group is created.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from mtp_recipes.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands: its rank, the world size, its device and the data-parallel mesh."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    mesh: DeviceMesh | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
+
+
+def init_world(device: str = "auto") -> World:
+    """Join the process group torchrun describes (gloo on CPU, nccl on GPU), or stay a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size == 1:
+        return World(0, 1, dev, None)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("dp",))
+    return World(dist.get_rank(), world_size, dev, mesh)
+
+
+def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """Sum over ranks (in place on a copy); a no-op for a single process."""
+    if not world.distributed:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def broadcast_object(obj: object, world: World) -> object:
+    """Rank 0's value of ``obj`` on every rank."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def shutdown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()

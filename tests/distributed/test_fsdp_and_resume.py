@@ -1,0 +1,145 @@
+"""FSDP2 over 2 processes equals 1 process on the same global batch; crashes cost only the steps since
+the last checkpoint; a kill during a checkpoint write leaves the previous one loadable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mtp_recipes.checkpoint.resume import latest_resume
+from mtp_recipes.finetune import CONFIG_DIR
+from mtp_recipes.recipe import FinetuneRecipe
+from tests.recipes.test_finetune import composed
+
+COMMON = [
+    "trainer.progress_bar=false",
+    "trainer.log_every=1",
+    "data.seq_len=64",
+    "data.max_documents=24",
+    "optim.warmup_steps=1",
+]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def cli(*args: str, nproc: int = 1, cwd: Path) -> subprocess.Popen:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else [
+        sys.executable
+    ]
+    return subprocess.Popen(
+        [*launcher, "-m", "mtp_recipes.finetune", *COMMON, *args],
+        cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def finish(proc: subprocess.Popen) -> None:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def losses(run: Path) -> dict[int, dict]:
+    """The last record logged for each step (a resumed run appends)."""
+    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
+    # 2 ranks x 2 rows == 1 rank x 4 rows per step; packed rows with different valid-target counts per rank.
+    two = cli("data.batch_size=2", "trainer.max_steps=3", f"hydra.run.dir={tmp_path}/two", nproc=2, cwd=tmp_path)
+    finish(two)
+    one = cli("data.batch_size=4", "trainer.max_steps=3", f"hydra.run.dir={tmp_path}/one", cwd=tmp_path)
+    finish(one)
+    a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        for key in ("loss", "main_ce", "mtp_ce_1"):
+            assert a[step][key] == pytest.approx(b[step][key], rel=1e-5), (step, key)
+    # only rank 0 wrote, into one run directory
+    assert not any(p.name.startswith("two") and p != tmp_path / "two" for p in tmp_path.iterdir())
+    wa, wb = load_file(tmp_path / "two" / "final" / "model.safetensors"), load_file(
+        tmp_path / "one" / "final" / "model.safetensors"
+    )
+    assert set(wa) == set(wb) and any(k.startswith("mtp.") for k in wa)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    args = ["data.batch_size=2", "trainer.max_steps=24", "trainer.checkpoint_every=4", "trainer.keep_last=2"]
+    finish(cli(*args, f"hydra.run.dir={tmp_path}/ref", cwd=tmp_path))
+
+    run = tmp_path / "crash"
+    proc = cli(*args, f"hydra.run.dir={run}", cwd=tmp_path)
+    deadline = time.time() + 300
+    while not (run / "resume" / "step_000008").exists():
+        assert proc.poll() is None, "finished before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "final").exists()
+    assert len(list((run / "resume").glob("step_*"))) <= 2  # keep_last
+
+    finish(cli(*args, "trainer.resume=auto", f"hydra.run.dir={run}", cwd=tmp_path))
+    ref, resumed = losses(tmp_path / "ref"), losses(run)
+    assert sorted(resumed) == list(range(1, 25))
+    for step in range(9, 25):
+        assert resumed[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-6, abs=1e-7), step
+    wa, wb = load_file(run / "final" / "model.safetensors"), load_file(tmp_path / "ref" / "final" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_sigterm_writes_a_checkpoint_before_exit(tmp_path):
+    run = tmp_path / "term"
+    proc = cli("data.batch_size=2", "trainer.max_steps=100000", f"hydra.run.dir={run}", cwd=tmp_path)
+    deadline = time.time() + 300
+    while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    ckpt = latest_resume(run / "resume")
+    assert ckpt is not None and "trainer.resume=auto" in out + err
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == max(losses(run)) >= 3
+
+
+def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    recipe = FinetuneRecipe(composed(*COMMON, "data.batch_size=2", "trainer.max_steps=2"), tmp_path)
+    recipe.setup()
+    recipe.train()
+    good = recipe.save_resume_checkpoint()
+
+    import torch.distributed.checkpoint as dcp
+
+    real_save = dcp.save
+
+    def dies_midway(state, checkpoint_id):
+        real_save({"model": state["model"]}, checkpoint_id=checkpoint_id)  # some files land...
+        raise KeyboardInterrupt("killed while writing")  # ...then the process dies
+
+    monkeypatch.setattr(dcp, "save", dies_midway)
+    recipe.step += 1
+    with pytest.raises(KeyboardInterrupt):
+        recipe.save_resume_checkpoint()
+    monkeypatch.setattr(dcp, "save", real_save)
+    recipe.cleanup()
+
+    assert latest_resume(tmp_path / "resume") == good
+    resumed = FinetuneRecipe(composed(*COMMON, "data.batch_size=2", "trainer.max_steps=3", "trainer.resume=auto"),
+                             tmp_path)
+    resumed.setup()
+    assert resumed.step == 2
+    for (name, a), b in zip(recipe.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    resumed.cleanup()
+    assert Path(CONFIG_DIR).exists()
