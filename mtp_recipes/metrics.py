@@ -1,0 +1,124 @@
+"""Training FLOPs per token and model FLOPs utilisation (MFU).
+
+Convention (the one ANCHORS.md used for its reference figures, so our MFU is comparable with them):
+
+* ``6 × N_active`` FLOPs per trained token: 2 for the forward GEMMs and 4 for the two backward GEMMs
+  (input and weight gradient) per parameter. Frozen parameters still cost their input-gradient
+  GEMM; we do not discount them (``mtp.train_only`` runs therefore read slightly high).
+* ``N_active`` = every parameter a token's GEMMs touch, each counted once per use: the backbone,
+  each MTP depth (a physical layer reused by several depths counts once per depth), and the output
+  head once for the main loss plus once per depth (the shared head is one tensor but 1 + D GEMMs).
+* Input embeddings (of the backbone and, via the same table, the depths) are excluded: a lookup,
+  not a matmul. Routed experts count ``top_k / n_experts`` of their parameters; the router and
+  shared experts count in full.
+* Optional: attention-score FLOPs (``QKᵀ`` and ``AV``) for a given sequence length, causal (half the
+  keys on average) and assuming no sliding window; they grow with ``S`` and are small at 4k for
+  models like ours. Mamba2 scan FLOPs are not counted (as in ANCHORS.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Dense bf16 tensor-core peak (no sparsity) from the vendor datasheets, in FLOP/s. Matched as
+# substrings of torch.cuda.get_device_name(), most specific first.
+_PEAK_BF16: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM5, e.g. "NVIDIA H100 80GB HBM3"
+    ("H200", 989e12),
+    ("A100", 312e12),
+)
+
+
+def _routed_top_k(config: object) -> int | None:
+    return getattr(config, "num_experts_per_tok", None) or getattr(config, "moe_topk", None)
+
+
+def _active_params(modules: list[nn.Module], top_k: int | None, skip: set[int]) -> float:
+    """Parameters of ``modules`` not in ``skip`` (ids), routed-expert stacks scaled by ``top_k / n_experts``.
+
+    Routed experts are recognised the way transformers 5 stores them: a module whose class name
+    ends in ``Experts`` holding 3-D ``[n_experts, ...]`` weights.
+    """
+    total = 0.0
+    for root in modules:
+        seen: set[int] = set()
+        for module in root.modules():
+            routed = type(module).__name__.endswith("Experts")
+            for param in module.parameters(recurse=False):
+                if id(param) in skip or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                if routed and param.dim() == 3:
+                    if top_k is None:
+                        raise ValueError(f"{type(module).__name__} has routed experts but the config has no top-k")
+                    total += param.numel() * top_k / param.shape[0]
+                else:
+                    total += param.numel()
+    return total
+
+
+def _attention_flops(modules: list[nn.Module], seq_len: int) -> float:
+    """Training FLOPs per token of the attention scores: 3 × 2·(S/2)·(q_dim + v_dim) per attention layer."""
+    total = 0.0
+    for root in modules:
+        for module in root.modules():
+            q = getattr(module, "q_proj", None) or getattr(module, "q_b_proj", None)
+            o = getattr(module, "o_proj", None)
+            if isinstance(q, nn.Linear) and isinstance(o, nn.Linear):
+                total += 3 * 2 * (seq_len / 2) * (q.out_features + o.in_features)
+    return total
+
+
+def flops_per_token(model: nn.Module, seq_len: int | None = None) -> float:
+    """Training FLOPs per token of ``model`` (module docstring for what counts).
+
+    ``model`` is an :class:`~mtp_recipes.model.MTPModel` or a plain transformers ``*ForCausalLM``.
+    With ``seq_len`` the causal attention-score FLOPs at that length are added.
+    """
+    mtp = getattr(model, "mtp", None)
+    backbone = model.backbone if mtp is not None else model
+    main_head = backbone.get_output_embeddings().weight
+    config = model.text_config if mtp is not None else backbone.config
+    depths = [mtp.depth(k) for k in range(1, mtp.num_depths + 1)] if mtp is not None else []
+    if depths and isinstance(model.mtp_heads(), torch.Tensor):
+        head_uses = [main_head] * (1 + len(depths))
+    else:
+        head_uses = [main_head, *(model.mtp_heads() if depths else [])]
+    skip = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    skip |= {id(w) for w in head_uses}
+    top_k = _routed_top_k(config)
+    active = _active_params([backbone], top_k, skip)
+    active += sum(_active_params([depth], top_k, skip) for depth in depths)
+    active += sum(w.numel() for w in head_uses)
+    flops = 6 * active
+    if seq_len is not None:
+        flops += _attention_flops([backbone, *depths], seq_len)
+    return flops
+
+
+def peak_flops(device: torch.device | str | None = None) -> float | None:
+    """Dense bf16 peak FLOP/s of a known GPU (H100/H200/A100); ``None`` on CPU or an unknown device."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return peak_flops_for_name(torch.cuda.get_device_name(device))
+
+
+def peak_flops_for_name(name: str) -> float | None:
+    """Dense bf16 peak FLOP/s for a CUDA device name, or ``None`` when it is not in the table."""
+    for key, peak in _PEAK_BF16:
+        if key in name:
+            return peak
+    return None
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved ``tokens/s × FLOPs/token`` over ``peak``; ``None`` without a peak."""
+    if peak is None or peak <= 0:
+        return None
+    return tokens_per_s * flops_per_token / peak
