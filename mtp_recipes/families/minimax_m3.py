@@ -17,14 +17,18 @@ like the last backbone layer (same ``layer_types`` / ``mlp_layer_types`` entry: 
 indexer, MoE). All norms are transformers' Gemma RMSNorm ``x * (1 + w)`` (computed in float32), the head
 is the shared ``lm_head`` and depth k hands its final-normed state to depth k+1.
 
-Packing. transformers anchors the indexer's key blocks to absolute slots but derives causality and the
-query's own block from ``position_ids``; with positions restarting per document, a query of a later
-document may select no block holding a key it may see, and an all-masked row attends uniformly to
-every key (future ones included). Backbone and MTP blocks therefore get slot positions (``arange(S)``)
-and the document-causal mask built from the real positions; RoPE is relative and attention never
-crosses documents, so scores are those of restarting positions. The selection itself still ranks
-blocks of earlier documents in the row; it matches an unpacked run whenever
-``index_topk_blocks * index_block_size >= S`` (every visible block selected).
+Packing. transformers' indexer anchors key blocks to row slots, ranks every block of the row in its
+top-k and takes causality from ``position_ids``: on a packed row (positions restarting per document) a
+query would compete with earlier documents' blocks, see its document cut by the row's block grid, and
+could select no visible block at all. Every ``MiniMaxM3VLAttention`` (backbone and MTP blocks) is
+therefore class-swapped to ``DocumentSparseAttention`` (``minimax_m3_attention.py``): same parameters
+and state dict; with ``seq_idx`` the indexer scores only the query's own document's earlier keys, pools
+them into document-relative blocks (block j = offsets ``[j*bs, (j+1)*bs)`` of the document), applies the
+local-block and top-k rules as for the document alone, and the attention mask is that selection AND the
+document-causal mask. Backbone and MTP blocks get the real (restarting) positions for RoPE and the
+indexer, ``seq_idx`` as a forward kwarg, and the document-causal mask; each packed document is computed
+as if it were alone (tested against transformers on the lone document, float64 1e-9). Without
+``seq_idx`` (one document per row) transformers' own forward runs, bit-identical.
 
 Indexer gradient. The indexer only *selects* key blocks: its output is the integer ``topk`` indices,
 turned into a mask, so no gradient reaches ``indexer.{q,k}_proj`` / ``{q,k}_norm`` through the LM loss
@@ -48,6 +52,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
 
 from mtp_recipes.families.base import Family, KeyPrefixes, register
+from mtp_recipes.families.minimax_m3_attention import make_document_aware
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.stack import BlockRunner, MTPDepth
 
@@ -89,31 +94,30 @@ class MiniMaxM3(Family):
         # The router adds this bias to float32 scores; exported new depths keep it float32 as well.
         backbone._keep_in_fp32_modules_strict = ["e_score_correction_bias"]
         freeze_indexers(backbone)
+        make_document_aware(backbone)
         return backbone
 
     def build_depth(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> MTPDepth:
         # layer_idx picks the attention type (sparse + indexer) and MLP type (MoE) of the last layer.
         block = hf.MiniMaxM3VLDecoderLayer(hf_config, layer_idx=hf_config.num_hidden_layers - 1)
         freeze_indexers(block)
+        make_document_aware(block)
 
         def norm() -> nn.Module:
             return hf.MiniMaxM3VLRMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
 
         return MTPDepth(hf_config.hidden_size, norm(), norm(), [block], norm())
 
-    def _mask_and_slots(
-        self, text_model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Document-causal mask from the real positions; slot positions for RoPE and the indexer."""
-        mask = create_causal_mask(
+    @staticmethod
+    def _document_mask(text_model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """Document-causal mask from the (restarting) positions, as the text model would build it."""
+        return create_causal_mask(
             config=text_model.config,
             inputs_embeds=hidden,
             attention_mask=None,
             past_key_values=None,
             position_ids=position_ids,
         )
-        slots = torch.arange(position_ids.shape[-1], device=position_ids.device).expand_as(position_ids)
-        return mask, slots
 
     def backbone_hidden(
         self,
@@ -123,10 +127,18 @@ class MiniMaxM3(Family):
         seq_idx: torch.Tensor | None,
     ) -> torch.Tensor:
         text = backbone.get_decoder()
+        if seq_idx is None:  # one document per row: transformers' own forward, untouched
+            return text(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         embeds = text.embed_tokens(input_ids)
-        mask, slots = self._mask_and_slots(text, embeds, position_ids)
-        # A dict mask is used as given by the text model's forward (see the module docstring).
-        out = text(inputs_embeds=embeds, attention_mask={"document_causal": mask}, position_ids=slots, use_cache=False)
+        mask = self._document_mask(text, embeds, position_ids)
+        # A dict mask is used as given by the text model's forward; seq_idx reaches every attention module.
+        out = text(
+            inputs_embeds=embeds,
+            attention_mask={"document_causal": mask},
+            position_ids=position_ids,
+            seq_idx=seq_idx,
+            use_cache=False,
+        )
         return out.last_hidden_state
 
     def block_runner(
@@ -137,11 +149,12 @@ class MiniMaxM3(Family):
         seq_idx: torch.Tensor | None,
     ) -> BlockRunner:
         text = backbone.get_decoder()
-        mask, slots = self._mask_and_slots(text, hidden, position_ids)
-        rope = text.rotary_emb(hidden, position_ids=slots)
+        mask = self._document_mask(text, hidden, position_ids)
+        rope = text.rotary_emb(hidden, position_ids=position_ids)
+        extra = {} if seq_idx is None else {"seq_idx": seq_idx}
 
         def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            return block(x, position_embeddings=rope, attention_mask=mask, position_ids=slots)
+            return block(x, position_embeddings=rope, attention_mask=mask, position_ids=position_ids, **extra)
 
         return run
 

@@ -1,5 +1,5 @@
 """MiniMax-M3 specifics: the published checkpoint layout (with and without ``language_model.``), the
-frozen indexer, packing, and the MTP forward against a plain-PyTorch reference."""
+frozen indexer, document-aware sparse attention for packing, and the MTP forward against a plain-PyTorch reference."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
 from transformers.models.minimax_m3_vl.configuration_minimax_m3_vl import MiniMaxM3VLConfig
 
-from mtp_recipes.model import MTPModel
+from mtp_recipes.families.minimax_m3_attention import DocumentSparseAttention, document_block_keep
+from mtp_recipes.model import MTPModel, positions_from_seq_idx
 from tests.helpers import debug_model_config, packed_batch
+from tests.mtp.test_packed_equivalence import keep_float64  # noqa: F401  (fixture)
 
 VL = "language_model."
 MTP_NAMES = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "final_layernorm.weight")
@@ -97,18 +100,112 @@ def test_fresh_export_writes_num_mtp_modules_in_text_config(tmp_path):
     assert cfg["text_config"]["num_mtp_modules"] == 2 and "num_mtp_modules" not in cfg
 
 
-def test_packed_document_matches_running_it_alone():
-    """Slot positions for the indexer: a later document sees exactly what it sees alone (dense selection)."""
+def sparse_model(depths: int = 1, **text_changes) -> MTPModel:
+    """The debug model in float64 (eager experts), text config changed by ``text_changes``."""
     cfg = debug_model_config("minimax_m3_debug")
-    cfg["text_config"] = {**cfg["text_config"], "index_topk_blocks": 4}  # 4 blocks of 4 cover S=16
+    cfg["text_config"] = {**cfg["text_config"], **text_changes}
     torch.manual_seed(0)
-    model = MTPModel.from_config(cfg, num_layers=1)
-    packed = packed_batch(model.text_config.vocab_size, [[10, 6]])
-    alone = {k: v[:, 10:] - (1 if k == "seq_idx" else 0) for k, v in packed.items()}
+    return MTPModel.from_config(cfg, num_layers=depths, experts_implementation="eager").double()
+
+
+def transformers_twin(model: MTPModel) -> tuple[nn.Module, nn.Module]:
+    """transformers' own text LM and MTP decoder layer (no class swap), with ``model``'s weights."""
+    cfg = model.text_config
+    text = hf.MiniMaxM3VLForCausalLM(cfg).double()
+    text.load_state_dict(model.backbone.state_dict())
+    block = hf.MiniMaxM3VLDecoderLayer(cfg, layer_idx=cfg.num_hidden_layers - 1).double()
+    block.load_state_dict(model.mtp.depths[0].blocks[0].state_dict())
+    assert type(text.model.layers[-1].self_attn) is hf.MiniMaxM3VLAttention
+    assert type(model.backbone.model.layers[-1].self_attn) is DocumentSparseAttention
+    return text.eval(), block.eval()
+
+
+def test_one_document_per_row_is_transformers_bit_exact():
+    """Without seq_idx the swapped attention is transformers' own: backbone and MTP block bit-identical,
+    on a row long enough (24 > top-2 x 4) for the sparse selection to drop blocks."""
+    model = sparse_model().eval()
+    text, block = transformers_twin(model)
+    ids = packed_batch(model.text_config.vocab_size, [[24], [24]], seed=3)["input_ids"]
+    pos = torch.arange(ids.shape[1])[None].expand_as(ids)
     with torch.no_grad():
-        a, b = model(**packed), model(**alone)
-    torch.testing.assert_close(a.hidden_states[:, 10:], b.hidden_states, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(a.mtp_hidden_states[0][:, 10:15], b.mtp_hidden_states[0][:, :5], rtol=1e-5, atol=1e-5)
+        ours = model.family.backbone_hidden(model.backbone, ids, pos, None)
+        theirs = text.model(input_ids=ids, position_ids=pos).last_hidden_state
+        assert torch.equal(ours, theirs)
+        assert torch.equal(model(input_ids=ids).hidden_states, theirs)
+        x = torch.randn_like(ours)
+        run = model.family.block_runner(model.backbone, ours, pos, None)
+        rope = text.model.rotary_emb(x, position_ids=pos)
+        assert torch.equal(
+            run(model.mtp.depths[0].blocks[0], x),
+            block(x, position_embeddings=rope, attention_mask=None, position_ids=pos),
+        )
+
+
+# Rows longer than index_topk_blocks x index_block_size, documents starting mid-block (bs=4: 6, 19, 3+...).
+ROWS = [[6, 13, 11], [3, 9, 18]]
+
+
+@pytest.mark.parametrize("topk,local", [(2, 1), (3, 2)])
+def test_packed_selection_is_the_alone_selection(topk, local):
+    """Per query, the document-aware keep mask on a packed row equals transformers' own indexer +
+    build_block_mask on the document alone (top-k blocks, local blocks, causal), bit for bit."""
+    model = sparse_model(index_topk_blocks=topk, index_local_blocks=local).eval()
+    attn = model.backbone.model.layers[-1].self_attn
+    heads = model.text_config.num_attention_heads
+    batch = packed_batch(model.text_config.vocab_size, ROWS, seed=2)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(*batch["input_ids"].shape, model.text_config.hidden_size, generator=g, dtype=torch.float64)
+    pos = positions_from_seq_idx(batch["seq_idx"])
+    rope = model.backbone.model.rotary_emb(hidden, position_ids=pos)
+    keep = document_block_keep(attn.indexer, hidden, rope, batch["seq_idx"], heads)
+    selective = 0
+    for row, docs in enumerate(ROWS):
+        start = 0
+        for n in docs:
+            span = slice(start, start + n)
+            h, p = hidden[row : row + 1, span], pos[row : row + 1, span]
+            alone_rope = model.backbone.model.rotary_emb(h, position_ids=p)
+            with torch.no_grad():
+                blocks = attn.indexer(h, alone_rope, None, p)
+                alone = attn.indexer.build_block_mask(blocks, None, n, h.dtype, h.device, p) == 0
+            assert torch.equal(keep[row : row + 1, :, span, span], alone), (row, start)
+            assert not keep[row, :, span].any(-1).logical_not().any()  # every query keeps a key
+            assert not keep[row, :, span][..., torch.arange(keep.shape[-1]) >= start + n].any()
+            assert not keep[row, :, span][..., torch.arange(keep.shape[-1]) < start].any()
+            selective += int((alone.sum(-1) < torch.arange(1, n + 1)).any())
+            start += n
+    assert selective >= 2  # the top-k really drops visible blocks (top-3: the 13- and 18-token documents)
+
+
+@pytest.mark.usefixtures("keep_float64")
+def test_packed_row_equals_transformers_on_each_document_alone():
+    """Packed rows (several documents, mid-block starts, S > top-k x block) through the document-aware
+    attention == each document run alone by transformers' own code (seq_idx=None): backbone, MTP depth,
+    losses and gradients, float64 1e-9."""
+    model = sparse_model()
+    batch = packed_batch(model.text_config.vocab_size, ROWS, seed=4)
+    out = model(**batch, num_label_tokens=1, num_depth_tokens=[1])
+    out.loss.backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    main, depth = 0.0, 0.0
+    for row, docs in enumerate(ROWS):
+        start = 0
+        for n in docs:
+            span = slice(start, start + n)
+            alone = {k: batch[k][row : row + 1, span] for k in ("input_ids", "labels")}
+            ref = model(**alone, num_label_tokens=1, num_depth_tokens=[1])  # no seq_idx: transformers' path
+            ref.loss.backward()
+            torch.testing.assert_close(out.hidden_states[row : row + 1, span], ref.hidden_states, rtol=0, atol=1e-9)
+            torch.testing.assert_close(
+                out.mtp_hidden_states[0][row : row + 1, span], ref.mtp_hidden_states[0], rtol=0, atol=1e-9
+            )
+            main, depth = main + ref.main_loss, depth + ref.mtp_losses[0]
+            start += n
+    torch.testing.assert_close(out.main_loss, main, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(out.mtp_losses[0], depth, rtol=1e-12, atol=1e-9)
+    for n, g in packed_grads.items():
+        torch.testing.assert_close(g, model.get_parameter(n).grad, rtol=1e-7, atol=1e-9)
 
 
 def test_mtp_forward_matches_a_plain_pytorch_reference():
