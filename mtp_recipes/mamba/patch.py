@@ -18,10 +18,13 @@ and :func:`restore_default_mamba` swaps the class back.
 ``seq_idx`` reaches the mixer through the model forward: ``TransformersKwargs`` declares it, ``NemotronHModel``
 passes ``**kwargs`` to each block and the block to its mixer, which hands them to both functions.
 
-GPU: when the ``causal_conv1d`` / ``mamba_ssm`` packages are importable and the input is on CUDA, the upstream
-kernels are kept (both accept ``seq_idx`` natively, and in training the fused ``mamba_split_conv1d_scan_combined``
-consumes it before either function is reached); the patched forward only casts ``seq_idx`` to the int32 those
-kernels require. That path is untested here (no CUDA kernels in this environment).
+GPU: the scan goes through :func:`mtp_recipes.mamba.kernels.mamba2_chunk_scan`, which runs ``mamba_ssm``'s Triton
+``mamba_chunk_scan_combined(seq_idx=)`` for CUDA inputs when that module imports and our torch scan otherwise. The
+conv keeps the upstream ``causal_conv1d`` kernel for CUDA inputs when that package is installed (it honours
+``seq_idx``), else our boundary-aware torch conv. The fused training-mode ``mamba_split_conv1d_scan_combined`` is
+used only when *both* ``mamba_ssm`` and ``causal_conv1d`` are installed: with ``mamba_ssm`` alone transformers
+binds it to a path that calls the missing conv extension (MAMBA.md, pitfall 1). The patched forward casts
+``seq_idx`` to the int32 those kernels require. The kernel paths are untested here (no CUDA in CI).
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ from torch import nn
 from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
+from mtp_recipes.mamba import kernels
 from mtp_recipes.mamba.conv import causal_conv1d_fn
-from mtp_recipes.mamba.ssd import mamba2_chunk_scan
 
 
 def _has_cuda_kernel(package: str) -> bool:
@@ -46,9 +49,10 @@ def _has_cuda_kernel(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def _prefer_cuda_kernel(ours: Callable[..., Any], upstream: Callable[..., Any], package: str) -> Callable[..., Any]:
-    """``upstream`` for CUDA tensors when ``package`` is installed (its kernel honours ``seq_idx``), else ``ours``."""
-    if not _has_cuda_kernel(package):
+def _prefer_cuda_kernel(ours: Callable[..., Any], upstream: Callable[..., Any], *packages: str) -> Callable[..., Any]:
+    """``upstream`` for CUDA tensors when all ``packages`` are installed (their kernels honour ``seq_idx``), else
+    ``ours``."""
+    if not all(_has_cuda_kernel(package) for package in packages):
         return ours
 
     @functools.wraps(ours)
@@ -84,9 +88,9 @@ _boundary_aware_forward_body = _rebind_globals(
     hf.NemotronHMamba2Mixer.forward.__wrapped__,
     {
         "causal_conv1d_fn": _prefer_cuda_kernel(causal_conv1d_fn, hf.causal_conv1d_fn, "causal_conv1d"),
-        "mamba2_chunk_scan": _prefer_cuda_kernel(mamba2_chunk_scan, hf.mamba2_chunk_scan, "mamba_ssm"),
+        "mamba2_chunk_scan": kernels.mamba2_chunk_scan,
         "mamba2_split_conv1d_scan_combined": _prefer_cuda_kernel(
-            _take_unfused_path, hf.mamba2_split_conv1d_scan_combined, "mamba_ssm"
+            _take_unfused_path, hf.mamba2_split_conv1d_scan_combined, "mamba_ssm", "causal_conv1d"
         ),
     },
 )

@@ -1,0 +1,98 @@
+"""Scan selection: mamba_ssm's Triton kernel for CUDA inputs when importable, our torch scan otherwise.
+
+No GPU and no mamba_ssm here, so a fake ``mamba_ssm.ops.triton.ssd_combined`` is injected into
+``sys.modules`` and the device test is monkeypatched. This checks which function runs and with which
+arguments; the real kernel path is NOT exercised by these tests.
+"""
+
+import sys
+import types
+
+import pytest
+import torch
+from transformers.models.nemotron_h import modeling_nemotron_h as hf
+
+from mtp_recipes.mamba import kernels, ssd, use_boundary_aware_mamba
+from tests.mamba.test_mamba_patch import LENGTHS, tiny_config
+
+HEADS, HEAD_DIM, GROUPS, STATE, SEQ = 4, 8, 2, 8, sum(LENGTHS)
+
+
+def scan_inputs():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, SEQ, HEADS, HEAD_DIM, generator=gen)
+    dt = torch.randn(1, SEQ, HEADS, generator=gen)
+    A = -torch.rand(HEADS, generator=gen)
+    B, C = (torch.randn(1, SEQ, GROUPS, STATE, generator=gen) for _ in range(2))
+    return x, dt, A, B, C
+
+
+@pytest.fixture
+def fresh_selection():
+    kernels.triton_chunk_scan.cache_clear()
+    yield
+    kernels.triton_chunk_scan.cache_clear()
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch, fresh_selection):
+    """A fake mamba_ssm Triton module whose kernel records its calls and answers with our torch scan."""
+    calls = []
+
+    def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, **kw):
+        calls.append(kw)
+        return ssd.ssd_chunk_scan(x, dt, A, B, C, chunk_size, **kw)
+
+    names = ["mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton", kernels.TRITON_SCAN_MODULE]
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules[kernels.TRITON_SCAN_MODULE].mamba_chunk_scan_combined = mamba_chunk_scan_combined
+    return calls
+
+
+def test_without_mamba_ssm_the_torch_scan_runs(fresh_selection):
+    assert kernels.triton_chunk_scan() is None  # not installed here
+    x, dt, A, B, C = scan_inputs()
+    seq_idx = torch.repeat_interleave(torch.arange(3), torch.tensor(LENGTHS))[None]
+    got = kernels.mamba2_chunk_scan(x, dt, A, B, C, 8, dt_softplus=True, seq_idx=seq_idx)
+    assert torch.equal(got, ssd.mamba2_chunk_scan(x, dt, A, B, C, 8, dt_softplus=True, seq_idx=seq_idx))
+    assert kernels.scan_backend(x) == "torch"
+
+
+def test_cpu_tensors_stay_on_the_torch_scan(fake_kernel):
+    assert kernels.triton_chunk_scan() is not None
+    kernels.mamba2_chunk_scan(*scan_inputs(), 8)
+    assert fake_kernel == []
+
+
+def test_cuda_tensors_call_the_kernel_with_seq_idx(fake_kernel, monkeypatch):
+    monkeypatch.setattr(kernels, "_on_cuda", lambda tensor: True)
+    x, dt, A, B, C = scan_inputs()
+    seq_idx = torch.repeat_interleave(torch.arange(3), torch.tensor(LENGTHS))[None]  # int64 in
+    D, dt_bias = torch.ones(HEADS, dtype=torch.float64), torch.zeros(HEADS, dtype=torch.float64)
+    out = kernels.mamba2_chunk_scan(
+        x, dt, A, B, C, 8, D=D, dt_bias=dt_bias, dt_softplus=True, dt_limit=(0.001, float("inf")), seq_idx=seq_idx
+    )
+    assert kernels.scan_backend(x) == "mamba_ssm-triton"
+    (kw,) = fake_kernel
+    assert kw["seq_idx"].dtype == torch.int32 and torch.equal(kw["seq_idx"], seq_idx.int())
+    assert kw["D"].dtype == kw["dt_bias"].dtype == torch.float32  # one autotune key for every layer
+    assert kw["dt_softplus"] and kw["dt_limit"] == (0.001, float("inf")) and kw["z"] is None
+    ref = ssd.mamba2_chunk_scan(
+        x, dt, A, B, C, 8, D=D, dt_bias=dt_bias, dt_softplus=True, seq_idx=seq_idx, dt_limit=(0.001, float("inf"))
+    )
+    torch.testing.assert_close(out, ref)
+
+
+def test_patched_mixer_routes_the_scan_through_the_kernel(fake_kernel, monkeypatch):
+    """Training-mode forward of the patched Nemotron-H mixer reaches the (fake) kernel with the packed seq_idx."""
+    monkeypatch.setattr(kernels, "_on_cuda", lambda tensor: True)
+    torch.manual_seed(0)
+    model = hf.NemotronHModel(tiny_config()).train()
+    assert use_boundary_aware_mamba(model) == 1
+    position_ids = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    ids = torch.randint(0, 64, (1, SEQ))
+    seq_idx = torch.repeat_interleave(torch.arange(3), torch.tensor(LENGTHS))[None]
+    model(input_ids=ids, position_ids=position_ids, seq_idx=seq_idx, use_cache=False).last_hidden_state.sum().backward()
+    (kw,) = fake_kernel
+    assert torch.equal(kw["seq_idx"], seq_idx.int())
