@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -149,3 +150,24 @@ def test_multirun_sweep_writes_one_run_per_value(tmp_path):
     lambdas = sorted(json.loads((r / "metrics.jsonl").read_text().splitlines()[0])["lambda"] for r in runs)
     assert lambdas == [0.05, 0.3]
     assert all((r / "final" / "model.safetensors").exists() for r in runs)
+
+
+RECIPE_FAMILIES = [
+    ("nemotron_super", "nemotron_h_debug"),
+    ("deepseek_v3", "deepseek_v3_debug"),
+    ("step3p5_flash", "step3p5_debug"),
+    ("minimax_m3", "minimax_m3_debug"),
+]
+
+
+@pytest.mark.parametrize("recipe, debug_model", RECIPE_FAMILIES)
+def test_every_published_recipe_runs_with_its_debug_model(recipe, debug_model, tmp_path):
+    """``--config-name <recipe> model=<family>_debug trainer.max_steps=3`` (composition as on the CLI)."""
+    cfg = composed(f"model={debug_model}", "trainer.max_steps=3", "trainer.progress_bar=false", name=recipe)
+    FinetuneRecipe(cfg, tmp_path).run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["mtp_ce_1"] > 0 for r in records)
+    assert records[0]["lambda"] == 0.1
+    reloaded = MTPModel.from_pretrained(tmp_path / "final")
+    assert reloaded.mtp_config.num_layers >= 1
