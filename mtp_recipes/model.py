@@ -6,9 +6,11 @@ names keys (see :mod:`mtp_recipes.families.base`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,12 +136,17 @@ class MTPModel(nn.Module):
         dtype: torch.dtype | str | None = None,
         attn_implementation: str | None = None,
         experts_implementation: str | None = None,
+        shard: Callable[[MTPModel], Any] | None = None,
+        device: torch.device | str | None = None,
         **mtp_overrides: Any,
     ) -> MTPModel:
         """Load a Hugging Face checkpoint *including* its MTP tensors (which transformers would drop).
 
         ``dtype`` is the parameter dtype to train in (default float32: exact master weights); the
-        on-disk dtypes are remembered and restored by :meth:`save_pretrained`.
+        on-disk dtypes are remembered and restored by :meth:`save_pretrained`. With ``shard`` (e.g.
+        FSDP2) or ``device``, the model is built on the meta device, ``shard(model)`` is applied, and
+        only then is memory allocated on ``device`` and filled from the files, one tensor at a time:
+        each process holds its own shard, never the whole model.
         """
         model_dir = resolve_model_dir(str(name_or_path))
         raw = read_config_dict(model_dir)
@@ -147,7 +154,8 @@ class MTPModel(nn.Module):
         family = get_family(hf_config.model_type)
         mtp = family.mtp_config(family.text_config(hf_config), **mtp_overrides)
         dtype = _as_dtype(dtype) or torch.float32
-        with _default_dtype(dtype):
+        on_meta = shard is not None or device is not None
+        with _default_dtype(dtype), torch.device("meta") if on_meta else contextlib.nullcontext():
             model = cls(
                 hf_config,
                 mtp,
@@ -155,6 +163,10 @@ class MTPModel(nn.Module):
                 attn_implementation=attn_implementation,
                 experts_implementation=experts_implementation,
             )
+        if on_meta:
+            if shard is not None:
+                shard(model)
+            model._materialize(torch.device(device or "cpu"))
         model.disk_dtypes = load_model_state(model, model_dir)
         model.source_dir, model.source_config = model_dir, raw
         return model
@@ -223,6 +235,20 @@ class MTPModel(nn.Module):
         head = self.backbone.get_output_embeddings().weight
         return head.detach() if self.mtp_config.detach_backbone else head
 
+    def _materialize(self, device: torch.device) -> None:
+        """Allocate a meta-built model on ``device``: what no checkpoint holds must be initialised here.
+
+        Non-persistent buffers (rotary tables) are recomputed, and MTP depths get the family's fresh
+        initialisation (overwritten by the checkpoint, or by ``from_scratch`` from the backbone).
+        """
+        self.to_empty(device=device)
+        with torch.no_grad():
+            for module in self.modules():
+                if module._non_persistent_buffers_set:
+                    self.backbone._init_weights(module)
+            for module in self.mtp.modules():
+                self.backbone._init_weights(module)
+
     # ---- MTP initialisation and checkpoints ---------------------------------------------------
     def init_mtp_from_backbone(self) -> None:
         for depth in self.mtp.depths:
@@ -257,24 +283,25 @@ class MTPModel(nn.Module):
         self,
         save_directory: str | os.PathLike,
         *,
-        state_dict: dict[str, torch.Tensor] | None = None,
         tokenizer: Any = None,
         max_shard_size: int = 5 * 1024**3,
+        writer: bool = True,
     ) -> Path:
-        """Write a Hugging Face checkpoint with the MTP tensors in the layout serving engines load."""
-        out = save_model_state(
+        """Write a Hugging Face checkpoint with the MTP tensors in the layout serving engines load.
+
+        Under FSDP2 every rank calls this (each tensor is gathered collectively); only ``writer`` writes.
+        """
+        return save_model_state(
             self,
             save_directory,
-            state_dict=state_dict,
             config_dict=self.export_config(),
             disk_dtypes=self.disk_dtypes,
             default_dtype=_as_dtype(getattr(self.config, "dtype", None)),
             copy_files_from=self.source_dir,
             max_shard_bytes=max_shard_size,
+            tokenizer=tokenizer,
+            writer=writer,
         )
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out)
-        return out
 
 
 def config_from_dict(raw: dict[str, Any]) -> PretrainedConfig:

@@ -55,13 +55,8 @@ class FinetuneRecipe:
         if self.world.is_main:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
-        self.model = self._build_model().to(self.device)
-        if cfg.trainer.activation_checkpointing:
-            apply_activation_checkpointing(self.model)
-        if cfg.trainer.compile:
-            apply_compile(self.model)
+        self.model = self._build_model()
         if self.world.distributed:
-            apply_fsdp(self.model, self.world.mesh, param_dtype=self.autocast_dtype)
             self.autocast_dtype = None  # FSDP's mixed-precision policy casts the gathered parameters
         self.tokenizer = self._build_tokenizer()
         vocab = self.model.text_config.vocab_size
@@ -112,8 +107,20 @@ class FinetuneRecipe:
             **mtp,
         }
         if mcfg.path is not None:
-            return MTPModel.from_pretrained(mcfg.path, **kwargs)
-        return MTPModel.from_config(OmegaConf.to_container(mcfg.config, resolve=True), **kwargs)
+            # Built on the meta device and sharded before any memory is allocated; then filled from the files.
+            return MTPModel.from_pretrained(mcfg.path, shard=self._parallelize, device=self.device, **kwargs)
+        model = MTPModel.from_config(OmegaConf.to_container(mcfg.config, resolve=True), **kwargs).to(self.device)
+        self._parallelize(model)
+        return model
+
+    def _parallelize(self, model: MTPModel) -> None:
+        """Activation checkpointing, per-block compile, then FSDP2 over the data-parallel mesh."""
+        if self.cfg.trainer.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if self.cfg.trainer.compile:
+            apply_compile(model)
+        if self.world.distributed:
+            apply_fsdp(model, self.world.mesh, param_dtype=self.autocast_dtype)
 
     def _build_tokenizer(self):
         name = self.cfg.model.tokenizer
@@ -221,13 +228,11 @@ class FinetuneRecipe:
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, directory: Path) -> Path:
-        """A Hugging Face export (MTP tensors included), gathered to rank 0 and written atomically."""
-        state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.model.state_dict().items()}
-        if self.world.is_main:
-            self.last_checkpoint = self.model.save_pretrained(directory, state_dict=state, tokenizer=self.tokenizer)
-            log.info("saved Hugging Face checkpoint to %s", directory)
-        self.last_checkpoint = Path(broadcast_object(str(directory), self.world))
-        return self.last_checkpoint
+        """A Hugging Face export (MTP tensors included): gathered tensor by tensor, written by rank 0."""
+        self.model.save_pretrained(directory, tokenizer=self.tokenizer, writer=self.world.is_main)
+        log.info("saved Hugging Face checkpoint to %s", directory)
+        self.last_checkpoint = directory
+        return directory
 
     def save_resume_checkpoint(self) -> Path:
         """An exact-resume checkpoint (sharded model + optimizer, schedule, data position, RNG)."""

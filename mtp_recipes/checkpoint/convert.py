@@ -28,13 +28,31 @@ def to_disk(backbone: PreTrainedModel, state_dict: dict[str, torch.Tensor]) -> d
     return revert_weight_conversion(backbone, state_dict)
 
 
-def from_disk(backbone: PreTrainedModel, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """On-disk names/layouts -> transformers' in-memory names/layouts (the inverse of :func:`to_disk`)."""
+def _load_conversions(backbone: PreTrainedModel) -> tuple[list[WeightRenaming], list[WeightConverter]]:
     # Conversions attached to the backbone win, as in transformers' own revert_weight_conversion (to_disk).
     attached = getattr(backbone, "_weight_conversions", None)
     conversions = deepcopy(attached) if attached is not None else get_model_conversion_mapping(backbone)
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    return renamings, converters
+
+
+def disk_groups(backbone: PreTrainedModel, keys: list[str]) -> dict[str, list[str]]:
+    """Which on-disk keys make up each in-memory tensor (e.g. E per-expert tensors -> one stacked tensor).
+
+    Lets a loader read one in-memory tensor's worth of data at a time. The group of a converted tensor
+    is keyed by the converter's target name; pass the group to :func:`from_disk` to build it.
+    """
+    renamings, converters = _load_conversions(backbone)
+    groups: dict[str, list[str]] = {}
+    for key in sorted(keys, key=dot_natural_key):
+        groups.setdefault(rename_source_key(key, renamings, converters)[0], []).append(key)
+    return groups
+
+
+def from_disk(backbone: PreTrainedModel, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """On-disk names/layouts -> transformers' in-memory names/layouts (the inverse of :func:`to_disk`)."""
+    renamings, converters = _load_conversions(backbone)
     by_pattern = {p: c for c in converters for p in c.source_patterns}
 
     pending: dict[str, WeightRenaming | WeightConverter] = {}

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
+from torch.distributed.tensor import DTensor, distribute_tensor
 from safetensors.torch import save_file
 
 from mtp_recipes.checkpoint.atomic import atomic_directory
-from mtp_recipes.checkpoint.convert import from_disk, to_disk
+from mtp_recipes.checkpoint.convert import disk_groups, from_disk, to_disk
 from mtp_recipes.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -93,17 +94,36 @@ def tensor_files(model_dir: Path) -> dict[str, Path]:
     raise CheckpointError(f"{model_dir} has no {WEIGHTS_NAME} or {INDEX_NAME}")
 
 
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class TensorReader:
+    """Reads checkpoint tensors one at a time, keeping each file open once (memory: one tensor)."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files
+        self._handles: dict[Path, Any] = {}
+
+    def _handle(self, key: str) -> Any:
+        path = self.files[key]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt")
+        return self._handles[path]
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._handle(key).get_tensor(key)
+
+    def meta(self, key: str) -> torch.Tensor:
+        """A meta tensor with the stored dtype and shape: validates a checkpoint without reading it."""
+        view = self._handle(key).get_slice(key)
+        return torch.empty(view.get_shape(), dtype=_DTYPES[view.get_dtype()], device="meta")
+
+
 def read_tensors(files: dict[str, Path], keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    wanted = set(files if keys is None else keys)
-    by_file: dict[Path, list[str]] = {}
-    for key in wanted:
-        by_file.setdefault(files[key], []).append(key)
-    out: dict[str, torch.Tensor] = {}
-    for path, names in by_file.items():
-        with safe_open(path, framework="pt") as f:
-            for name in names:
-                out[name] = f.get_tensor(name)
-    return out
+    reader = TensorReader(files)
+    return {key: reader.get(key) for key in (files if keys is None else keys)}
 
 
 @dataclass
@@ -128,17 +148,19 @@ def _examples(keys: list[str], n: int = 4) -> str:
 def load_model_state(model: MTPModel, model_dir: Path) -> dict[str, torch.dtype]:
     """Fill ``model`` from a checkpoint; return the on-disk dtype of every tensor (kept on save).
 
-    Fails with one line naming the offending keys when MTP tensors are missing, unexpected or
-    mis-shaped. With ``mtp.init=from_scratch`` the checkpoint's MTP tensors (if any) are ignored and
-    new depths are initialised from the backbone instead.
+    The checkpoint is validated from its metadata first: missing, unexpected or mis-shaped MTP tensors
+    fail with one line naming the keys before anything is read. Tensors are then read one in-memory
+    tensor at a time and copied into the parameters; a sharded (FSDP2) parameter takes only its local
+    shard, so no process ever holds the whole model. With ``mtp.init=from_scratch`` the checkpoint's
+    MTP tensors (if any) are ignored and new depths are initialised from the backbone instead.
     """
     files = tensor_files(model_dir)
     prefix = next((p for p in model.family.checkpoint_prefixes if any(k.startswith(p) for k in files)), "")
     model.checkpoint_layout = CheckpointLayout(prefix, {k: f for k, f in files.items() if not k.startswith(prefix)})
-    disk = {k[len(prefix) :]: v for k, v in read_tensors(files, [k for k in files if k.startswith(prefix)]).items()}
-    dtypes = {k: t.dtype for k, t in disk.items()}
-    hf_state = from_disk(model.backbone, disk)
-    del disk
+    reader = TensorReader(files)
+    meta = {k[len(prefix) :]: reader.meta(k) for k in files if k.startswith(prefix)}
+    dtypes = {k: t.dtype for k, t in meta.items()}
+    hf_meta = from_disk(model.backbone, meta)
 
     keymap = model.keymap()
     params = model.state_dict()
@@ -148,18 +170,18 @@ def load_model_state(model: MTPModel, model_dir: Path) -> dict[str, torch.dtype]
     # Export-only copies of backbone tensors (Family.tied_export_copies): tied in training, so they are
     # accepted when present, checked against their source, and never loaded.
     copy_sources = model.family.tied_export_copies(model.text_config, model.mtp_config)
-    copies = {k: hf_state.pop(k) for k in copy_sources if k in hf_state}
+    copies = {k: hf_meta.pop(k) for k in copy_sources if k in hf_meta}
     ignore = [re.compile(p) for p in getattr(model.backbone, "_keys_to_ignore_on_load_unexpected", None) or []]
 
     def is_mtp(hf_key: str) -> bool:
         return keymap.is_mtp(hf_key) or any(p.search(hf_key) for p in ignore)
 
     if from_scratch:
-        hf_state = {k: v for k, v in hf_state.items() if not is_mtp(k)}
-    missing = [k for k in expected if k not in hf_state and expected[k] not in tied]
+        hf_meta = {k: v for k, v in hf_meta.items() if not is_mtp(k)}
+    missing = [k for k in expected if k not in hf_meta and expected[k] not in tied]
     if from_scratch:
         missing = [k for k in missing if not is_mtp(k)]
-    unexpected = [k for k in hf_state if k not in expected]
+    unexpected = [k for k in hf_meta if k not in expected]
     where = f"checkpoint {model_dir}"
     mtp_missing = [k for k in missing if is_mtp(k)]
     if mtp_missing:
@@ -183,20 +205,26 @@ def load_model_state(model: MTPModel, model_dir: Path) -> dict[str, torch.dtype]
         )
     bad_shapes = [
         f"{k} {tuple(v.shape)} vs model {tuple(params[expected[k]].shape)}"
-        for k, v in hf_state.items()
+        for k, v in hf_meta.items()
         if v.shape != params[expected[k]].shape
     ]
     bad_shapes += [
-        f"{k} {tuple(v.shape)} vs {copy_sources[k]} {tuple(hf_state[copy_sources[k]].shape)}"
+        f"{k} {tuple(v.shape)} vs {copy_sources[k]} {tuple(hf_meta[copy_sources[k]].shape)}"
         for k, v in copies.items()
-        if copy_sources[k] in hf_state and v.shape != hf_state[copy_sources[k]].shape
+        if copy_sources[k] in hf_meta and v.shape != hf_meta[copy_sources[k]].shape
     ]
     if bad_shapes:
         raise CheckpointError(f"{where} has tensors of the wrong shape: {_examples(bad_shapes, 3)}")
 
-    differing = [
-        k for k, v in copies.items() if copy_sources[k] in hf_state and not torch.equal(v, hf_state[copy_sources[k]])
-    ]
+    groups = disk_groups(model.backbone, list(meta))
+
+    def read(hf_key: str) -> torch.Tensor:
+        return from_disk(model.backbone, {k: reader.get(prefix + k) for k in groups[hf_key]})[hf_key]
+
+    with torch.no_grad():
+        for hf_key in hf_meta:
+            _copy_into(params[expected[hf_key]], read(hf_key))
+    differing = [k for k in copies if copy_sources[k] in hf_meta and not torch.equal(read(k), read(copy_sources[k]))]
     if differing:
         logger.warning(
             "%s: %s differ from the tensors they copy (%s); they are tied in training and will be "
@@ -205,55 +233,88 @@ def load_model_state(model: MTPModel, model_dir: Path) -> dict[str, torch.dtype]
             _examples(differing),
             _examples(sorted({copy_sources[k] for k in differing})),
         )
-    with torch.no_grad():
-        for hf_key, value in hf_state.items():
-            params[expected[hf_key]].copy_(value)
     model.backbone.tie_weights()
     if from_scratch:
         model.init_mtp_from_backbone()
     return dtypes
 
 
-def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in state.items():
+def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a full tensor into a parameter; a sharded DTensor keeps only its own shard of it."""
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(value)
+
+
+class _ShardWriter:
+    """Buffers tensors into safetensors files of at most ``max_bytes``, written as they fill up."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory, self.max_bytes = directory, max_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    return shards
+        if self.buffer and self.size + nbytes > self.max_bytes:
+            self.flush()
+        self.buffer[key] = tensor
+        self.size += nbytes
+        self.total += nbytes
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        path = self.directory / f".part-{len(self.files):05d}.safetensors"
+        save_file(dict(sorted(self.buffer.items())), path, metadata={"format": "pt"})
+        self.files.append((path, list(self.buffer)))
+        self.buffer, self.size = {}, 0
+
+    def finish(self) -> None:
+        """Name the files as transformers does: one ``model.safetensors``, or numbered shards + index."""
+        self.flush()
+        if len(self.files) == 1:
+            self.files[0][0].rename(self.directory / WEIGHTS_NAME)
+            return
+        weight_map = {}
+        for i, (path, keys) in enumerate(self.files, start=1):
+            name = f"model-{i:05d}-of-{len(self.files):05d}.safetensors"
+            path.rename(self.directory / name)
+            weight_map.update({k: name for k in keys})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def save_model_state(
     model: MTPModel,
     out_dir: str | os.PathLike,
     *,
-    state_dict: dict[str, torch.Tensor] | None = None,
     config_dict: dict[str, Any],
     disk_dtypes: dict[str, torch.dtype] | None = None,
     default_dtype: torch.dtype | None = None,
     copy_files_from: Path | None = None,
     max_shard_bytes: int = 5 * 1024**3,
+    tokenizer: Any = None,
+    writer: bool = True,
 ) -> Path:
-    """Write ``model`` as a Hugging Face checkpoint directory, atomically.
+    """Write ``model`` as a Hugging Face checkpoint directory, atomically, one tensor at a time.
 
-    ``state_dict`` (full tensors, model-internal names) defaults to ``model.state_dict()``; a distributed
-    caller passes the gathered one. Tensors read from a checkpoint get their on-disk dtype back; new
-    ones get ``default_dtype``.
+    Sharded (FSDP2) parameters are gathered one by one on every rank (a collective); only the
+    ``writer`` rank converts and writes them, so no process holds more than one full tensor plus one
+    output shard. Tensors read from a checkpoint get their on-disk dtype back; new ones get
+    ``default_dtype`` (float32 for those transformers keeps in float32).
     """
     out_dir = Path(out_dir)
     keymap = model.keymap()
-    state = state_dict if state_dict is not None else model.state_dict()
     tied = model.tied_keys()
-    hf_state = {keymap.to_hf(k): v.detach() for k, v in state.items() if k not in tied}
+    copies: dict[str, list[str]] = {}
     for copy_name, source in model.family.tied_export_copies(model.text_config, model.mtp_config).items():
-        hf_state[copy_name] = hf_state[source].clone()  # own storage: safetensors refuses aliases
-    disk = to_disk(model.backbone, hf_state)
+        copies.setdefault(source, []).append(copy_name)
     disk_dtypes = disk_dtypes or {}
     fp32 = tuple(getattr(model.backbone, "_keep_in_fp32_modules_strict", None) or ())
+    layout = getattr(model, "checkpoint_layout", None) or CheckpointLayout()
 
     def dtype_of(key: str, tensor: torch.Tensor) -> torch.dtype:
         if key in disk_dtypes:
@@ -262,25 +323,36 @@ def save_model_state(
             return torch.float32
         return default_dtype or tensor.dtype
 
-    layout = getattr(model, "checkpoint_layout", None) or CheckpointLayout()
-    disk = {layout.prefix + k: v.to(dtype_of(k, v)).contiguous().cpu() for k, v in disk.items()}
-    disk.update(read_tensors(layout.passthrough))
-    disk = dict(sorted(disk.items()))
+    def tensors() -> Iterable[tuple[str, torch.Tensor]]:
+        for key, value in model.state_dict().items():
+            if key in tied:
+                continue
+            full = value.full_tensor() if isinstance(value, DTensor) else value  # collective on all ranks
+            if not writer:
+                continue
+            hf_key = keymap.to_hf(key)
+            group = {hf_key: full.detach()}
+            # own storage for export copies: safetensors refuses aliases
+            group.update({name: full.detach().clone() for name in copies.get(hf_key, [])})
+            for disk_key, tensor in to_disk(model.backbone, group).items():
+                yield layout.prefix + disk_key, tensor.to(dtype_of(disk_key, tensor)).contiguous().cpu()
+        if writer:
+            reader = TensorReader(layout.passthrough)
+            for key in layout.passthrough:
+                yield key, reader.get(key)
 
+    if not writer:
+        for _ in tensors():
+            pass
+        return out_dir
     with atomic_directory(out_dir) as tmp:
-        shards = _shards(disk, max_shard_bytes)
-        if len(shards) == 1:
-            save_file(shards[0], tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / name, metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(t.numel() * t.element_size() for t in disk.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        shards = _ShardWriter(tmp, max_shard_bytes)
+        for key, tensor in tensors():
+            shards.add(key, tensor)
+        shards.finish()
         (tmp / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         if copy_files_from is not None:
             for f in sorted(copy_files_from.iterdir()):
                 if f.is_file() and not _NOT_COPIED.fullmatch(f.name) and not (tmp / f.name).exists():

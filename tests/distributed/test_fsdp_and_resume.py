@@ -143,3 +143,32 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeyp
         assert torch.equal(a, b), name
     resumed.cleanup()
     assert Path(CONFIG_DIR).exists()
+
+
+def test_sharded_load_keeps_each_rank_near_its_own_share(tmp_path):
+    """Meta build -> FSDP2 -> fill from safetensors: a rank's memory grows by about its shard, not the model."""
+    from mtp_recipes.model import MTPModel
+    from tests.helpers import debug_model_config
+
+    cfg = debug_model_config("nemotron_h_debug", hidden_size=256, vocab_size=32768, n_routed_experts=16,
+                             moe_intermediate_size=512, intermediate_size=1024)
+    torch.manual_seed(0)
+    model = MTPModel.from_config(cfg)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert total > 60e6  # big enough for RSS to tell a shard from the whole
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    del model
+    worker = Path(__file__).with_name("load_worker.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), str(ckpt)],
+        cwd=tmp_path, env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(ranks) == 2
+    assert ranks[0]["equal"]
+    for r in ranks:
+        assert r["own"] < 0.55 * total
+        # its own shard plus one tensor in flight and allocator slack; the whole model would be `total`
+        assert r["growth"] < 0.8 * total, (r, total)

@@ -167,3 +167,20 @@ def _disk_mtp_keys(path, model: MTPModel) -> set[str]:
         with safe_open(f, framework="pt") as h:
             names.update(k for k in h.keys() if k in _mtp_disk_names(model))
     return names
+
+
+def test_meta_device_load_equals_the_eager_load(model_name, tmp_path):
+    """Built on meta, materialised, then filled tensor by tensor: the same model, rotary tables included."""
+    model = build(model_name)
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    eager = MTPModel.from_pretrained(ckpt)
+    lazy = MTPModel.from_pretrained(ckpt, device="cpu")
+    assert not any(p.is_meta for p in lazy.parameters())
+    a, b = eager.state_dict(), lazy.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for (name, x), (_, y) in zip(eager.named_buffers(), lazy.named_buffers(), strict=True):
+        assert torch.equal(x, y), name
+    batch = packed_batch(model.text_config.vocab_size, [[9, 7]])
+    torch.testing.assert_close(eager(**batch).loss, lazy(**batch).loss, rtol=0, atol=0)
