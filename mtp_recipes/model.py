@@ -24,8 +24,9 @@ from mtp_recipes.checkpoint.hf import load_model_state, read_config_dict, resolv
 from mtp_recipes.checkpoint.keymap import KeyMap
 from mtp_recipes.errors import CheckpointError, ConfigError
 from mtp_recipes.families.base import Family, get_family
-from mtp_recipes.loss import main_loss, mtp_loss
+from mtp_recipes.loss import AcceptanceStats, acceptance_length, main_loss, mtp_loss
 from mtp_recipes.mtp.config import MTPConfig
+from mtp_recipes.mtp.roll import roll_ids
 from mtp_recipes.mtp.stack import MTPStack
 
 
@@ -40,6 +41,10 @@ class MTPOutput:
     logits: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
     mtp_hidden_states: list[torch.Tensor] = field(default_factory=list)
+    # With ``return_accuracy``: per-depth hit counts (spec §4) and, per depth, how many valid slots'
+    # drafts equal the backbone's own argmax at slot t+k (what greedy self-verification accepts).
+    acceptance: AcceptanceStats | None = None
+    agreement: torch.Tensor | None = None
 
 
 def positions_from_seq_idx(seq_idx: torch.Tensor) -> torch.Tensor:
@@ -182,6 +187,7 @@ class MTPModel(nn.Module):
         num_label_tokens: int | torch.Tensor | None = None,
         num_depth_tokens: list[int] | torch.Tensor | None = None,
         return_logits: bool = False,
+        return_accuracy: bool = False,
     ) -> MTPOutput:
         """Run backbone and MTP depths; compute the losses when ``labels`` (already shifted) are given.
 
@@ -211,7 +217,8 @@ class MTPModel(nn.Module):
         if labels is None:
             return out
 
-        out.main_loss = main_loss(hidden, labels, head, num_label_tokens=num_label_tokens)
+        main = main_loss(hidden, labels, head, num_label_tokens=num_label_tokens, return_argmax=return_accuracy)
+        out.main_loss, main_argmax = main if return_accuracy else (main, None)
         out.loss = out.main_loss
         if mtp_hidden:
             result = mtp_loss(
@@ -223,9 +230,16 @@ class MTPModel(nn.Module):
                 normalization=self.mtp_config.normalization,
                 num_label_tokens=num_label_tokens if num_label_tokens is not None else _count(labels),
                 num_depth_tokens=num_depth_tokens,
+                return_accuracy=return_accuracy,
             )
             out.mtp_loss, out.mtp_losses = result.loss, list(result.per_depth)
             out.loss = out.main_loss + result.loss
+            if return_accuracy:
+                out.acceptance = acceptance_length(result.correct, result.valid)
+                out.agreement = torch.stack([
+                    ((pred == roll_ids(main_argmax, k, seq_idx, fill=-1)) & valid).sum()
+                    for k, (pred, valid) in enumerate(zip(result.predictions, result.valid, strict=True), start=1)
+                ])
         return out
 
     def mtp_heads(self) -> torch.Tensor | list[torch.Tensor]:

@@ -27,6 +27,7 @@ from mtp_recipes.data import build_data, load_tokenizer
 from mtp_recipes.distributed.mesh import World, all_reduce_sum, broadcast_object, init_world, shutdown
 from mtp_recipes.distributed.parallelize import apply_activation_checkpointing, apply_compile, apply_fsdp
 from mtp_recipes.errors import ConfigError, TrainingError
+from mtp_recipes.metrics import flops_per_token, mfu, peak_flops
 from mtp_recipes.model import MTPModel
 from mtp_recipes.mtp.roll import count_depth_targets
 
@@ -83,6 +84,9 @@ class FinetuneRecipe:
             self.scheduler.load_state_dict(state["scheduler"])
             self.data.load_state_dict(state["data"])
             log.info("resumed from %s at step %d", resume, self.step)
+        self.flops_per_token = flops_per_token(self.model, cfg.data.seq_len)
+        peak = peak_flops(self.device)
+        self.peak_flops = peak * self.world.world_size if peak else None
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a") if self.world.is_main else None
         n_params = sum(p.numel() for p in trainable)
         log.info("run dir %s | %s x%d | %.2fM trainable parameters | MTP %s", self.run_dir, self.device,
@@ -154,20 +158,25 @@ class FinetuneRecipe:
             # total target counts (main and per depth), so gradients add up to the global mean's.
             counts = sum(count_depth_targets(b["labels"], depths, b["seq_idx"]) for b in micro)
             counts = all_reduce_sum(counts.to(self.device), self.world).cpu()
-            totals = torch.zeros(2 + depths, dtype=torch.float64)  # loss, main CE, CE_1..CE_D
+            # loss, main CE, CE_1..CE_D, then per depth: hits, valid, cumulative hits, cumulative valid, agreement
+            totals = torch.zeros(2 + 6 * depths, dtype=torch.float64)
             for batch in micro:
                 with self._autocast():
-                    out = self.model(**batch, num_label_tokens=counts[0], num_depth_tokens=counts[1:])
+                    out = self.model(**batch, num_label_tokens=counts[0], num_depth_tokens=counts[1:],
+                                     return_accuracy=depths > 0)
                 out.loss.backward()
-                totals += torch.tensor([out.loss.item(), out.main_loss.item(), *(c.item() for c in out.mtp_losses)],
-                                       dtype=torch.float64)
+                totals += torch.cat([
+                    torch.tensor([out.loss.item(), out.main_loss.item(), *(c.item() for c in out.mtp_losses)]),
+                    *((s.cpu() for s in (out.acceptance.correct, out.acceptance.valid, out.acceptance.cum_correct,
+                                          out.acceptance.cum_valid, out.agreement)) if depths else ()),
+                ]).to(torch.float64)
             totals = all_reduce_sum(totals.to(self.device), self.world).cpu()
             if not math.isfinite(totals[0]):
                 self.optimizer.zero_grad(set_to_none=True)
                 kept = self.last_checkpoint or "none written yet"
                 raise TrainingError(
                     f"non-finite loss at step {self.step + 1} (main CE {totals[1]:.4g}, MTP CE "
-                    f"{[round(float(x), 4) for x in totals[2:]]}): lower optim.lr or check the data; "
+                    f"{[round(float(x), 4) for x in totals[2 : 2 + depths]]}): lower optim.lr or check the data; "
                     f"last good checkpoint: {kept}"
                 )
             grad_norm = self._clip()
@@ -204,27 +213,37 @@ class FinetuneRecipe:
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def _log(self, totals: torch.Tensor, grad_norm: float, tokens_per_s: float, bar: tqdm) -> None:
-        """One metrics.jsonl record per step (rank 0): total, main CE, each depth's unscaled CE, λ, lr."""
+        """One metrics.jsonl record per step (rank 0): total, main CE, each depth's unscaled CE, λ, lr,
+        per-depth top-1 accuracy, cumulative accuracy, expected acceptance length and self-agreement."""
         if not self.world.is_main:
             return
+        d = self.model.mtp.num_depths
+        ce = totals[2 : 2 + d]
+        correct, valid, cum_correct, cum_valid, agree = totals[2 + d :].view(5, d) if d else [torch.zeros(0)] * 5
+        cumulative = cum_correct / cum_valid.clamp_min(1)
         record = {
             "step": self.step,
             "loss": float(totals[0]),
             "main_ce": float(totals[1]),
-            **{f"mtp_ce_{k}": float(v) for k, v in enumerate(totals[2:], start=1)},
+            **{f"mtp_ce_{k}": float(v) for k, v in enumerate(ce, start=1)},
+            **{f"mtp_acc_{k}": float(v) for k, v in enumerate(correct / valid.clamp_min(1), start=1)},
+            **{f"mtp_cum_acc_{k}": float(v) for k, v in enumerate(cumulative, start=1)},
+            **{f"mtp_agree_{k}": float(v) for k, v in enumerate(agree / valid.clamp_min(1), start=1)},
+            "acceptance_length": 1 + float(cumulative.sum()),
             "lambda": self.model.mtp_config.loss_scaling_factor,
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
+            "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_flops),  # null without a known GPU
         }
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
         bar.update(1)
         if self.step % self.cfg.trainer.log_every == 0:
-            mtp = " ".join(f"ce{k}={float(v):.3f}" for k, v in enumerate(totals[2:], start=1))
+            mtp = " ".join(f"ce{k}={float(v):.3f}" for k, v in enumerate(ce, start=1))
             bar.set_postfix_str(f"loss={record['loss']:.3f} main={record['main_ce']:.3f} {mtp}".strip())
-            log.info("step %d loss %.4f main %.4f %s lr %.2e %.0f tok/s", self.step, record["loss"],
-                     record["main_ce"], mtp, record["lr"], tokens_per_s)
+            log.info("step %d loss %.4f main %.4f %s accept %.3f lr %.2e %.0f tok/s", self.step, record["loss"],
+                     record["main_ce"], mtp, record["acceptance_length"], record["lr"], tokens_per_s)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, directory: Path) -> Path:
