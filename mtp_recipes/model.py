@@ -291,6 +291,7 @@ class MTPModel(nn.Module):
         raw = copy.deepcopy(self.source_config) if self.source_config else json.loads(self.config.to_json_string())
         section = raw.get("text_config", raw) if self.text_config is not self.config else raw
         section.update(self.family.export_mtp_fields(self.mtp_config))
+        raw.setdefault("architectures", [type(self.backbone).__name__])
         return raw
 
     def save_pretrained(

@@ -180,12 +180,13 @@ class FinetuneRecipe:
                     f"last good checkpoint: {kept}"
                 )
             grad_norm = self._clip()
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             tokens = sum(b["input_ids"].numel() for b in micro) * self.world.world_size
-            self._log(totals, grad_norm, tokens / (time.perf_counter() - start), bar)
+            self._log(totals, grad_norm, lr, tokens / (time.perf_counter() - start), bar)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_resume_checkpoint()
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
@@ -212,7 +213,7 @@ class FinetuneRecipe:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def _log(self, totals: torch.Tensor, grad_norm: float, tokens_per_s: float, bar: tqdm) -> None:
+    def _log(self, totals: torch.Tensor, grad_norm: float, lr: float, tokens_per_s: float, bar: tqdm) -> None:
         """One metrics.jsonl record per step (rank 0): total, main CE, each depth's unscaled CE, λ, lr,
         per-depth top-1 accuracy, cumulative accuracy, expected acceptance length and self-agreement."""
         if not self.world.is_main:
@@ -231,7 +232,7 @@ class FinetuneRecipe:
             **{f"mtp_agree_{k}": float(v) for k, v in enumerate(agree / valid.clamp_min(1), start=1)},
             "acceptance_length": 1 + float(cumulative.sum()),
             "lambda": self.model.mtp_config.loss_scaling_factor,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
             "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_flops),  # null without a known GPU

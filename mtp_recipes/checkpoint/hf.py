@@ -184,12 +184,19 @@ def load_model_state(model: MTPModel, model_dir: Path) -> dict[str, torch.dtype]
     unexpected = [k for k in hf_meta if k not in expected]
     where = f"checkpoint {model_dir}"
     mtp_missing = [k for k in missing if is_mtp(k)]
+    new_depths: set[int] = set()
+    if model.mtp_config.init == "extend":
+        # Depths the checkpoint has none of are initialised; a partly present depth is still an error.
+        depth_of = {k: int(keymap.from_hf(k).split(".")[2]) for k in expected if keymap.is_mtp(k)}
+        new_depths = {j for j in set(depth_of.values()) if all(k not in hf_meta for k, i in depth_of.items() if i == j)}
+        mtp_missing = [k for k in mtp_missing if depth_of.get(k) not in new_depths]
+        missing = [k for k in missing if depth_of.get(k) not in new_depths]
     if mtp_missing:
         d = model.mtp_config.num_layers
         raise CheckpointError(
             f"{where} lacks {len(mtp_missing)} MTP tensor(s) the model needs for D={d} "
-            f"(e.g. {_examples(mtp_missing)}): set mtp.init=from_scratch to initialise new depths, "
-            "or mtp.num_layers=0 to train without MTP"
+            f"(e.g. {_examples(mtp_missing)}): set mtp.init=extend to keep the checkpoint's depths and "
+            "initialise the missing ones, or mtp.init=from_scratch to initialise every depth anew"
         )
     mtp_unexpected = [k for k in unexpected if is_mtp(k)]
     if mtp_unexpected:
@@ -236,6 +243,8 @@ def load_model_state(model: MTPModel, model_dir: Path) -> dict[str, torch.dtype]
     model.backbone.tie_weights()
     if from_scratch:
         model.init_mtp_from_backbone()
+    for j in sorted(new_depths):
+        model.family.init_depth_from_backbone(model.mtp.depths[j], model.backbone)
     return dtypes
 
 

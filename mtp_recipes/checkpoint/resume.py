@@ -9,6 +9,7 @@ during the write leaves the previous checkpoint as the newest complete one.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 import warnings
@@ -25,6 +26,7 @@ from mtp_recipes.distributed.mesh import World, barrier, broadcast_object
 from mtp_recipes.errors import CheckpointError
 
 TRAINER_STATE = "trainer_state.json"
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -95,6 +97,9 @@ def find_resume(setting: str | None, root: Path, world: World) -> Path | None:
         return None
     path = latest_resume(root) if setting == "auto" else Path(setting)
     path = broadcast_object(path, world)
+    if path is None:
+        logger.warning("trainer.resume=auto: no complete checkpoint under %s; starting from step 0 "
+                       "(set hydra.run.dir to the run to continue)", root)
     if path is not None and not (path / TRAINER_STATE).exists():
         raise CheckpointError(f"trainer.resume={setting}: {path} is not a complete resume checkpoint")
     return path

@@ -21,6 +21,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
+from mtp_recipes.errors import ConfigError
 from mtp_recipes.families.base import Family, KeyPrefixes, register, sub_config
 from mtp_recipes.mamba import use_boundary_aware_mamba
 from mtp_recipes.mtp.config import MTPConfig
@@ -34,20 +35,20 @@ def parse_block_pattern(pattern: str | Sequence[str]) -> tuple[str, ...]:
     """Sublayer types of one depth from a legacy pattern (``"*E"``) or a list of HF 5.23 names."""
     if isinstance(pattern, str):
         if not pattern:
-            raise ValueError("empty MTP block pattern: give at least one of M (mamba), * (attention), - (mlp), E (moe)")
+            raise ConfigError("empty MTP block pattern: give at least one of M (mamba), * (attention), - (mlp), E (moe)")
         bad = sorted({c for c in pattern if c not in PATTERN_SYMBOLS})
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown symbol(s) {bad} in MTP block pattern {pattern!r}: use M (mamba), * (attention), "
                 "- (mlp), E (moe)"
             )
         return tuple(PATTERN_SYMBOLS[c] for c in pattern)
     types = tuple(pattern)
     if not types:
-        raise ValueError("empty MTP block list: give at least one of " + ", ".join(SYMBOL_OF))
+        raise ConfigError("empty MTP block list: give at least one of " + ", ".join(SYMBOL_OF))
     bad = sorted({t for t in types if t not in SYMBOL_OF})
     if bad:
-        raise ValueError(f"unknown MTP block type(s) {bad}: use {sorted(SYMBOL_OF)}")
+        raise ConfigError(f"unknown MTP block type(s) {bad}: use {sorted(SYMBOL_OF)}")
     return types
 
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from mtp_recipes.errors import ConfigError
 
 Normalization = Literal["depth_tokens", "main_tokens"]
-Init = Literal["from_checkpoint", "from_scratch"]
+Init = Literal["from_checkpoint", "from_scratch", "extend"]
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ class MTPConfig:
             raise ConfigError(
                 f"mtp.normalization must be 'depth_tokens' or 'main_tokens', got {self.normalization!r}"
             )
-        if self.init not in ("from_checkpoint", "from_scratch"):
-            raise ConfigError(f"mtp.init must be 'from_checkpoint' or 'from_scratch', got {self.init!r}")
+        if self.init not in ("from_checkpoint", "from_scratch", "extend"):
+            raise ConfigError(f"mtp.init must be from_checkpoint, from_scratch or extend, got {self.init!r}")
         object.__setattr__(self, "block_types", tuple(self.block_types))
 
     @property

@@ -184,3 +184,20 @@ def test_meta_device_load_equals_the_eager_load(model_name, tmp_path):
         assert torch.equal(x, y), name
     batch = packed_batch(model.text_config.vocab_size, [[9, 7]])
     torch.testing.assert_close(eager(**batch).loss, lazy(**batch).loss, rtol=0, atol=0)
+
+
+def test_extend_keeps_the_checkpoint_depths_and_adds_new_ones(model_name, tmp_path):
+    model = build(model_name, num_layers=1)
+    ckpt = model.save_pretrained(tmp_path / "d1")
+    with pytest.raises(CheckpointError, match="mtp.init=extend"):
+        MTPModel.from_pretrained(ckpt, num_layers=2)
+    grown = MTPModel.from_pretrained(ckpt, num_layers=2, init="extend")
+    for a, b in zip(model.mtp.depths[0].parameters(), grown.mtp.depths[0].parameters(), strict=True):
+        assert torch.equal(a, b)  # depth 1 kept bit-exact
+    new, donors = grown.mtp.depths[1], grown.family.backbone_blocks(grown.backbone)
+    for block in new.blocks:  # depth 2 starts from the last backbone block of each kind
+        same = [b for b in donors if grown.family.block_kind(b) == grown.family.block_kind(block)]
+        if same:
+            assert all(torch.equal(p, q) for p, q in zip(block.parameters(), same[-1].parameters(), strict=True))
+    out = grown(**packed_batch(grown.text_config.vocab_size, [[8, 8]]))
+    assert len(out.mtp_losses) == 2 and torch.isfinite(out.loss)
