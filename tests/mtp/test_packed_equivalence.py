@@ -25,7 +25,7 @@ def keep_float64(monkeypatch):
     different float32 values, which the rest of the network then amplifies to ~1e-8: rounding, not
     a leak. Inside this fixture a float64 tensor asked to become float32 stays float64.
     """
-    to, flt, typ = torch.Tensor.to, torch.Tensor.float, torch.Tensor.type
+    to, flt, typ, softmax = torch.Tensor.to, torch.Tensor.float, torch.Tensor.type, torch.nn.functional.softmax
 
     def to64(self, *args, **kwargs):
         wants32 = torch.float32 in args or kwargs.get("dtype") is torch.float32
@@ -39,6 +39,12 @@ def keep_float64(monkeypatch):
             return self
         return typ(self, dtype, *args, **kwargs) if dtype is not None else typ(self)
 
+    def softmax64(x, *args, dtype=None, **kwargs):  # eager attention's softmax(..., dtype=float32)
+        if x.dtype is torch.float64 and dtype is torch.float32:
+            dtype = torch.float64
+        return softmax(x, *args, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "softmax", softmax64)
     monkeypatch.setattr(torch.Tensor, "to", to64)
     monkeypatch.setattr(torch.Tensor, "type", type64)
     monkeypatch.setattr(
@@ -49,7 +55,7 @@ def keep_float64(monkeypatch):
 ALL_NEMOTRON_TYPES = ["linear_attention", "full_attention", "mlp", "moe"]
 
 
-def model_for(name: str) -> MTPModel:
+def model_for(name: str, attn: str = "sdpa") -> MTPModel:
     cfg = debug_model_config(name)
     overrides = {"num_layers": 2}
     if cfg["model_type"] == "nemotron_h":
@@ -57,7 +63,7 @@ def model_for(name: str) -> MTPModel:
         cfg["chunk_size"] = 8  # documents cross chunk edges
         overrides["block_types"] = "M*-E"
     torch.manual_seed(0)
-    model = MTPModel.from_config(cfg, experts_implementation="eager", attn_implementation="sdpa", **overrides)
+    model = MTPModel.from_config(cfg, experts_implementation="eager", attn_implementation=attn, **overrides)
     return model.double()
 
 
@@ -67,9 +73,10 @@ def sums(model: MTPModel, batch: dict[str, torch.Tensor]):
     return model(**batch, num_label_tokens=1, num_depth_tokens=[1] * d, return_logits=True)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", DEBUG_MODELS)
-def test_packed_row_equals_documents_alone(name, keep_float64):
-    model = model_for(name)
+def test_packed_row_equals_documents_alone(name, attn, keep_float64):
+    model = model_for(name, attn)
     packed = packed_batch(model.text_config.vocab_size, [LENGTHS], seed=1)
     out = sums(model, packed)
     out.loss.backward()
