@@ -192,8 +192,10 @@ def main() -> None:
     for name in ("theirs_unpacked", "ours_unpacked", "ours_packed"):
         r = report[name]
         print(f"{name:16s} fwd+bwd {r['seconds_median'] * 1e3:8.1f} ms   {mem_key} {r[mem_key] / 2**20:8.1f} MiB")
-    print(f"ratio ours/theirs: time {report['ratio_ours_over_theirs']:.2f}x, "
-          f"memory {report['memory_ratio_ours_over_theirs']:.2f}x")
+    print(
+        f"ratio ours/theirs: time {report['ratio_ours_over_theirs']:.2f}x, "
+        f"memory {report['memory_ratio_ours_over_theirs']:.2f}x"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -33,12 +33,21 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(nproc: int, depths: int, steps: int, overrides: list[str], workdir: Path) -> float:
     """Median tokens/s of one training run (global, all processes) after the first few steps."""
     run_dir = workdir / f"p{nproc}_d{depths}"
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)
-    ]
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    )
     cmd = [
-        *launcher, "-m", "mtp_recipes.finetune", f"mtp.num_layers={depths}", f"trainer.max_steps={steps}",
-        "trainer.progress_bar=false", "trainer.save_final=false", f"hydra.run.dir={run_dir}", *overrides,
+        *launcher,
+        "-m",
+        "mtp_recipes.finetune",
+        f"mtp.num_layers={depths}",
+        f"trainer.max_steps={steps}",
+        "trainer.progress_bar=false",
+        "trainer.save_final=false",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
     subprocess.run(cmd, check=True, env=env, cwd=workdir, capture_output=True, text=True)

@@ -122,9 +122,14 @@ def validate(cfg: DictConfig) -> None:
         (0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
         (cfg.optim.max_grad_norm >= 0, "optim.max_grad_norm must be >= 0 (0 disables clipping)"),
         (cfg.mtp.loss_scaling_factor >= 0, f"mtp.loss_scaling_factor must be >= 0, got {cfg.mtp.loss_scaling_factor}"),
-        (all(s.value >= 0 and s.step >= 0 for s in cfg.mtp.loss_scaling_schedule),
-         "mtp.loss_scaling_schedule entries need step >= 0 and value >= 0"),
-        (cfg.mtp.num_layers is None or cfg.mtp.num_layers >= 0, f"mtp.num_layers must be >= 0, got {cfg.mtp.num_layers}"),
+        (
+            all(s.value >= 0 and s.step >= 0 for s in cfg.mtp.loss_scaling_schedule),
+            "mtp.loss_scaling_schedule entries need step >= 0 and value >= 0",
+        ),
+        (
+            cfg.mtp.num_layers is None or cfg.mtp.num_layers >= 0,
+            f"mtp.num_layers must be >= 0, got {cfg.mtp.num_layers}",
+        ),
         (cfg.trainer.max_steps > 0, f"trainer.max_steps must be > 0, got {cfg.trainer.max_steps}"),
         (cfg.trainer.grad_accum_steps >= 1, "trainer.grad_accum_steps must be >= 1"),
         (cfg.trainer.checkpoint_every >= 0 and cfg.trainer.save_every >= 0, "checkpoint/save intervals must be >= 0"),
@@ -132,17 +137,24 @@ def validate(cfg: DictConfig) -> None:
         (cfg.trainer.device in ("auto", "cpu", "cuda"), "trainer.device must be auto, cpu or cuda"),
         (cfg.trainer.log_every >= 1, "trainer.log_every must be >= 1"),
         (cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype must be float32, bfloat16 or float16"),
-        (cfg.mtp.normalization in ("depth_tokens", "main_tokens"), "mtp.normalization must be depth_tokens or main_tokens"),
-        (cfg.mtp.init in ("from_checkpoint", "from_scratch", "extend"),
-         "mtp.init must be from_checkpoint, from_scratch or extend"),
+        (
+            cfg.mtp.normalization in ("depth_tokens", "main_tokens"),
+            "mtp.normalization must be depth_tokens or main_tokens",
+        ),
+        (
+            cfg.mtp.init in ("from_checkpoint", "from_scratch", "extend"),
+            "mtp.init must be from_checkpoint, from_scratch or extend",
+        ),
         (cfg.data.packing in ("greedy", "first_fit"), "data.packing must be greedy or first_fit"),
         (cfg.data.format in ("auto", "text", "chat"), "data.format must be auto, text or chat"),
         (cfg.data.max_documents is None or cfg.data.max_documents >= 1, "data.max_documents must be >= 1 or null"),
         (cfg.trainer.precision in ("auto", "bf16", "fp32"), "trainer.precision must be auto, bf16 or fp32"),
         (cfg.data.seq_len >= 2, "data.seq_len must be >= 2"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
-        (cfg.model.path is not None or cfg.model.config is not None,
-         "set model.path (a checkpoint) or model.config (a model built from scratch)"),
+        (
+            cfg.model.path is not None or cfg.model.config is not None,
+            "set model.path (a checkpoint) or model.config (a model built from scratch)",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -236,10 +236,12 @@ class MTPModel(nn.Module):
             out.loss = out.main_loss + result.loss
             if return_accuracy:
                 out.acceptance = acceptance_length(result.correct, result.valid)
-                out.agreement = torch.stack([
-                    ((pred == roll_ids(main_argmax, k, seq_idx, fill=-1)) & valid).sum()
-                    for k, (pred, valid) in enumerate(zip(result.predictions, result.valid, strict=True), start=1)
-                ])
+                out.agreement = torch.stack(
+                    [
+                        ((pred == roll_ids(main_argmax, k, seq_idx, fill=-1)) & valid).sum()
+                        for k, (pred, valid) in enumerate(zip(result.predictions, result.valid, strict=True), start=1)
+                    ]
+                )
         return out
 
     def mtp_heads(self) -> torch.Tensor | list[torch.Tensor]:
@@ -291,7 +293,8 @@ class MTPModel(nn.Module):
         raw = copy.deepcopy(self.source_config) if self.source_config else json.loads(self.config.to_json_string())
         section = raw.get("text_config", raw) if self.text_config is not self.config else raw
         section.update(self.family.export_mtp_fields(self.mtp_config))
-        raw.setdefault("architectures", [type(self.backbone).__name__])
+        if self.source_config is None:  # a model built from scratch: say which class to load it with
+            raw.setdefault("architectures", [type(self.backbone).__name__])
         return raw
 
     def save_pretrained(

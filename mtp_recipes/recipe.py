@@ -89,8 +89,14 @@ class FinetuneRecipe:
         self.peak_flops = peak * self.world.world_size if peak else None
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a") if self.world.is_main else None
         n_params = sum(p.numel() for p in trainable)
-        log.info("run dir %s | %s x%d | %.2fM trainable parameters | MTP %s", self.run_dir, self.device,
-                 self.world.world_size, n_params / 1e6, self.model.mtp_config)
+        log.info(
+            "run dir %s | %s x%d | %.2fM trainable parameters | MTP %s",
+            self.run_dir,
+            self.device,
+            self.world.world_size,
+            n_params / 1e6,
+            self.model.mtp_config,
+        )
 
     def _share_run_dir(self) -> None:
         """Every rank uses rank 0's run directory (Hydra gives each process its own timestamp)."""
@@ -148,8 +154,9 @@ class FinetuneRecipe:
         depths = self.model.mtp.num_depths
         data = iter(self.data)
         stop = _StopOnSigterm()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress_bar and self.world.is_main),
-                   desc="train")
+        bar = tqdm(
+            total=cfg.max_steps, initial=self.step, disable=not (cfg.progress_bar and self.world.is_main), desc="train"
+        )
         while self.step < cfg.max_steps:
             self.model.mtp_config = replace(self.model.mtp_config, loss_scaling_factor=lambda_at(self.cfg, self.step))
             start = time.perf_counter()
@@ -162,14 +169,29 @@ class FinetuneRecipe:
             totals = torch.zeros(2 + 6 * depths, dtype=torch.float64)
             for batch in micro:
                 with self._autocast():
-                    out = self.model(**batch, num_label_tokens=counts[0], num_depth_tokens=counts[1:],
-                                     return_accuracy=depths > 0)
+                    out = self.model(
+                        **batch, num_label_tokens=counts[0], num_depth_tokens=counts[1:], return_accuracy=depths > 0
+                    )
                 out.loss.backward()
-                totals += torch.cat([
-                    torch.tensor([out.loss.item(), out.main_loss.item(), *(c.item() for c in out.mtp_losses)]),
-                    *((s.cpu() for s in (out.acceptance.correct, out.acceptance.valid, out.acceptance.cum_correct,
-                                          out.acceptance.cum_valid, out.agreement)) if depths else ()),
-                ]).to(torch.float64)
+                totals += torch.cat(
+                    [
+                        torch.tensor([out.loss.item(), out.main_loss.item(), *(c.item() for c in out.mtp_losses)]),
+                        *(
+                            (
+                                s.cpu()
+                                for s in (
+                                    out.acceptance.correct,
+                                    out.acceptance.valid,
+                                    out.acceptance.cum_correct,
+                                    out.acceptance.cum_valid,
+                                    out.agreement,
+                                )
+                            )
+                            if depths
+                            else ()
+                        ),
+                    ]
+                ).to(torch.float64)
             totals = all_reduce_sum(totals.to(self.device), self.world).cpu()
             if not math.isfinite(totals[0]):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -243,8 +265,16 @@ class FinetuneRecipe:
         if self.step % self.cfg.trainer.log_every == 0:
             mtp = " ".join(f"ce{k}={float(v):.3f}" for k, v in enumerate(ce, start=1))
             bar.set_postfix_str(f"loss={record['loss']:.3f} main={record['main_ce']:.3f} {mtp}".strip())
-            log.info("step %d loss %.4f main %.4f %s accept %.3f lr %.2e %.0f tok/s", self.step, record["loss"],
-                     record["main_ce"], mtp, record["acceptance_length"], record["lr"], tokens_per_s)
+            log.info(
+                "step %d loss %.4f main %.4f %s accept %.3f lr %.2e %.0f tok/s",
+                self.step,
+                record["loss"],
+                record["main_ce"],
+                mtp,
+                record["acceptance_length"],
+                record["lr"],
+                tokens_per_s,
+            )
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, directory: Path) -> Path:
@@ -257,8 +287,15 @@ class FinetuneRecipe:
     def save_resume_checkpoint(self) -> Path:
         """An exact-resume checkpoint (sharded model + optimizer, schedule, data position, RNG)."""
         trainer_state = {"scheduler": self.scheduler.state_dict(), "data": self.data.state_dict()}
-        path = save_resume(self.run_dir / "resume", self.step, self.model, self.optimizer, trainer_state,
-                           self.world, self.cfg.trainer.keep_last)
+        path = save_resume(
+            self.run_dir / "resume",
+            self.step,
+            self.model,
+            self.optimizer,
+            trainer_state,
+            self.world,
+            self.cfg.trainer.keep_last,
+        )
         self.last_checkpoint = path
         return path
 

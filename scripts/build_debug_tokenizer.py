@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from pydoc_data.topics import topics
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from pydoc_data.topics import topics
 from transformers import PreTrainedTokenizerFast
 
 VOCAB_SIZE = 4096

@@ -98,8 +98,11 @@ def find_resume(setting: str | None, root: Path, world: World) -> Path | None:
     path = latest_resume(root) if setting == "auto" else Path(setting)
     path = broadcast_object(path, world)
     if path is None:
-        logger.warning("trainer.resume=auto: no complete checkpoint under %s; starting from step 0 "
-                       "(set hydra.run.dir to the run to continue)", root)
+        logger.warning(
+            "trainer.resume=auto: no complete checkpoint under %s; starting from step 0 "
+            "(set hydra.run.dir to the run to continue)",
+            root,
+        )
     if path is not None and not (path / TRAINER_STATE).exists():
         raise CheckpointError(f"trainer.resume={setting}: {path} is not a complete resume checkpoint")
     return path

@@ -7,11 +7,11 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
+from ..errors import DataError
 from .formats import tokenize_dataset
 from .loader import PackedDataLoader, build_dataloader
 from .packing import pack_documents
 from .sources import load_source
-from ..errors import DataError
 
 DATA_DEFAULTS: dict[str, Any] = {
     "source": None,
@@ -61,8 +61,12 @@ def build_data(
     if c["max_documents"] is not None:
         dataset = dataset.select(range(min(int(c["max_documents"]), len(dataset))))
     documents = tokenize_dataset(
-        dataset, tokenizer, fmt=c["format"], text_field=c["text_field"],
-        messages_field=c["messages_field"], where=where,
+        dataset,
+        tokenizer,
+        fmt=c["format"],
+        text_field=c["text_field"],
+        messages_field=c["messages_field"],
+        where=where,
     )
     packed = pack_documents(
         documents, int(c["seq_len"]), tokenizer.pad_token_id, c["packing"], int(c["packing_buffer"])

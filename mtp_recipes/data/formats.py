@@ -27,6 +27,7 @@ from typing import Any
 
 import datasets
 from transformers import PreTrainedTokenizerFast
+
 from ..errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -117,9 +118,7 @@ def _tokenize_texts(texts: list[str], tokenizer: PreTrainedTokenizerFast) -> lis
 
 
 def _render(tokenizer: PreTrainedTokenizerFast, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def _common_prefix_len(a: str, b: str) -> int:
@@ -129,9 +128,7 @@ def _common_prefix_len(a: str, b: str) -> int:
 def _check_text(value: Any, field: str, index: int, where: str) -> str:
     if not isinstance(value, str):
         problem = "is missing" if value is None else f"is {type(value).__name__}, not a string"
-        raise DataError(
-            f"{where} row {index}: text field {field!r} {problem}; fix the row or set data.text_field=..."
-        )
+        raise DataError(f"{where} row {index}: text field {field!r} {problem}; fix the row or set data.text_field=...")
     return value
 
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .packing import PackedRows, PackingStats
 from ..errors import DataError
+from .packing import PackedRows, PackingStats
 
 BATCH_KEYS = ("input_ids", "labels", "position_ids", "seq_idx")
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import Document
 from ..errors import DataError
+from .formats import Document
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +105,14 @@ def pack_documents(
     )
     logger.info(
         "packed %d documents (%d split) into %d rows of %d with %s: %d tokens, %d padding, efficiency %.1f%%",
-        stats.documents, stats.split_documents, stats.rows, seq_len, strategy,
-        stats.real_tokens, stats.padding_tokens, 100 * stats.efficiency,
+        stats.documents,
+        stats.split_documents,
+        stats.rows,
+        seq_len,
+        strategy,
+        stats.real_tokens,
+        stats.padding_tokens,
+        100 * stats.efficiency,
     )
     return PackedRows(*packed, stats=stats)
 

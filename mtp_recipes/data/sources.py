@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import datasets
+
 from ..errors import DataError
 
 _LOADER_BY_SUFFIX = {
@@ -72,9 +73,7 @@ def load_source(source: str, split: str = "train", text_sample_by: str = "line")
     """
     if source.startswith("builtin:"):
         if source not in BUILTIN_SOURCES:
-            raise DataError(
-                f"unknown builtin data source {source!r}; choose one of {sorted(BUILTIN_SOURCES)}"
-            )
+            raise DataError(f"unknown builtin data source {source!r}; choose one of {sorted(BUILTIN_SOURCES)}")
         return datasets.Dataset.from_dict({"text": BUILTIN_SOURCES[source]()})
     files = _local_files(source)
     if files is not None:
@@ -92,9 +91,7 @@ def _local_files(source: str) -> list[str] | None:
     """Files named by ``source``; None when it does not look like a local path at all."""
     path = os.path.expanduser(source)
     if os.path.isdir(path):
-        files = [
-            str(p) for p in sorted(Path(path).rglob("*")) if p.suffix in _LOADER_BY_SUFFIX and p.is_file()
-        ]
+        files = [str(p) for p in sorted(Path(path).rglob("*")) if p.suffix in _LOADER_BY_SUFFIX and p.is_file()]
     elif os.path.isfile(path):
         files = [path]
     elif glob.has_magic(path) or Path(path).suffix in _LOADER_BY_SUFFIX:
@@ -102,9 +99,7 @@ def _local_files(source: str) -> list[str] | None:
     else:
         return None
     if not files:
-        raise DataError(
-            f"data.source={source!r} matches no {'/'.join(_LOADER_BY_SUFFIX)} file"
-        )
+        raise DataError(f"data.source={source!r} matches no {'/'.join(_LOADER_BY_SUFFIX)} file")
     return files
 
 

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
 from ..errors import DataError
 
 logger = logging.getLogger(__name__)

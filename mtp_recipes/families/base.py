@@ -98,7 +98,7 @@ class Family(ABC):
             if donor is None:
                 continue
             with torch.no_grad():
-                for (name, p), (_, q) in zip(block.state_dict().items(), donor.state_dict().items(), strict=True):
+                for p, q in zip(block.state_dict().values(), donor.state_dict().values(), strict=True):
                     if p.shape == q.shape:
                         p.copy_(q)
 

@@ -35,7 +35,9 @@ def parse_block_pattern(pattern: str | Sequence[str]) -> tuple[str, ...]:
     """Sublayer types of one depth from a legacy pattern (``"*E"``) or a list of HF 5.23 names."""
     if isinstance(pattern, str):
         if not pattern:
-            raise ConfigError("empty MTP block pattern: give at least one of M (mamba), * (attention), - (mlp), E (moe)")
+            raise ConfigError(
+                "empty MTP block pattern: give at least one of M (mamba), * (attention), - (mlp), E (moe)"
+            )
         bad = sorted({c for c in pattern if c not in PATTERN_SYMBOLS})
         if bad:
             raise ConfigError(

@@ -83,22 +83,18 @@ class AcceptanceStats:
         return 1 + self.cumulative.sum()
 
 
-def acceptance_length(
-    correct_per_depth: Sequence[Tensor], valid_per_depth: Sequence[Tensor]
-) -> AcceptanceStats:
+def acceptance_length(correct_per_depth: Sequence[Tensor], valid_per_depth: Sequence[Tensor]) -> AcceptanceStats:
     """Count per-depth and cumulative hits from per-depth bool ``[B,S]`` masks (spec §4).
 
     ``c_k`` is taken over slots where depths 1..k all have a target: a slot near a document end
     has no depth-k draft to accept, and counting it as a miss would bias ``c_k`` by document length.
     """
     if len(correct_per_depth) != len(valid_per_depth):
-        raise ValueError(
-            f"got {len(correct_per_depth)} correct masks but {len(valid_per_depth)} valid masks"
-        )
+        raise ValueError(f"got {len(correct_per_depth)} correct masks but {len(valid_per_depth)} valid masks")
     correct, valid, cum_correct, cum_valid = [], [], [], []
     all_valid: Tensor | None = None
     all_correct: Tensor | None = None
-    for hit, ok in zip(correct_per_depth, valid_per_depth):
+    for hit, ok in zip(correct_per_depth, valid_per_depth, strict=True):
         hit = hit.bool() & ok.bool()
         all_valid = ok.bool() if all_valid is None else all_valid & ok.bool()
         all_correct = hit if all_correct is None else all_correct & hit
@@ -131,9 +127,7 @@ def main_loss(
     ``impl`` selects the linear cross-entropy implementation (:mod:`mtp_recipes.loss.linear_ce`).
     """
     if hidden.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"hidden {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}"
-        )
+        raise ValueError(f"hidden {tuple(hidden.shape)} does not match labels {tuple(labels.shape)}")
     count = (labels != ignore_index).sum() if num_label_tokens is None else num_label_tokens
     dtype = loss_dtype(hidden, head_weight)
     scale = 1 / torch.as_tensor(count, device=hidden.device).to(dtype).clamp_min(1).reshape(1)
@@ -160,18 +154,14 @@ def _validate(
     num_depth_tokens: Sequence[Count] | Tensor | None,
 ) -> None:
     if normalization not in ("depth_tokens", "main_tokens"):
-        raise ValueError(
-            f"normalization must be 'depth_tokens' or 'main_tokens', got {normalization!r}"
-        )
+        raise ValueError(f"normalization must be 'depth_tokens' or 'main_tokens', got {normalization!r}")
     if normalization == "main_tokens" and num_label_tokens is None:
         raise ValueError("normalization='main_tokens' needs num_label_tokens")
     if loss_scaling_factor < 0:
         raise ValueError(f"loss_scaling_factor must be >= 0, got {loss_scaling_factor}")
     depths = len(per_depth_hidden)
     if num_depth_tokens is not None and len(num_depth_tokens) != depths:
-        raise ValueError(
-            f"num_depth_tokens has {len(num_depth_tokens)} entries for {depths} depths"
-        )
+        raise ValueError(f"num_depth_tokens has {len(num_depth_tokens)} entries for {depths} depths")
     heads = [head_weight] if isinstance(head_weight, Tensor) else list(head_weight)
     if not isinstance(head_weight, Tensor) and len(heads) != depths:
         raise ValueError(f"got {len(heads)} head weights for {depths} depths (or pass one shared)")
@@ -180,14 +170,12 @@ def _validate(
     for k, hidden in enumerate(per_depth_hidden, start=1):
         if hidden.dim() != 3 or hidden.shape[:2] != labels.shape:
             raise ValueError(
-                f"hidden of depth {k} is {tuple(hidden.shape)}, expected [B,S,H] with [B,S] = "
-                f"{tuple(labels.shape)}"
+                f"hidden of depth {k} is {tuple(hidden.shape)}, expected [B,S,H] with [B,S] = {tuple(labels.shape)}"
             )
     for k, head in enumerate(heads, start=1):
         if depths and (head.dim() != 2 or head.shape[1] != per_depth_hidden[0].shape[-1]):
             raise ValueError(
-                f"head weight {k} is {tuple(head.shape)}, expected [V,H] with "
-                f"H = {per_depth_hidden[0].shape[-1]}"
+                f"head weight {k} is {tuple(head.shape)}, expected [V,H] with H = {per_depth_hidden[0].shape[-1]}"
             )
 
 

@@ -106,9 +106,7 @@ def ssd_chunk_scan(
     if seq_idx is not None:
         to_end = to_end * passes_on
     xw = (xdt * to_end.transpose(2, 3)[..., None]).view(view_grouped)
-    chunk_states = torch.einsum("bclgn,bclgrp->bcgrpn", Bc, xw).reshape(
-        batch, n_chunks, n_heads, head_dim, state_size
-    )
+    chunk_states = torch.einsum("bclgn,bclgrp->bcgrpn", Bc, xw).reshape(batch, n_chunks, n_heads, head_dim, state_size)
 
     # 3. Inter-chunk recurrence, sequential over chunks: O(chunks) memory, no [chunks, chunks] matrix.
     chunk_decay = torch.exp(acum[..., -1])  # [b, c, h]
@@ -128,9 +126,7 @@ def ssd_chunk_scan(
     from_start = torch.exp(acum)
     if seq_idx is not None:
         from_start = from_start * receives
-    y_off = torch.einsum("bclgn,bcgrpn->bclgrp", Cc, carried).reshape(
-        batch, n_chunks, chunk_size, n_heads, head_dim
-    )
+    y_off = torch.einsum("bclgn,bcgrpn->bclgrp", Cc, carried).reshape(batch, n_chunks, chunk_size, n_heads, head_dim)
     y = y + y_off * from_start.transpose(2, 3)[..., None]
 
     y = y.reshape(batch, n_chunks * chunk_size, n_heads, head_dim)[:, :seq_len]

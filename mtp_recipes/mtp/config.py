@@ -35,9 +35,7 @@ class MTPConfig:
         if self.loss_scaling_factor < 0:
             raise ConfigError(f"mtp.loss_scaling_factor must be >= 0, got {self.loss_scaling_factor}")
         if self.normalization not in ("depth_tokens", "main_tokens"):
-            raise ConfigError(
-                f"mtp.normalization must be 'depth_tokens' or 'main_tokens', got {self.normalization!r}"
-            )
+            raise ConfigError(f"mtp.normalization must be 'depth_tokens' or 'main_tokens', got {self.normalization!r}")
         if self.init not in ("from_checkpoint", "from_scratch", "extend"):
             raise ConfigError(f"mtp.init must be from_checkpoint, from_scratch or extend, got {self.init!r}")
         object.__setattr__(self, "block_types", tuple(self.block_types))

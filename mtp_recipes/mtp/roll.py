@@ -38,9 +38,7 @@ def roll_ids(input_ids: Tensor, k: int, seq_idx: Tensor | None = None, fill: int
     return out
 
 
-def roll_targets(
-    labels: Tensor, k: int, seq_idx: Tensor | None = None, ignore_index: int = -100
-) -> Tensor:
+def roll_targets(labels: Tensor, k: int, seq_idx: Tensor | None = None, ignore_index: int = -100) -> Tensor:
     """Targets of depth k on already-shifted labels: ``labels[t+k]`` inside the document.
 
     ``ignore_index`` where ``t+k >= S``, where ``seq_idx[t+k] != seq_idx[t]`` and where
@@ -60,8 +58,5 @@ def count_depth_targets(
     """
     if num_depths < 0:
         raise ValueError(f"num_depths must be >= 0, got {num_depths}")
-    counts = [
-        (roll_targets(labels, k, seq_idx, ignore_index) != ignore_index).sum()
-        for k in range(num_depths + 1)
-    ]
+    counts = [(roll_targets(labels, k, seq_idx, ignore_index) != ignore_index).sum() for k in range(num_depths + 1)]
     return torch.stack(counts).to(torch.int64)

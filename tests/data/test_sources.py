@@ -2,13 +2,13 @@
 
 import importlib.util
 import json
+from pydoc_data.topics import topics
 
 import datasets
 import pytest
-from pydoc_data.topics import topics
 
-from mtp_recipes.errors import DataError
 from mtp_recipes.data.sources import load_source
+from mtp_recipes.errors import DataError
 
 ROWS = [{"text": f"document number {i}"} for i in range(5)]
 

@@ -49,12 +49,11 @@ def main(path: str) -> None:
     own = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
     reference = MTPModel.from_pretrained(path) if world.rank == 0 else None
     equal = True
-    for (name, value), ref in zip(
-        model.state_dict().items(), (reference.state_dict().values() if reference else iter(lambda: None, 0))
-    ):
-        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+    refs = reference.state_dict() if reference is not None else {}
+    for name, value in model.state_dict().items():
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value  # collective: every rank
         if reference is not None:
-            equal &= torch.equal(full, ref)
+            equal &= torch.equal(full, refs[name])
     mine = {"rank": world.rank, "growth": sampler.peak - sampler.base, "own": own, "equal": equal}
     everyone = [None] * world.world_size
     dist.all_gather_object(everyone, mine)

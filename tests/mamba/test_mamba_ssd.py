@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from tests.mamba._mamba_reference import random_seq_idx, scan_reference
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
 from mtp_recipes.mamba import mamba2_chunk_scan, ssd_chunk_scan
+from tests.mamba._mamba_reference import random_seq_idx, scan_reference
 
 HEADS, HEAD_DIM, GROUPS, STATE = 4, 3, 2, 5
 
