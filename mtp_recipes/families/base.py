@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.masking_utils import create_causal_mask
 
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.mtp.config import MTPConfig
@@ -114,6 +116,22 @@ class Family(ABC):
     def tied_export_copies(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> dict[str, str]:
         """Extra HF tensors written on export as copies of backbone tensors: ``{hf_name: backbone_key}``."""
         return {}
+
+
+def packed_mask(
+    config: PretrainedConfig,
+    hidden: torch.Tensor,
+    position_ids: torch.Tensor,
+    mask_fn: Callable[..., Any] = create_causal_mask,
+) -> Any:
+    """The attention mask a transformers decoder builds for a packed row during training.
+
+    With no 2D mask and no cache, transformers derives a block-diagonal mask from ``position_ids``
+    that restart at 0 per document (sliding windows included when ``mask_fn`` is the sliding one).
+    """
+    return mask_fn(
+        config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=position_ids
+    )
 
 
 def sub_config(hf_config: PretrainedConfig, **fields: Any) -> PretrainedConfig:

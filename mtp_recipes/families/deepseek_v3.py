@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.masking_utils import create_causal_mask
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
 from mtp_recipes.families.base import (
@@ -29,6 +28,7 @@ from mtp_recipes.families.base import (
     KeyPrefixes,
     ignore_trailing_layers,
     num_nextn_layers,
+    packed_mask,
     register,
     sub_config,
 )
@@ -72,13 +72,7 @@ class DeepseekV3(Family):
         # Exactly what DeepseekV3Model.forward hands its layers: one causal mask (block-diagonal when
         # position_ids restart per document) and one (cos, sin) pair for the unrolled positions.
         decoder = backbone.get_decoder()
-        mask = create_causal_mask(
-            config=backbone.config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
+        mask = packed_mask(backbone.config, hidden, position_ids)
         rotary = decoder.rotary_emb(hidden, position_ids)
 
         def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

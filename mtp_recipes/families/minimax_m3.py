@@ -48,10 +48,9 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-from transformers.masking_utils import create_causal_mask
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
 
-from mtp_recipes.families.base import Family, KeyPrefixes, register
+from mtp_recipes.families.base import Family, KeyPrefixes, packed_mask, register
 from mtp_recipes.families.minimax_m3_attention import make_document_aware
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.stack import BlockRunner, MTPDepth
@@ -111,13 +110,7 @@ class MiniMaxM3(Family):
     @staticmethod
     def _document_mask(text_model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | None:
         """Document-causal mask from the (restarting) positions, as the text model would build it."""
-        return create_causal_mask(
-            config=text_model.config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
+        return packed_mask(text_model.config, hidden, position_ids)
 
     def backbone_hidden(
         self,

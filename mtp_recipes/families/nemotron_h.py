@@ -18,11 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.masking_utils import create_causal_mask
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
 from mtp_recipes.errors import ConfigError
-from mtp_recipes.families.base import Family, KeyPrefixes, register, sub_config
+from mtp_recipes.families.base import Family, KeyPrefixes, packed_mask, register, sub_config
 from mtp_recipes.mamba import use_boundary_aware_mamba
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.stack import BlockRunner, MTPDepth
@@ -120,13 +119,7 @@ class NemotronH(Family):
     ) -> BlockRunner:
         # The same masks the backbone builds: causal (block-diagonal when position_ids restart per
         # document) for attention, none for Mamba/MLP/MoE.
-        attention_mask = create_causal_mask(
-            config=backbone.config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
+        attention_mask = packed_mask(backbone.config, hidden, position_ids)
 
         packing = _packing(seq_idx)
 

@@ -33,7 +33,7 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import create_sliding_window_causal_mask
 from transformers.models.step3p7 import Step3p7TextConfig
 from transformers.models.step3p7 import modeling_step3p7 as hf
 
@@ -43,6 +43,7 @@ from mtp_recipes.families.base import (
     KeyPrefixes,
     ignore_trailing_layers,
     num_nextn_layers,
+    packed_mask,
     register,
     sub_config,
 )
@@ -131,16 +132,9 @@ class Step3p5(Family):
     ) -> BlockRunner:
         # The masks and per-type (cos, sin) Step3p7TextModel.forward builds, for the unrolled positions.
         decoder = backbone.get_decoder()
-        kwargs = dict(
-            config=backbone.config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
         masks = {
-            "full_attention": create_causal_mask(**kwargs),
-            "sliding_attention": create_sliding_window_causal_mask(**kwargs),
+            "full_attention": packed_mask(backbone.config, hidden, position_ids),
+            "sliding_attention": packed_mask(backbone.config, hidden, position_ids, create_sliding_window_causal_mask),
         }
         rotary: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
