@@ -88,6 +88,7 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block (GPU)
     progress_bar: bool = True
+    wandb_project: Optional[str] = None  # also log metrics to Weights & Biases (pip install mtp_recipes[wandb])
 
 
 @dataclass

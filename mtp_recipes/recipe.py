@@ -88,6 +88,7 @@ class FinetuneRecipe:
         peak = peak_flops(self.device)
         self.peak_flops = peak * self.world.world_size if peak else None
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a") if self.world.is_main else None
+        self.wandb = _start_wandb(cfg, self.run_dir) if self.world.is_main else None
         n_params = sum(p.numel() for p in trainable)
         log.info(
             "run dir %s | %s x%d | %.2fM trainable parameters | MTP %s",
@@ -261,6 +262,8 @@ class FinetuneRecipe:
         }
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
+        if self.wandb is not None:
+            self.wandb.log(record, step=self.step)
         bar.update(1)
         if self.step % self.cfg.trainer.log_every == 0:
             mtp = " ".join(f"ce{k}={float(v):.3f}" for k, v in enumerate(ce, start=1))
@@ -302,6 +305,8 @@ class FinetuneRecipe:
     def cleanup(self) -> None:
         if getattr(self, "metrics_file", None) is not None:
             self.metrics_file.close()
+        if getattr(self, "wandb", None) is not None:
+            self.wandb.finish()
         if getattr(self, "world", None) is not None:
             shutdown(self.world)
 
@@ -329,6 +334,24 @@ class _StopOnSigterm:
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self.previous)
+
+
+def _start_wandb(cfg: DictConfig, run_dir: Path) -> Any:
+    """A Weights & Biases run mirroring metrics.jsonl, when ``trainer.wandb_project`` is set."""
+    if cfg.trainer.wandb_project is None:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(
+            "trainer.wandb_project is set but wandb is not installed: pip install 'mtp_recipes[wandb]'"
+        ) from None
+    return wandb.init(
+        project=cfg.trainer.wandb_project,
+        dir=str(run_dir),
+        name=run_dir.name,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -171,3 +171,32 @@ def test_every_published_recipe_runs_with_its_debug_model(recipe, debug_model, t
     assert records[0]["lambda"] == 0.1
     reloaded = MTPModel.from_pretrained(tmp_path / "final")
     assert reloaded.mtp_config.num_layers >= 1
+
+
+def test_wandb_mirrors_the_metrics(tmp_path, monkeypatch):
+    """With trainer.wandb_project, every metrics.jsonl record also goes to the W&B run (wandb faked)."""
+    import types
+
+    logged, state = [], {}
+
+    class Run:
+        def log(self, record, step):
+            logged.append((step, record))
+
+        def finish(self):
+            state["finished"] = True
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: state.update(kwargs) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    FinetuneRecipe(composed(*FAST, "trainer.max_steps=2", "trainer.wandb_project=mtp-test"), tmp_path).run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s, _ in logged] == [1, 2] and [r for _, r in logged] == records
+    assert state["project"] == "mtp-test" and state["config"]["mtp"]["loss_scaling_factor"] == 0.1
+    assert state["finished"]
+
+
+def test_wandb_without_the_package_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(ConfigError, match=r"mtp_recipes\[wandb\]"):
+        FinetuneRecipe(composed(*FAST, "trainer.wandb_project=x"), tmp_path).run()
