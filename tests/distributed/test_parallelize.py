@@ -1,0 +1,39 @@
+"""Activation checkpointing changes memory, not results; it is really applied to every block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mtp_recipes.distributed.parallelize as parallelize
+from mtp_recipes.model import MTPModel
+from tests.helpers import DEBUG_MODELS, debug_model_config, packed_batch
+
+
+@pytest.mark.parametrize("name", DEBUG_MODELS)
+def test_activation_checkpointing_gives_the_same_gradients(name, monkeypatch):
+    torch.manual_seed(0)
+    plain = MTPModel.from_config(debug_model_config(name), num_layers=2)
+    checkpointed = MTPModel.from_config(debug_model_config(name), num_layers=2)
+    checkpointed.load_state_dict(plain.state_dict())
+
+    calls = {"n": 0}
+    real = parallelize.checkpoint
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(parallelize, "checkpoint", counting)
+    parallelize.apply_activation_checkpointing(checkpointed)
+    batch = packed_batch(plain.text_config.vocab_size, [[10, 14], [24]])
+    for model in (plain, checkpointed):
+        model.train()
+        model(**batch).loss.backward()
+    blocks = len(plain.family.backbone_blocks(plain.backbone)) + sum(len(d.blocks) for d in plain.mtp.depths)
+    assert calls["n"] >= blocks  # every backbone block and every MTP block ran under checkpoint
+    for (n, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        if a.grad is None:
+            assert b.grad is None, n
+            continue
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=n)
