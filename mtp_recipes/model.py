@@ -10,6 +10,7 @@ import contextlib
 import copy
 import json
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,11 +329,29 @@ def config_from_dict(raw: dict[str, Any]) -> PretrainedConfig:
     if model_type is None:
         raise ConfigError("the model config has no model_type; set model.config.model_type (e.g. nemotron_h)")
     get_family(model_type)
+    source = copy.deepcopy(raw)
     raw = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
     try:
-        return CONFIG_MAPPING[model_type].from_dict(PretrainedConfig._decode_special_floats(raw))
+        config = CONFIG_MAPPING[model_type].from_dict(PretrainedConfig._decode_special_floats(raw))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid {model_type} config: {str(e).splitlines()[0]}") from None
+    _SOURCE_DICTS[id(config)] = source
+    weakref.finalize(config, _SOURCE_DICTS.pop, id(config), None)
+    return config
+
+
+# The config.json dicts behind configs built by config_from_dict, by id(config) (an entry leaves with
+# its config). Kept beside the config, not on it, so it is never serialized into an exported config.json.
+_SOURCE_DICTS: dict[int, dict[str, Any]] = {}
+
+
+def source_config_dict(config: PretrainedConfig) -> dict[str, Any] | None:
+    """The config.json dict ``config`` was built from by :func:`config_from_dict` (else None).
+
+    transformers drops or trims some fields on load (e.g. Step-3.5's per-layer list entries of the MTP
+    layers); a family that needs them reads them here. Copies of ``config`` have no entry.
+    """
+    return _SOURCE_DICTS.get(id(config))
 
 
 def _count(labels: torch.Tensor) -> int:

@@ -18,14 +18,29 @@ loads this layout; transformers' own ``MtpModel`` also expects the block directl
 The head is per depth (``shared_head.output``, trained, not tied to ``lm_head``) behind
 ``shared_head.norm``; depth k hands its block output before that norm to depth k+1.
 
-Per-layer config lists: hub configs pad ``layer_types``/``swiglu_limits*``/``rope_theta``/
-``partial_rotary_factors`` with entries N..N+D-1 for the MTP layers. transformers' config keeps only
-``mtp_layer_types``/``mtp_mlp_layer_types`` and drops the rest (rope is resolved per layer *type*), so a
-block gets the rope of its type and no SwiGLU clamp (Step-3.5-Flash clamps only layers 43-44).
+Per-layer config lists: hub configs pad ``layer_types``, ``swiglu_limits``, ``swiglu_limits_shared``,
+``rope_theta`` and ``partial_rotary_factors`` (per layer, not per type) with entries N..N+D-1 for the MTP
+layers, which vLLM's ``step3p5_mtp`` reads at layer index N+d. transformers 5.23's ``Step3p7TextConfig``
+moves the ``layer_types``/``mlp_layer_types`` tails to ``mtp_layer_types``/``mtp_mlp_layer_types``,
+truncates ``swiglu_limits*`` to N entries, and drops the ``rope_theta``/``partial_rotary_factors`` lists
+after resolving one rope per layer *type* from the first layer of that type; ``sliding_window`` is one
+integer (a list is rejected). So depth d reads its values from the config.json dict the config was built
+from (:func:`mtp_recipes.model.source_config_dict`): entry N+d of each list that has N+D entries (a depth
+beyond the checkpoint's D reuses the last MTP entry, as for its attention type). The dense MTP MLP clamps
+with ``swiglu_limits_shared[N+d]`` (vLLM's and transformers' dense MLP read the *shared* list;
+``swiglu_limits[N+d]`` would only matter for an MoE block), 0/None meaning no clamp; attention uses
+``rope_theta[N+d]`` and ``partial_rotary_factors[N+d]``, running its own rotary table when they differ
+from the backbone's rope of that type. **Fallback**: a list with only N entries (or a config object not
+built from a dict, whose lists transformers already trimmed) gives the depth the entry of the *last
+backbone layer of the same attention type*; with no list at all, the backbone's rope of that type and no
+clamp. On export the padded lists (and ``mtp_*layer_types``) are rewritten to N + D_physical entries,
+identical to the source when D is unchanged; lists with N entries are left as they are.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -85,10 +100,17 @@ class Step3p5(Family):
     passes_on = "pre_norm"
 
     def mtp_config(self, hf_config: PretrainedConfig, **overrides: Any) -> MTPConfig:
-        return MTPConfig(num_layers=num_nextn_layers(hf_config)).with_overrides(**overrides)
+        mtp = MTPConfig(num_layers=num_nextn_layers(hf_config)).with_overrides(**overrides)
+        # What export_mtp_fields needs to rewrite the per-layer lists for this D (it sees only ``mtp``).
+        lists = _PaddedLists.of(hf_config, mtp.num_physical_layers)
+        return replace(mtp, family_options={**mtp.family_options, _LISTS: lists}) if lists else mtp
 
     def export_mtp_fields(self, mtp: MTPConfig) -> dict[str, Any]:
-        return {"num_nextn_predict_layers": mtp.num_physical_layers}
+        fields: dict[str, Any] = {"num_nextn_predict_layers": mtp.num_physical_layers}
+        lists = mtp.family_options.get(_LISTS)
+        if lists is not None:
+            fields.update(lists.resized(mtp.num_physical_layers))
+        return fields
 
     def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:
         backbone = Step3p5TextForCausalLM(hf_config)
@@ -101,16 +123,49 @@ class Step3p5(Family):
         types = hf_config.mtp_layer_types or ["full_attention"]
         return types[min(index, len(types) - 1)]
 
+    @classmethod
+    def layer_entries(cls, hf_config: PretrainedConfig, index: int) -> dict[str, Any]:
+        """The per-layer config values of physical depth ``index`` (layer N+index; see the module docstring)."""
+        n, d_src = hf_config.num_hidden_layers, num_nextn_layers(hf_config)
+        raw = _source_lists(hf_config)
+        kind = cls.attention_type(hf_config, index)
+        donor = next((i for i in reversed(range(n)) if hf_config.layer_types[i] == kind), None)
+        rope = (hf_config.rope_parameters or {}).get(kind) or {}
+
+        def pick(field: str, default: Any) -> Any:
+            value = raw.get(field, default)
+            if not isinstance(value, list):
+                return value
+            if d_src and len(value) == n + d_src:
+                return value[n + min(index, d_src - 1)]
+            return value[donor] if donor is not None and len(value) >= n else None
+
+        return {
+            "layer_type": kind,
+            "swiglu_limit": pick("swiglu_limits", hf_config.swiglu_limits),
+            "swiglu_limit_shared": pick("swiglu_limits_shared", hf_config.swiglu_limits_shared),
+            "rope_theta": pick("rope_theta", rope.get("rope_theta")),
+            "partial_rotary_factor": pick("partial_rotary_factors", rope.get("partial_rotary_factor")),
+        }
+
     def build_depth(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> MTPDepth:
         # Step3p7DecoderLayer reads its attention type, MLP type, clamps and head count at layer_idx, so
-        # the block is built as layer 0 of a one-layer copy of the config holding the MTP entries.
-        kind = self.attention_type(hf_config, index)
+        # the block is built as layer 0 of a one-layer copy of the config holding the MTP entries; its
+        # rope (the backbone's of that type with this layer's theta and partial factor) rides on that copy.
+        entries = self.layer_entries(hf_config, index)
+        kind = entries["layer_type"]
+        rope = dict((hf_config.rope_parameters or {}).get(kind) or {"rope_type": "default"})
+        if entries["rope_theta"] is not None:
+            rope["rope_theta"] = entries["rope_theta"]
+        if entries["partial_rotary_factor"] is not None:
+            rope["partial_rotary_factor"] = entries["partial_rotary_factor"]
         cfg = sub_config(
             hf_config,
             layer_types=[kind],
             mlp_layer_types=["dense"],
-            swiglu_limits=[None],
-            swiglu_limits_shared=[None],
+            swiglu_limits=[entries["swiglu_limit"]],
+            swiglu_limits_shared=[entries["swiglu_limit_shared"]],
+            rope_parameters={kind: rope},
         )
         # Sliding layers may have more heads (``num_sliding_attention_heads``); full ones use the default.
         sliding = kind == "sliding_attention"
@@ -136,18 +191,31 @@ class Step3p5(Family):
             "full_attention": packed_mask(backbone.config, hidden, position_ids),
             "sliding_attention": packed_mask(backbone.config, hidden, position_ids, create_sliding_window_causal_mask),
         }
-        rotary: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        rotary: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def position_embeddings(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+            # The block's own rope (its one-layer config, see build_depth); the backbone's table when equal.
+            kind, cfg = block.attention_type, block.self_attn.config
+            params = cfg.rope_parameters.get(kind) or {}
+            key = (kind, json.dumps(params, sort_keys=True, default=str))
+            if key not in rotary:
+                if params == decoder.config.rope_parameters.get(kind) and kind in decoder.rotary_emb.rope_type:
+                    rotary[key] = decoder.rotary_emb(hidden, position_ids, kind)
+                elif params.get("rope_theta") is None:
+                    raise ConfigError(
+                        f"MTP layer type {kind!r} has no rope parameters: the backbone has only "
+                        f"{sorted(decoder.rotary_emb.rope_type)} layers and the config no per-layer rope_theta"
+                    )
+                else:
+                    own = hf.Step3p7RotaryEmbedding(cfg, device=hidden.device)
+                    rotary[key] = own(hidden, position_ids, kind)
+            return rotary[key]
 
         def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
             kind = block.attention_type
-            if kind not in rotary:
-                if kind not in decoder.rotary_emb.rope_type:
-                    raise ConfigError(
-                        f"MTP layer type {kind!r} has no rope parameters: the backbone has only "
-                        f"{sorted(decoder.rotary_emb.rope_type)} layers"
-                    )
-                rotary[kind] = decoder.rotary_emb(hidden, position_ids, kind)
-            return block(x, attention_mask=masks[kind], position_ids=position_ids, position_embeddings=rotary[kind])
+            return block(
+                x, attention_mask=masks[kind], position_ids=position_ids, position_embeddings=position_embeddings(block)
+            )
 
         return run
 
@@ -163,6 +231,56 @@ class Step3p5(Family):
             ("head.", f"{layer}transformer.shared_head.output."),
         ]
         return pairs
+
+
+_LISTS = "step3p5_per_layer_lists"
+# config.json lists with one entry per decoder layer that hub configs pad with the MTP layers' entries.
+_PER_LAYER = (
+    "layer_types",
+    "mlp_layer_types",
+    "swiglu_limits",
+    "swiglu_limits_shared",
+    "rope_theta",
+    "partial_rotary_factors",
+)
+# Lists transformers writes itself (a from-scratch export), one entry per MTP layer.
+_PER_MTP_LAYER = ("mtp_layer_types", "mtp_mlp_layer_types")
+
+
+def _source_lists(hf_config: PretrainedConfig) -> dict[str, Any]:
+    """The per-layer fields of the config.json ``hf_config`` was built from ({} when unknown)."""
+    from mtp_recipes.model import source_config_dict  # mtp_recipes.model imports the families
+
+    raw = source_config_dict(hf_config) or {}
+    return {k: raw[k] for k in (*_PER_LAYER, *_PER_MTP_LAYER) if k in raw}
+
+
+class _PaddedLists:
+    """The source's per-layer lists that carry MTP entries, to be rewritten for the exported D."""
+
+    def __init__(self, n: int, d_src: int, lists: dict[str, list]) -> None:
+        self.n, self.d_src, self.lists = n, d_src, lists
+
+    @classmethod
+    def of(cls, hf_config: PretrainedConfig, d: int) -> _PaddedLists | None:
+        n, d_src = hf_config.num_hidden_layers, num_nextn_layers(hf_config)
+        raw = _source_lists(hf_config)
+        lists = {k: v for k, v in raw.items() if k in _PER_LAYER and isinstance(v, list) and len(v) == n + d_src}
+        lists |= {k: v for k, v in raw.items() if k in _PER_MTP_LAYER and isinstance(v, list) and len(v) == d_src}
+        # Nothing to rewrite without MTP entries, or when D is unchanged (the source is kept as it is).
+        return cls(n, d_src, lists) if d_src and lists and d != d_src else None
+
+    def resized(self, d: int) -> dict[str, list]:
+        """Each list with N + d entries (``mtp_*`` ones with d): depth k keeps its own entry, and depths
+        beyond the source's D repeat the last one, as :meth:`Step3p5.layer_entries` builds them."""
+        out = {}
+        for key, value in self.lists.items():
+            head, tail = (value[: self.n], value[self.n :]) if key in _PER_LAYER else ([], value)
+            out[key] = head + [tail[min(k, self.d_src - 1)] for k in range(d)]
+        return out
+
+    def __repr__(self) -> str:  # MTPConfig is logged: keep it short
+        return f"PaddedLists(N={self.n}, D={self.d_src}, {sorted(self.lists)})"
 
 
 register(Step3p5())

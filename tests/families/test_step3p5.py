@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers.models.step3p7 import Step3p7TextConfig
+from transformers.models.step3p7 import modeling_step3p7 as hf
 
-from mtp_recipes.families.step3p5 import Step3p5TextForCausalLM
-from mtp_recipes.model import MTPModel, positions_from_seq_idx
+from mtp_recipes.families.step3p5 import Step3p5, Step3p5TextForCausalLM
+from mtp_recipes.model import MTPModel, config_from_dict, positions_from_seq_idx
 from tests.helpers import debug_model_config, packed_batch
 
 N = debug_model_config("step3p5_debug")["num_hidden_layers"]
@@ -161,3 +163,100 @@ def test_mtp_forward_matches_a_plain_pytorch_reference():
         assert head is depth.head.weight and head is not model.backbone.lm_head.weight
         torch.testing.assert_close(out.mtp_hidden_states[k - 1] @ head.T, normed @ head.T, rtol=1e-6, atol=1e-6)
         h = x  # passes_on = "pre_norm"
+
+
+def config_with_mtp_entries(limit: float = 0.05, theta: float = 100.0, factor: float = 0.5) -> dict:
+    """The debug config.json (D=1, a sliding MTP layer) whose MTP entries differ from every backbone layer:
+    a SwiGLU clamp small enough to bite, its own rope_theta and partial rotary factor."""
+    raw = debug_model_config("step3p5_debug")
+    return {
+        **raw,
+        "swiglu_limits": raw["swiglu_limits"][:N] + [limit],
+        "swiglu_limits_shared": raw["swiglu_limits_shared"][:N] + [limit],
+        "rope_theta": raw["rope_theta"][:N] + [theta],
+        "partial_rotary_factors": raw["partial_rotary_factors"][:N] + [factor],
+    }
+
+
+def test_mtp_block_uses_its_own_per_layer_entries():
+    """transformers trims the MTP entries off swiglu_limits* and resolves rope per layer type; the MTP block
+    still runs as transformers' decoder layer N of the padded config would, with rope_theta[N] and
+    partial_rotary_factors[N] (a hand-built rope table) and the swiglu_limits_shared[N] clamp."""
+    raw = config_with_mtp_entries()
+    torch.manual_seed(0)
+    model = MTPModel.from_config(raw, experts_implementation="eager").double()
+    assert model.text_config.swiglu_limits == raw["swiglu_limits"][:N]  # what transformers keeps
+    (block,) = model.mtp.depths[0].blocks
+    assert block.attention_type == "sliding_attention" and block.mlp.limit == 0.05
+
+    # Reference: transformers' own layer N of the config with N+1 plain layers (lists untouched).
+    full = Step3p7TextConfig.from_dict({**raw, "num_hidden_layers": N + 1, "num_nextn_predict_layers": 0})
+    ref = hf.Step3p7DecoderLayer(full, layer_idx=N).double()
+    ref.load_state_dict(block.state_dict())
+    assert type(ref.mlp) is type(block.mlp) and ref.mlp.limit == 0.05
+
+    s = 12
+    pos = torch.arange(s)[None]
+    x = torch.randn(1, s, model.text_config.hidden_size, dtype=torch.float64)
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    allowed = (j <= i) & (i - j < full.sliding_window)
+    mask = torch.zeros(s, s, dtype=torch.float64).masked_fill(~allowed, float("-inf"))[None, None]
+    dim = int(full.head_dim * 0.5)  # partial_rotary_factors[N]: half the channels rotate, base 100
+    freqs = pos[..., None].double() / 100.0 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    emb = torch.cat([freqs, freqs], -1)
+    expected = ref(x, attention_mask=mask, position_ids=pos, position_embeddings=(emb.cos(), emb.sin()))
+
+    run = model.family.block_runner(model.backbone, x, pos, None)
+    torch.testing.assert_close(run(block, x), expected, rtol=1e-6, atol=1e-6)
+
+    # Both entries matter here: the backbone's sliding rope, or no clamp, give other outputs.
+    backbone_rope = model.backbone.get_decoder().rotary_emb(x, pos, "sliding_attention")
+    other = ref(x, attention_mask=mask, position_ids=pos, position_embeddings=backbone_rope)
+    assert not torch.allclose(other, expected, atol=1e-4)
+    ref.mlp.limit = float("inf")
+    unclamped = ref(x, attention_mask=mask, position_ids=pos, position_embeddings=(emb.cos(), emb.sin()))
+    assert not torch.allclose(unclamped, expected, atol=1e-4)
+
+
+def test_lists_without_mtp_entries_fall_back_to_the_last_backbone_layer_of_the_type():
+    lists = ("swiglu_limits", "swiglu_limits_shared", "rope_theta", "partial_rotary_factors")
+    short = {k: v[:N] if k in lists else v for k, v in debug_model_config("step3p5_debug").items()}
+    # Sliding MTP layer: the last sliding backbone layer is layer 2 (shared clamp 16, theta 1e4, factor 1).
+    expected = {
+        "layer_type": "sliding_attention",
+        "swiglu_limit": 7.0,
+        "swiglu_limit_shared": 16.0,
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 1.0,
+    }
+    config = config_from_dict(short)
+    assert Step3p5.layer_entries(config, 0) == expected
+    assert Step3p5.layer_entries(copy.deepcopy(config), 0) == expected  # no source dict: the trimmed lists
+    (block,) = MTPModel.from_config(short).mtp.depths[0].blocks
+    assert block.mlp.limit == 16.0
+
+
+def test_export_keeps_per_layer_lists_consistent_with_d(tmp_path):
+    raw = config_with_mtp_entries()
+    torch.manual_seed(0)
+    ckpt = MTPModel.from_config(raw).save_pretrained(tmp_path / "ckpt")
+    (ckpt / "config.json").write_text(json.dumps(raw))  # the hub form: lists padded with the MTP entry
+    padded = ("layer_types", "swiglu_limits", "swiglu_limits_shared", "rope_theta", "partial_rotary_factors")
+
+    assert MTPModel.from_pretrained(ckpt).export_config() == raw  # D unchanged: untouched
+    grown = MTPModel.from_pretrained(ckpt, num_layers=3, init="extend")
+    out = grown.export_config()
+    assert out["num_nextn_predict_layers"] == 3
+    for key in padded:  # N + 3 entries; the new depths repeat the checkpoint's MTP entry, as built
+        assert out[key] == raw[key] + [raw[key][N]] * 2, key
+    assert [b.mlp.limit for d in grown.mtp.depths for b in d.blocks] == [0.05] * 3
+    none = MTPModel.from_pretrained(ckpt, num_layers=0, init="from_scratch").export_config()
+    assert none["num_nextn_predict_layers"] == 0 and all(none[key] == raw[key][:N] for key in padded)
+
+    # A model built from the dict exports transformers' JSON: also consistent, and it reloads the same.
+    scratch = MTPModel.from_config(raw, num_layers=2).export_config()
+    assert all(len(scratch[key]) == N + 2 for key in padded)
+    again = MTPModel.from_config(scratch)
+    (block,) = again.mtp.depths[1].blocks
+    assert block.mlp.limit == 0.05
+    assert block.self_attn.config.rope_parameters["sliding_attention"]["rope_theta"] == 100.0
