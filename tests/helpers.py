@@ -32,3 +32,30 @@ def packed_batch(vocab: int, lengths: list[list[int]], seed: int = 0) -> dict[st
         rows.append((torch.cat(ids), torch.cat(labels), torch.cat(seq_idx)))
     input_ids, labels, seq_idx = (torch.stack(x) for x in zip(*rows))
     return {"input_ids": input_ids, "labels": labels, "seq_idx": seq_idx}
+
+
+def published_round_trip(path, published: dict[str, torch.Tensor], out_dir, *, lr: float = 1e-3, weight_decay=0.01):
+    """The published-layout contract: load -> save is bit-exact; 2 AdamW steps -> save keeps keys/shapes/dtypes.
+
+    Returns the loaded (then trained) model and the trained export's tensors for family-specific checks.
+    """
+    from safetensors.torch import load_file
+
+    from mtp_recipes.model import MTPModel
+
+    model = MTPModel.from_pretrained(path)
+    same = load_file(model.save_pretrained(out_dir / "same") / "model.safetensors")
+    assert set(same) == set(published)
+    for key, tensor in published.items():
+        assert same[key].dtype == tensor.dtype and torch.equal(same[key], tensor), key
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    for seed in range(2):
+        model(**packed_batch(model.text_config.vocab_size, [[10, 6], [16]], seed=seed)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    trained = load_file(model.save_pretrained(out_dir / "trained") / "model.safetensors")
+    assert set(trained) == set(published)
+    for key, tensor in published.items():
+        assert (trained[key].shape, trained[key].dtype) == (tensor.shape, tensor.dtype), key
+    return model, trained

@@ -15,7 +15,7 @@ from transformers.models.minimax_m3_vl.configuration_minimax_m3_vl import MiniMa
 
 from mtp_recipes.families.minimax_m3_attention import DocumentSparseAttention, document_block_keep
 from mtp_recipes.model import MTPModel, positions_from_seq_idx
-from tests.helpers import debug_model_config, packed_batch
+from tests.helpers import debug_model_config, packed_batch, published_round_trip
 from tests.mtp.test_packed_equivalence import keep_float64  # noqa: F401  (fixture)
 
 VL = "language_model."
@@ -63,27 +63,13 @@ def test_published_layout_round_trip_and_training(prefix, tmp_path):
     )
     assert any(k.startswith("vision_tower.") for k in published) == (prefix == VL)
 
-    # Untouched: every tensor (vision tower included) and the config come back bit-exact.
-    model = MTPModel.from_pretrained(tmp_path / "pub")
+    # Untouched: every tensor (vision tower included) and the config come back bit-exact; then two
+    # AdamW steps (with weight decay) and a save keep keys, shapes and dtypes; indexers stay frozen.
+    model, trained = published_round_trip(tmp_path / "pub", published, tmp_path, lr=1e-2, weight_decay=0.1)
     assert model.mtp_config.num_layers == 2
-    same = load_file(model.save_pretrained(tmp_path / "same") / "model.safetensors")
-    assert set(same) == set(published)
-    for k, v in published.items():
-        assert same[k].dtype == v.dtype and torch.equal(same[k], v), k
     assert json.loads((tmp_path / "same" / "config.json").read_text()) == published_cfg
-
-    # Two AdamW steps (with weight decay), then save: same keys, shapes and dtypes; indexers frozen.
     assert not any("indexer" in n for n, _ in model.named_parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    batch = packed_batch(model.text_config.vocab_size, [[10, 6], [16]])
-    for _ in range(2):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    trained = load_file(model.save_pretrained(tmp_path / "trained") / "model.safetensors")
-    assert set(trained) == set(published)
     for k, v in published.items():
-        assert trained[k].shape == v.shape and trained[k].dtype == v.dtype, k
         if "index_" in k or not k.startswith(prefix) or k.endswith("e_score_correction_bias"):
             assert torch.equal(trained[k], v), k  # indexers, passthrough towers, router bias buffers
     assert not torch.equal(
