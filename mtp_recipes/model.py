@@ -156,6 +156,12 @@ class MTPModel(nn.Module):
         """
         model_dir = resolve_model_dir(str(name_or_path))
         raw = read_config_dict(model_dir)
+        if "quantization_config" in raw:
+            method = raw["quantization_config"].get("quant_method", "quantized")
+            raise CheckpointError(
+                f"{model_dir} is a {method} checkpoint; fine-tuning needs full-precision weights: "
+                "use a BF16 copy of the model (e.g. dequantise it first) and point model.path at it"
+            )
         hf_config = config_from_dict(raw)
         family = get_family(hf_config.model_type)
         mtp = family.mtp_config(family.text_config(hf_config), **mtp_overrides)
