@@ -29,6 +29,7 @@ from mtp_recipes.loss import AcceptanceStats, acceptance_length, main_loss, mtp_
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.roll import roll_ids
 from mtp_recipes.mtp.stack import MTPStack
+from mtp_recipes.packed import position_in_document, seq_idx_from_position_ids
 
 
 @dataclass
@@ -46,24 +47,6 @@ class MTPOutput:
     # drafts equal the backbone's own argmax at slot t+k (what greedy self-verification accepts).
     acceptance: AcceptanceStats | None = None
     agreement: torch.Tensor | None = None
-
-
-def positions_from_seq_idx(seq_idx: torch.Tensor) -> torch.Tensor:
-    """Position ids restarting at 0 wherever the document id changes."""
-    s = seq_idx.shape[-1]
-    idx = torch.arange(s, device=seq_idx.device).expand_as(seq_idx)
-    start = torch.ones_like(seq_idx, dtype=torch.bool)
-    start[..., 1:] = seq_idx[..., 1:] != seq_idx[..., :-1]
-    last_start = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=-1).values
-    return idx - last_start
-
-
-def seq_idx_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
-    """Document ids from positions: a new document starts wherever positions do not continue by +1."""
-    step = torch.ones_like(position_ids, dtype=torch.bool)
-    step[..., 1:] = position_ids[..., 1:] != position_ids[..., :-1] + 1
-    step[..., 0] = False
-    return step.cumsum(-1).to(torch.int32)
 
 
 class MTPModel(nn.Module):
@@ -202,10 +185,10 @@ class MTPModel(nn.Module):
         all micro-batches and ranks of the optimizer step; without them each loss is a local mean.
         """
         if seq_idx is None and position_ids is not None:
-            seq_idx = seq_idx_from_positions(position_ids)
+            seq_idx = seq_idx_from_position_ids(position_ids)
         if position_ids is None:
             if seq_idx is not None:
-                position_ids = positions_from_seq_idx(seq_idx)
+                position_ids = position_in_document(seq_idx)
             else:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
@@ -389,4 +372,4 @@ class _default_dtype:
         torch.set_default_dtype(self.previous)
 
 
-__all__ = ["MTPModel", "MTPOutput", "CheckpointError"]
+__all__ = ["MTPModel", "MTPOutput"]

@@ -1,23 +1,15 @@
 """Boundary-aware Mamba2 for packed rows: conv and SSD scan that reset at every document start (``seq_idx``)."""
 
-from mtp_recipes.mamba.conv import causal_conv1d_fn, causal_conv1d_varlen, document_starts, position_in_document
-from mtp_recipes.mamba.patch import (
-    BoundaryAwareNemotronHMamba2Mixer,
-    restore_default_mamba,
-    seq_idx_from_position_ids,
-    use_boundary_aware_mamba,
-)
+from mtp_recipes.mamba.conv import causal_conv1d_fn, causal_conv1d_varlen
+from mtp_recipes.mamba.patch import BoundaryAwareNemotronHMamba2Mixer, restore_default_mamba, use_boundary_aware_mamba
 from mtp_recipes.mamba.ssd import mamba2_chunk_scan, ssd_chunk_scan
 
 __all__ = [
     "BoundaryAwareNemotronHMamba2Mixer",
     "causal_conv1d_fn",
     "causal_conv1d_varlen",
-    "document_starts",
     "mamba2_chunk_scan",
-    "position_in_document",
     "restore_default_mamba",
-    "seq_idx_from_position_ids",
     "ssd_chunk_scan",
     "use_boundary_aware_mamba",
 ]

@@ -14,24 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-
-def document_starts(seq_idx: torch.Tensor) -> torch.Tensor:
-    """``[B, S]`` bool, True where a token starts a new document (its ``seq_idx`` differs from the previous token).
-
-    Boundaries are change points rather than "ids differ", so a row is split correctly even if an id is reused
-    later in the row (e.g. ``[0, 0, 1, 1, 0, 0]`` is three documents). Position 0 is False: nothing precedes it.
-    """
-    starts = torch.zeros(seq_idx.shape, dtype=torch.bool, device=seq_idx.device)
-    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-    return starts
-
-
-def position_in_document(seq_idx: torch.Tensor) -> torch.Tensor:
-    """``[B, S]`` long: the offset of every token from the first token of its document."""
-    seq_len = seq_idx.shape[-1]
-    arange = torch.arange(seq_len, device=seq_idx.device).expand(seq_idx.shape)
-    start = torch.where(document_starts(seq_idx), arange, torch.zeros_like(arange)).cummax(dim=-1).values
-    return arange - start
+from mtp_recipes.packed import position_in_document
 
 
 def causal_conv1d_varlen(

@@ -136,15 +136,3 @@ def restore_default_mamba(model: nn.Module) -> int:
             module.__class__ = hf.NemotronHMamba2Mixer
             restored += 1
     return restored
-
-
-def seq_idx_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """``seq_idx [B, S]`` from packed ``position_ids``, with the rule transformers' masks use for packed rows.
-
-    A document starts wherever the position does not continue the previous one by +1
-    (``transformers.masking_utils.find_packed_sequence_indices``), so attention masking and the Mamba2 resets
-    agree on where documents begin.
-    """
-    position_ids = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
-    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
-    return (step != 1).cumsum(dim=-1).to(torch.int32)

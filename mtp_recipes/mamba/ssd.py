@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mtp_recipes.mamba.conv import document_starts
+from mtp_recipes.packed import document_starts
 
 
 def _chunked(t: torch.Tensor, pad: int, chunk_size: int) -> torch.Tensor:

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from mtp_recipes.errors import CheckpointError
-from mtp_recipes.model import MTPModel, positions_from_seq_idx
+from mtp_recipes.model import MTPModel
+from mtp_recipes.packed import position_in_document
 from tests.helpers import debug_model_config, packed_batch, published_round_trip
 
 N = debug_model_config("deepseek_v3_debug")["num_hidden_layers"]
@@ -107,7 +108,7 @@ def test_mtp_forward_matches_a_plain_pytorch_reference():
     out = model(**batch)
 
     cfg = model.text_config
-    pos = positions_from_seq_idx(seq)
+    pos = position_in_document(seq)
     s = ids.shape[1]
     # Causal attention inside each document, as an additive mask.
     allowed = (seq[:, :, None] == seq[:, None, :]) & torch.ones(s, s, dtype=torch.bool).tril()

@@ -14,7 +14,8 @@ from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
 from transformers.models.minimax_m3_vl.configuration_minimax_m3_vl import MiniMaxM3VLConfig
 
 from mtp_recipes.families.minimax_m3_attention import DocumentSparseAttention, document_block_keep
-from mtp_recipes.model import MTPModel, positions_from_seq_idx
+from mtp_recipes.model import MTPModel
+from mtp_recipes.packed import position_in_document
 from tests.helpers import debug_model_config, packed_batch, published_round_trip
 from tests.mtp.test_packed_equivalence import keep_float64  # noqa: F401  (fixture)
 
@@ -141,7 +142,7 @@ def test_packed_selection_is_the_alone_selection(topk, local):
     batch = packed_batch(model.text_config.vocab_size, ROWS, seed=2)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(*batch["input_ids"].shape, model.text_config.hidden_size, generator=g, dtype=torch.float64)
-    pos = positions_from_seq_idx(batch["seq_idx"])
+    pos = position_in_document(batch["seq_idx"])
     rope = model.backbone.model.rotary_emb(hidden, position_ids=pos)
     keep = document_block_keep(attn.indexer, hidden, rope, batch["seq_idx"], heads)
     selective = 0

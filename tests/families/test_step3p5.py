@@ -11,7 +11,8 @@ from transformers.models.step3p7 import Step3p7TextConfig
 from transformers.models.step3p7 import modeling_step3p7 as hf
 
 from mtp_recipes.families.step3p5 import Step3p5, Step3p5TextForCausalLM
-from mtp_recipes.model import MTPModel, config_from_dict, positions_from_seq_idx
+from mtp_recipes.model import MTPModel, config_from_dict
+from mtp_recipes.packed import position_in_document
 from tests.helpers import debug_model_config, packed_batch, published_round_trip
 
 N = debug_model_config("step3p5_debug")["num_hidden_layers"]
@@ -108,7 +109,7 @@ def test_mtp_forward_matches_a_plain_pytorch_reference():
     out = model(**batch)
 
     cfg = model.text_config
-    pos = positions_from_seq_idx(seq)
+    pos = position_in_document(seq)
     s = ids.shape[1]
     in_doc = (seq[:, :, None] == seq[:, None, :]) & torch.ones(s, s, dtype=torch.bool).tril()
     window = (torch.arange(s)[:, None] - torch.arange(s)[None, :]) < cfg.sliding_window

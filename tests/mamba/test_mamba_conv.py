@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
-from mtp_recipes.mamba import causal_conv1d_fn, causal_conv1d_varlen, position_in_document
+from mtp_recipes.mamba import causal_conv1d_fn, causal_conv1d_varlen
+from mtp_recipes.packed import position_in_document
 from tests.mamba._mamba_reference import conv_reference, random_seq_idx
 
 CHANNELS, KERNEL = 6, 4

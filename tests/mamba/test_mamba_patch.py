@@ -8,9 +8,9 @@ from transformers.models.nemotron_h import modeling_nemotron_h as hf
 from mtp_recipes.mamba import (
     BoundaryAwareNemotronHMamba2Mixer,
     restore_default_mamba,
-    seq_idx_from_position_ids,
     use_boundary_aware_mamba,
 )
+from mtp_recipes.packed import seq_idx_from_position_ids
 
 LENGTHS = [7, 13, 9]  # chunk_size 8: boundaries inside chunks, one doc spanning a chunk edge
 
