@@ -34,7 +34,11 @@ from mtp_recipes.packed import position_in_document, seq_idx_from_position_ids
 
 @dataclass
 class MTPOutput:
-    """What one forward pass returns. Losses are means over the (global, when given) target counts."""
+    """What one forward pass returns. Losses are means over the (global, when given) target counts.
+
+    Backpropagate ``loss``; ``main_loss``, ``mtp_loss`` and ``mtp_losses`` are its parts for logging
+    (detached when the shared head computes them in one call).
+    """
 
     loss: torch.Tensor | None
     main_loss: torch.Tensor | None
@@ -207,9 +211,13 @@ class MTPModel(nn.Module):
         if labels is None:
             return out
 
-        main = main_loss(hidden, labels, head, num_label_tokens=num_label_tokens, return_argmax=return_accuracy)
-        out.main_loss, main_argmax = main if return_accuracy else (main, None)
-        out.loss = out.main_loss
+        # A shared head computes main + every depth in one chunked call (one fp32 cast of the head, one
+        # gradient accumulator); a per-depth head, or a detached one, needs the main loss on its own.
+        joint = bool(mtp_hidden) and self.family.head == "shared" and not self.mtp_config.detach_backbone
+        if not joint:
+            main = main_loss(hidden, labels, head, num_label_tokens=num_label_tokens, return_argmax=return_accuracy)
+            out.main_loss, main_argmax = main if return_accuracy else (main, None)
+            out.loss = out.main_loss
         if mtp_hidden:
             result = mtp_loss(
                 mtp_hidden,
@@ -221,9 +229,15 @@ class MTPModel(nn.Module):
                 num_label_tokens=num_label_tokens if num_label_tokens is not None else _count(labels),
                 num_depth_tokens=num_depth_tokens,
                 return_accuracy=return_accuracy,
+                main_hidden=hidden if joint else None,
             )
-            out.mtp_loss, out.mtp_losses = result.loss, list(result.per_depth)
-            out.loss = out.main_loss + result.loss
+            out.mtp_losses = list(result.per_depth)
+            if joint:
+                out.loss, out.main_loss, main_argmax = result.loss, result.main_loss, result.main_argmax
+                out.mtp_loss = self.mtp_config.loss_scaling_factor / len(mtp_hidden) * torch.stack(out.mtp_losses).sum()
+            else:
+                out.mtp_loss = result.loss
+                out.loss = out.main_loss + result.loss
             if return_accuracy:
                 out.acceptance = acceptance_length(result.correct, result.valid)
                 out.agreement = torch.stack(

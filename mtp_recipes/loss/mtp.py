@@ -44,6 +44,8 @@ class MTPLossOutput:
     predictions: list[Tensor] | None = None
     correct: list[Tensor] | None = None
     valid: list[Tensor] | None = None
+    main_loss: Tensor | None = None
+    main_argmax: Tensor | None = None
 
 
 @dataclass
@@ -193,8 +195,15 @@ def mtp_loss(
     chunk_size: int | None = None,
     return_accuracy: bool = False,
     impl: Impl = "auto",
+    main_hidden: Tensor | None = None,
 ) -> MTPLossOutput:
     """``(λ / D) · Σ_k CE_k`` over D depths; depth k's targets are ``labels[t+k]`` in-document.
+
+    With ``main_hidden`` (the backbone's final-normed ``[B,S,H]``) and a shared head, the main
+    next-token CE (divided by ``num_label_tokens``, else the local count) joins the same chunked call,
+    so the head is cast and its gradient accumulated once for main + all depths: ``.loss`` is then
+    ``CE_main + (λ / D) · Σ_k CE_k``, and ``.main_loss`` (detached) and ``.main_argmax`` report the main
+    part.
 
     ``per_depth_hidden[k-1]`` is depth k's ``[B,S,H]`` state as its head takes it (already normed).
     ``head_weight`` is one shared ``[V,H]`` weight or one per depth. ``CE_k`` is the summed CE
@@ -235,7 +244,22 @@ def mtp_loss(
     counts = counts.to(loss_dtype(per_depth_hidden[0], heads[0])).clamp_min(1)
     scales = loss_scaling_factor / depths / counts
     kwargs = dict(ignore_index=ignore_index, chunk_size=chunk_size, impl=impl, return_argmax=return_accuracy)
-    if isinstance(head_weight, Tensor):
+    main = None
+    if main_hidden is not None:
+        if not isinstance(head_weight, Tensor):
+            raise ValueError("main_hidden joins the depths' call only with one shared head weight")
+        main_count = (labels != ignore_index).sum() if num_label_tokens is None else num_label_tokens
+        main_count = torch.as_tensor(main_count, device=labels.device).to(scales.dtype).clamp_min(1).reshape(1)
+        joint = segmented_linear_cross_entropy(
+            [main_hidden, *per_depth_hidden],
+            head_weight,
+            [labels, *targets],
+            torch.cat([1 / main_count, scales]),
+            **kwargs,
+        )
+        main = (joint.sums[0] / main_count[0], joint.argmax[0] if return_accuracy else None)
+        parts = [joint._replace(sums=joint.sums[1:], argmax=joint.argmax[1:] if return_accuracy else None)]
+    elif isinstance(head_weight, Tensor):
         # One call for all depths: the shared head is cast and its gradient accumulated once.
         parts = [segmented_linear_cross_entropy(per_depth_hidden, head_weight, targets, scales, **kwargs)]
     else:
@@ -249,6 +273,8 @@ def mtp_loss(
         per_depth=list(per_depth.unbind()),
         num_targets=num_targets,
     )
+    if main is not None:
+        out.main_loss, out.main_argmax = main
     if return_accuracy:
         out.predictions = [a for p in parts for a in p.argmax]
         out.valid = valid

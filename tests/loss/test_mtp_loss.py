@@ -17,9 +17,7 @@ def _rel_err(got, ref):
 def _batch(seed=0, shared=True, depths=D):
     gen = torch.Generator().manual_seed(seed)
     hiddens = [torch.randn(B, S, H, generator=gen) for _ in range(depths)]
-    heads = torch.randn(V, H, generator=gen) if shared else [
-        torch.randn(V, H, generator=gen) for _ in range(depths)
-    ]
+    heads = torch.randn(V, H, generator=gen) if shared else [torch.randn(V, H, generator=gen) for _ in range(depths)]
     labels = torch.randint(0, V, (B, S), generator=gen)
     labels[torch.rand(B, S, generator=gen) < 0.2] = I
     seq_idx = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3, [0] * 9 + [1] * 3], dtype=torch.int32)
@@ -32,9 +30,7 @@ def _reference(hiddens, heads, labels, lam, seq_idx, normalization, num_label_to
     depths = len(hiddens)
     hs = [h.detach().double().requires_grad_() for h in hiddens]
     shared = isinstance(heads, torch.Tensor)
-    ws = heads.detach().double().requires_grad_() if shared else [
-        w.detach().double().requires_grad_() for w in heads
-    ]
+    ws = heads.detach().double().requires_grad_() if shared else [w.detach().double().requires_grad_() for w in heads]
     per_depth, counts, correct = [], [], []
     for k in range(1, depths + 1):
         w = ws if shared else ws[k - 1]
@@ -65,9 +61,11 @@ def _reference(hiddens, heads, labels, lam, seq_idx, normalization, num_label_to
 
 def _run(hiddens, heads, labels, **kwargs):
     hs = [h.clone().requires_grad_() for h in hiddens]
-    ws = heads.clone().requires_grad_() if isinstance(heads, torch.Tensor) else [
-        w.clone().requires_grad_() for w in heads
-    ]
+    ws = (
+        heads.clone().requires_grad_()
+        if isinstance(heads, torch.Tensor)
+        else [w.clone().requires_grad_() for w in heads]
+    )
     out = mtp_loss(hs, labels, ws, **kwargs)
     out.loss.backward()
     grads_w = ws.grad if isinstance(ws, torch.Tensor) else [w.grad for w in ws]
@@ -130,14 +128,17 @@ def test_global_depth_counts():
 def test_main_tokens_divides_every_depth_by_the_label_count():
     hiddens, heads, labels, seq_idx = _batch(seed=7)
     local = mtp_loss(hiddens, labels, heads, seq_idx=seq_idx)
-    out = mtp_loss(
-        hiddens, labels, heads, seq_idx=seq_idx, normalization="main_tokens", num_label_tokens=1000
-    )
+    out = mtp_loss(hiddens, labels, heads, seq_idx=seq_idx, normalization="main_tokens", num_label_tokens=1000)
     for got, ref, n in zip(out.per_depth, local.per_depth, local.num_targets.tolist()):
         assert torch.allclose(got, ref * n / 1000, rtol=1e-6)
     ignored = mtp_loss(
-        hiddens, labels, heads, seq_idx=seq_idx, normalization="main_tokens",
-        num_label_tokens=1000, num_depth_tokens=[1, 1, 1],
+        hiddens,
+        labels,
+        heads,
+        seq_idx=seq_idx,
+        normalization="main_tokens",
+        num_label_tokens=1000,
+        num_depth_tokens=[1, 1, 1],
     )
     assert ignored.loss.item() == out.loss.item()
 
@@ -258,3 +259,31 @@ def test_acceptance_from_mtp_output():
     assert stats.valid.tolist() == out.num_targets.tolist()
     assert (stats.cum_correct <= stats.correct).all()
     assert 1.0 <= stats.acceptance_length.item() <= 1 + D
+
+
+def test_main_hidden_joins_the_shared_head_call():
+    """main + depths in one call == main_loss + mtp_loss separately: values, argmax and gradients (float64)."""
+    from mtp_recipes.loss import main_loss
+
+    torch.manual_seed(3)
+    hiddens, head, labels, seq_idx = _batch(seed=11, shared=True)
+    hiddens = [h.double().detach().requires_grad_() for h in hiddens]
+    head = head.double().detach().requires_grad_()
+    main_h = torch.randn_like(hiddens[0]).requires_grad_()
+    joint = mtp_loss(
+        hiddens, labels, head, seq_idx=seq_idx, main_hidden=main_h, num_label_tokens=17, return_accuracy=True
+    )
+    grads = torch.autograd.grad(joint.loss, [main_h, head, *hiddens])
+
+    main, argmax = main_loss(main_h, labels, head, num_label_tokens=17, return_argmax=True)
+    depth = mtp_loss(hiddens, labels, head, seq_idx=seq_idx)
+    ref = torch.autograd.grad(main + depth.loss, [main_h, head, *hiddens])
+    assert torch.allclose(joint.loss, main + depth.loss, rtol=1e-12)
+    assert torch.allclose(joint.main_loss, main.detach(), rtol=1e-12)
+    assert torch.equal(joint.main_argmax, argmax)
+    for a, b in zip(joint.per_depth, depth.per_depth):
+        assert torch.allclose(a, b, rtol=1e-12)
+    for g, r in zip(grads, ref):
+        assert torch.allclose(g, r, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="shared head"):
+        mtp_loss(hiddens, labels, [head] * D, seq_idx=seq_idx, main_hidden=main_h)
