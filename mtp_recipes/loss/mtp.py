@@ -4,11 +4,9 @@
 passed in rather than computed here whenever the trainer has global counts, because a per
 micro-batch mean weights short and long micro-batches alike (Megatron issue #7452).
 
-Both go through :func:`~mtp_recipes.loss.linear_ce.segmented_linear_cross_entropy`, which can take
-the main loss and every shared-head depth as segments of ONE call (head cast and fp32 gradient
-buffer made once). ``MTPModel.forward`` still calls ``main_loss`` and ``mtp_loss`` separately, so
-today the depths share one call and the main head has its own; merging them is a change to
-``model.py`` (pass ``[hidden, *mtp_hidden]`` with scales ``[1/N, λ/(D·N_k)...]``), not to this module.
+Both go through :func:`~mtp_recipes.loss.linear_ce.segmented_linear_cross_entropy`. With a shared
+head, ``mtp_loss(..., main_hidden=h)`` takes the main loss and every depth as segments of ONE call
+(head cast and fp32 gradient buffer made once); ``MTPModel.forward`` does that.
 """
 
 from __future__ import annotations
