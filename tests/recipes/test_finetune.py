@@ -200,3 +200,15 @@ def test_wandb_without_the_package_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     with pytest.raises(ConfigError, match=r"mtp_recipes\[wandb\]"):
         FinetuneRecipe(composed(*FAST, "trainer.wandb_project=x"), tmp_path).run()
+
+
+def test_malformed_data_row_is_one_clear_error_before_training(tmp_path):
+    from mtp_recipes.errors import DataError
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a fine row"}\n{"txt": "a typo in the field name"}\n')
+    recipe = FinetuneRecipe(composed(*FAST, f"data.source={data}", "data.format=text"), tmp_path / "run")
+    with pytest.raises(DataError, match="row 1") as err:
+        recipe.run()
+    assert "\n" not in str(err.value) and "text_field" in str(err.value)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
