@@ -28,7 +28,14 @@ def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False) ->
     """
     if not name_or_path or name_or_path == DEBUG_TOKENIZER:
         name_or_path = str(DEBUG_TOKENIZER_DIR)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"could not load the tokenizer {name_or_path!r} ({reason}); set model.tokenizer to a directory "
+            "with tokenizer.json, or builtin:debug for the debug models"
+        ) from None
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise DataError(
             f"tokenizer {name_or_path!r} loaded as {type(tokenizer).__name__}, not a fast tokenizer; "

@@ -4,6 +4,7 @@ import importlib.util
 import inspect
 from pathlib import Path
 
+import pytest
 from transformers import PreTrainedTokenizerFast
 
 from mtp_recipes.data.tokenizer import DEBUG_TOKENIZER_DIR, load_tokenizer
@@ -31,3 +32,11 @@ def test_build_script_reproduces_the_asset() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.train_tokenizer().get_vocab() == load_tokenizer(None).get_vocab()
+
+
+def test_a_missing_tokenizer_is_one_clear_error(tmp_path):
+    from mtp_recipes.errors import DataError
+
+    with pytest.raises(DataError, match="could not load the tokenizer") as err:
+        load_tokenizer(str(tmp_path))  # a directory without tokenizer files
+    assert "\n" not in str(err.value) and "model.tokenizer" in str(err.value)
