@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 TRITON_SCAN_MODULE = "mamba_ssm.ops.triton.ssd_combined"
 
 
+@torch.compiler.assume_constant_result  # a compiled block sees the lookup's result, not the import
 @functools.cache
 def triton_chunk_scan() -> Callable[..., Any] | None:
     """``mamba_chunk_scan_combined`` from mamba_ssm's Triton ops, or ``None`` when it cannot be imported.
@@ -80,8 +81,9 @@ def mamba2_chunk_scan(
     Runs the Triton kernel for CUDA inputs when it imports, else :func:`mtp_recipes.mamba.ssd.mamba2_chunk_scan`.
     Both reset the state at every document start in ``seq_idx``.
     """
-    kernel = triton_chunk_scan()
-    if kernel is None or not _on_cuda(hidden_states):
+    # Device first: CPU inputs never reach the import (which torch.compile cannot trace).
+    kernel = triton_chunk_scan() if _on_cuda(hidden_states) else None
+    if kernel is None:
         return torch_chunk_scan(
             hidden_states,
             dt,
