@@ -54,7 +54,8 @@ class Family(ABC):
     # ---- modules ------------------------------------------------------------------------------
     def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:
         """The backbone is transformers' own causal-LM class for this config, never remote code."""
-        return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=False)
+        # The parameter dtype is the caller's (torch's default dtype), not the checkpoint's config.dtype.
+        return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=False, dtype=torch.get_default_dtype())
 
     @abstractmethod
     def build_depth(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> MTPDepth:

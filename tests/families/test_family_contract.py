@@ -62,6 +62,9 @@ def test_checkpoint_round_trip_is_bit_exact(model_name, tmp_path):
 
     loaded = MTPModel.from_pretrained(first)
     assert loaded.mtp_config.num_layers == model.mtp_config.num_layers
+    # trained in float32 whatever the checkpoint's dtype, backbone and MTP alike
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert torch.isfinite(loaded(**packed_batch(model.text_config.vocab_size, [[9, 7]])).loss)
     second = loaded.save_pretrained(tmp_path / "b")
     disk_b = disk_tensors(second)
     assert set(disk_b) == set(disk_a)

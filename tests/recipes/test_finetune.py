@@ -212,3 +212,24 @@ def test_malformed_data_row_is_one_clear_error_before_training(tmp_path):
         recipe.run()
     assert "\n" not in str(err.value) and "text_field" in str(err.value)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_recipe_fine_tunes_a_checkpoint_and_exports_the_same_layout(tmp_path):
+    """model.path: meta build, filled from the files, trained, exported with the same keys and dtypes."""
+    from safetensors.torch import load_file
+
+    from tests.helpers import debug_model_config
+
+    torch.manual_seed(0)
+    source = MTPModel.from_config(debug_model_config("nemotron_h_debug"))
+    source.config.dtype = torch.bfloat16
+    ckpt = source.save_pretrained(tmp_path / "src")
+    cfg = composed(*FAST, f"model.path={ckpt}", "model.tokenizer=builtin:debug", "trainer.max_steps=2")
+    recipe = FinetuneRecipe(cfg, tmp_path / "run")
+    recipe.run()
+    before, after = load_file(ckpt / "model.safetensors"), load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert set(after) == set(before) and any(k.startswith("mtp.layers.") for k in after)
+    assert all(after[k].dtype == before[k].dtype == torch.bfloat16 or "e_score" in k for k in after)
+    assert not torch.equal(after["mtp.layers.0.eh_proj.weight"], before["mtp.layers.0.eh_proj.weight"])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
