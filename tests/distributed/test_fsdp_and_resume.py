@@ -172,3 +172,22 @@ def test_sharded_load_keeps_each_rank_near_its_own_share(tmp_path):
         assert r["own"] < 0.55 * total
         # its own shard plus one tensor in flight and allocator slack; the whole model would be `total`
         assert r["growth"] < 0.8 * total, (r, total)
+
+
+def test_two_processes_fine_tune_a_checkpoint_and_export_its_layout(tmp_path):
+    """torchrun + model.path: meta build, FSDP2, shards filled from the files, trained, gathered export."""
+    from mtp_recipes.model import MTPModel
+    from tests.helpers import debug_model_config
+
+    torch.manual_seed(0)
+    source = MTPModel.from_config(debug_model_config("nemotron_h_debug"))
+    source.config.dtype = torch.bfloat16
+    ckpt = source.save_pretrained(tmp_path / "src")
+    run = tmp_path / "ft"
+    finish(cli("data.batch_size=2", "trainer.max_steps=2", f"model.path={ckpt}", "model.tokenizer=builtin:debug",
+               f"hydra.run.dir={run}", nproc=2, cwd=tmp_path))
+    before, after = load_file(ckpt / "model.safetensors"), load_file(run / "final" / "model.safetensors")
+    assert set(after) == set(before)
+    assert all(after[k].dtype == before[k].dtype and after[k].shape == before[k].shape for k in after)
+    assert not torch.equal(after["mtp.layers.0.eh_proj.weight"], before["mtp.layers.0.eh_proj.weight"])
+    assert sorted(losses(run)) == [1, 2]
