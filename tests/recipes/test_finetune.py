@@ -233,3 +233,21 @@ def test_recipe_fine_tunes_a_checkpoint_and_exports_the_same_layout(tmp_path):
     assert not torch.equal(after["mtp.layers.0.eh_proj.weight"], before["mtp.layers.0.eh_proj.weight"])
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+
+
+def test_gradient_accumulation_equals_the_big_batch(tmp_path):
+    """2 micro-batches of 2 rows == 1 batch of 4 rows: global target counts make the two steps identical."""
+    runs = {}
+    for name, overrides in {"accum": ("data.batch_size=2", "trainer.grad_accum_steps=2"),
+                            "big": ("data.batch_size=4", "trainer.grad_accum_steps=1")}.items():
+        recipe = FinetuneRecipe(composed(*FAST, *overrides, "trainer.max_steps=3", "trainer.save_final=false"),
+                                tmp_path / name)
+        recipe.run()
+        runs[name] = (recipe.model.state_dict(), [json.loads(x) for x in (tmp_path / name / "metrics.jsonl")
+                                                  .read_text().splitlines()])
+    (wa, la), (wb, lb) = runs["accum"], runs["big"]
+    for a, b in zip(la, lb):
+        for key in ("loss", "main_ce", "mtp_ce_1", "mtp_acc_1"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6, msg=key)
