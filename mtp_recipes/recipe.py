@@ -302,20 +302,22 @@ class FinetuneRecipe:
         self.last_checkpoint = path
         return path
 
-    def cleanup(self) -> None:
+    def cleanup(self, finished: bool = True) -> None:
         if getattr(self, "metrics_file", None) is not None:
             self.metrics_file.close()
         if getattr(self, "wandb", None) is not None:
             self.wandb.finish()
         if getattr(self, "world", None) is not None:
-            shutdown(self.world)
+            shutdown(self.world, wait=finished)
 
     def run(self) -> None:
+        finished = False
         try:
             self.setup()
             self.train()
+            finished = True
         finally:
-            self.cleanup()
+            self.cleanup(finished)
 
 
 class _StopOnSigterm:

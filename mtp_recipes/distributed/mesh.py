@@ -78,6 +78,12 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def shutdown(world: World) -> None:
+def shutdown(world: World, *, wait: bool = True) -> None:
+    """Leave the process group; with ``wait`` only once every rank is done (none tears down mid-collective).
+
+    After an error on this rank the others may never reach the barrier, so then it is skipped.
+    """
     if world.distributed and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
