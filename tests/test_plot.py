@@ -1,0 +1,26 @@
+"""The plotting command draws a run's metrics into a PNG."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mtp_recipes.plot import plot_run
+
+
+def test_plot_writes_a_png_with_every_depth(tmp_path):
+    records = [
+        {"step": s, "main_ce": 5 - 0.1 * s, "mtp_ce_1": 6 - 0.1 * s, "mtp_ce_2": 6.5 - 0.1 * s,
+         "mtp_acc_1": 0.01 * s, "mtp_acc_2": 0.005 * s, "acceptance_length": 1 + 0.012 * s}
+        for s in range(1, 11)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
+    path = plot_run(tmp_path)
+    assert path == tmp_path / "metrics.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_plot_without_metrics_is_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        plot_run(tmp_path)
