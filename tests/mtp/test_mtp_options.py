@@ -1,0 +1,58 @@
+"""The MTP options users ask for: detach_backbone, train_only, a λ schedule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mtp_recipes.model import MTPModel
+from mtp_recipes.recipe import FinetuneRecipe
+from tests.helpers import debug_model_config, packed_batch
+from tests.recipes.test_finetune import FAST, composed
+
+
+def _grads(detach: bool, lam: float) -> tuple[dict[str, torch.Tensor], MTPModel]:
+    torch.manual_seed(0)
+    model = MTPModel.from_config(debug_model_config("nemotron_h_debug"), detach_backbone=detach,
+                                 loss_scaling_factor=lam)
+    model(**packed_batch(model.text_config.vocab_size, [[10, 14], [24]])).loss.backward()
+    return {n: p.grad.clone() for n, p in model.backbone.named_parameters() if p.grad is not None}, model
+
+
+def test_detach_backbone_keeps_mtp_gradients_out_of_the_backbone():
+    main_only, _ = _grads(detach=False, lam=0.0)
+    detached, model = _grads(detach=True, lam=0.3)
+    attached, _ = _grads(detach=False, lam=0.3)
+    assert detached.keys() == main_only.keys()
+    for name, grad in main_only.items():
+        torch.testing.assert_close(detached[name], grad, rtol=1e-6, atol=1e-9, msg=name)
+    assert any(not torch.allclose(attached[n], g) for n, g in main_only.items())  # the check can fail
+    assert all(p.grad is not None for n, p in model.mtp.named_parameters() if "experts" not in n)
+
+
+def test_train_only_trains_the_depths_and_nothing_else(tmp_path):
+    recipe = FinetuneRecipe(composed(*FAST, "mtp.train_only=true", "trainer.max_steps=2", "trainer.save_final=false"),
+                            tmp_path)
+    recipe.setup()
+    before = {k: v.clone() for k, v in recipe.model.state_dict().items()}
+    recipe.train()
+    recipe.cleanup()
+    after = recipe.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("mtp.") for k in changed)
+    assert all(not p.requires_grad for p in recipe.model.backbone.parameters())
+    assert {id(p) for g in recipe.optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in recipe.model.mtp.parameters()
+    }
+
+
+def test_lambda_schedule_switches_at_its_step(tmp_path):
+    cfg = composed(*FAST, "trainer.max_steps=4", "trainer.save_final=false", "mtp.loss_scaling_factor=0.3",
+                   "mtp.loss_scaling_schedule=[{step: 2, value: 0.1}]")
+    FinetuneRecipe(cfg, tmp_path).run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lambda"] for r in records] == [0.3, 0.3, 0.1, 0.1]  # steps 1-2 then 3-4 (step index 2 on)
+    for r in records:
+        assert r["loss"] == pytest.approx(r["main_ce"] + r["lambda"] * r["mtp_ce_1"], rel=1e-5)
