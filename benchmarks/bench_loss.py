@@ -145,7 +145,12 @@ def main() -> None:
         args.tokens, args.hidden, args.vocab, args.dtype, args.device = 1024, 256, 8192, "float32", "cpu"
         args.warmup, args.iters = 1, 3
     print(f"T={args.tokens} H={args.hidden} V={args.vocab} {args.dtype} on {args.device}, impl={args.impl}")
-    report = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__, **bench(args)}
+    write_report(args, bench(args))
+
+
+def write_report(args: argparse.Namespace, results: dict) -> None:
+    """Arguments, torch version, device and results of one benchmark run as JSON in ``args.out``."""
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__, **results}
     if args.device == "cuda":
         report["device_name"] = torch.cuda.get_device_name()
     args.out.parent.mkdir(parents=True, exist_ok=True)

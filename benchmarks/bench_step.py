@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from bench_loss import peak_gb_above, time_ms
+from bench_loss import peak_gb_above, time_ms, write_report
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
 from mtp_recipes.mamba.kernels import scan_backend
@@ -172,12 +171,7 @@ def main() -> None:
     if args.small:
         args.seq, args.dtype, args.device, args.warmup, args.iters = 256, "float32", "cpu", 2, 5
     print(f"Nemotron-H {'tiny' if args.small else '1.2B'} S={args.seq} B={args.batch} {args.dtype} on {args.device}")
-    report = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__, **run(args)}
-    if args.device == "cuda":
-        report["device_name"] = torch.cuda.get_device_name()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args, run(args))
 
 
 if __name__ == "__main__":

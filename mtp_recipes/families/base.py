@@ -79,8 +79,14 @@ class Family(ABC):
         seq_idx: torch.Tensor | None,
     ) -> torch.Tensor:
         """The backbone's last hidden state after its final norm (the input h^0 of depth 1)."""
-        out = backbone.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        out = backbone.get_decoder()(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False, **self.packing_kwargs(seq_idx)
+        )
         return out.last_hidden_state
+
+    def packing_kwargs(self, seq_idx: torch.Tensor | None) -> dict[str, Any]:
+        """Extra forward kwargs that carry document boundaries to layers masks cannot reach (none by default)."""
+        return {}
 
     def block_kind(self, block: nn.Module) -> Any:
         """What makes two blocks interchangeable when a new depth is initialised from the backbone."""

@@ -107,11 +107,6 @@ class MiniMaxM3(Family):
 
         return MTPDepth(hf_config.hidden_size, norm(), norm(), [block], norm())
 
-    @staticmethod
-    def _document_mask(text_model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | None:
-        """Document-causal mask from the (restarting) positions, as the text model would build it."""
-        return packed_mask(text_model.config, hidden, position_ids)
-
     def backbone_hidden(
         self,
         backbone: PreTrainedModel,
@@ -123,7 +118,7 @@ class MiniMaxM3(Family):
         if seq_idx is None:  # one document per row: transformers' own forward, untouched
             return text(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         embeds = text.embed_tokens(input_ids)
-        mask = self._document_mask(text, embeds, position_ids)
+        mask = packed_mask(text.config, embeds, position_ids)
         # A dict mask is used as given by the text model's forward; seq_idx reaches every attention module.
         out = text(
             inputs_embeds=embeds,
@@ -142,7 +137,7 @@ class MiniMaxM3(Family):
         seq_idx: torch.Tensor | None,
     ) -> BlockRunner:
         text = backbone.get_decoder()
-        mask = self._document_mask(text, hidden, position_ids)
+        mask = packed_mask(text.config, hidden, position_ids)
         rope = text.rotary_emb(hidden, position_ids=position_ids)
         extra = {} if seq_idx is None else {"seq_idx": seq_idx}
 

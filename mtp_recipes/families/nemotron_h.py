@@ -85,17 +85,9 @@ class NemotronH(Family):
         use_boundary_aware_mamba(backbone)
         return backbone
 
-    def backbone_hidden(
-        self,
-        backbone: PreTrainedModel,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        seq_idx: torch.Tensor | None,
-    ) -> torch.Tensor:
-        out = backbone.get_decoder()(
-            input_ids=input_ids, position_ids=position_ids, use_cache=False, **_packing(seq_idx)
-        )
-        return out.last_hidden_state
+    def packing_kwargs(self, seq_idx: torch.Tensor | None) -> dict[str, Any]:
+        # The boundary-aware Mamba2 mixers read seq_idx from the forward kwargs.
+        return {} if seq_idx is None else {"seq_idx": seq_idx}
 
     def build_depth(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> MTPDepth:
         # NemotronHBlock picks its mixer from config.layers_block_type[layer_idx], so the sublayers are
@@ -121,7 +113,7 @@ class NemotronH(Family):
         # document) for attention, none for Mamba/MLP/MoE.
         attention_mask = packed_mask(backbone.config, hidden, position_ids)
 
-        packing = _packing(seq_idx)
+        packing = self.packing_kwargs(seq_idx)
 
         def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
             mask = attention_mask if block.block_type == "full_attention" else None
@@ -139,11 +131,6 @@ class NemotronH(Family):
         pairs += [(f"blocks.{i}.", f"mtp.layers.{first + i}.") for i in range(p)]
         pairs.append(("final_norm.", f"mtp.layers.{last}.final_layernorm."))
         return pairs
-
-
-def _packing(seq_idx: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Forward kwargs that carry document boundaries to the Mamba2 mixers."""
-    return {} if seq_idx is None else {"seq_idx": seq_idx}
 
 
 register(NemotronH())
