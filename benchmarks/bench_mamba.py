@@ -2,6 +2,9 @@
 
 Both run on the same unpacked input (no ``seq_idx``, the only thing transformers' torch path supports), so the
 ratio is the price of the boundary-aware implementation; ours is also timed on a packed row for reference.
+On CUDA our Triton kernels (:mod:`mtp_recipes.mamba.triton_ssd`) and, when it imports, mamba_ssm's Triton scan
+are timed too, unpacked and packed (the anchor's 1.2B mixer: ``--seq 4096 --heads 64 --head-dim 64 --state 128
+--groups 8 --dtype bfloat16``).
 Memory: on CUDA the peak allocated bytes; on CPU the bytes autograd saves for backward (deduplicated by storage),
 which is what dominates training memory and is measurable without a CUDA allocator.
 
@@ -22,6 +25,7 @@ import torch
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
 from mtp_recipes.mamba.conv import causal_conv1d_fn
+from mtp_recipes.mamba.kernels import mamba_ssm_chunk_scan, our_triton_scan
 from mtp_recipes.mamba.ssd import mamba2_chunk_scan
 
 ConvFn = Callable[..., torch.Tensor]
@@ -70,6 +74,20 @@ def mixer_scan_path(
         dt_limit=(0.0, float("inf")),
         **extra,
     )
+
+
+def kernel_scans(device: str) -> dict[str, ScanFn]:
+    """The GPU kernels to time beside the torch scans: ours always on CUDA, mamba_ssm's when it imports."""
+    if device != "cuda":
+        return {}  # Triton's interpreter on a CPU is a correctness tool, far too slow to time
+    scans: dict[str, ScanFn] = {}
+    triton_scan = our_triton_scan()
+    if triton_scan is not None:
+        scans["triton"] = lambda x, dt, A, B, C, chunk_size, **kw: triton_scan(x, dt, A, B, C, **kw)
+    mamba_ssm_scan = mamba_ssm_chunk_scan()
+    if mamba_ssm_scan is not None:
+        scans["mamba_ssm"] = mamba_ssm_scan
+    return scans
 
 
 def _sync(device: str) -> None:
@@ -170,32 +188,36 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    results = measure(
-        {
-            "theirs_unpacked": Variant(hf.causal_conv1d_fn, hf.mamba2_chunk_scan, args),
-            "ours_unpacked": Variant(causal_conv1d_fn, mamba2_chunk_scan, args),
-            "ours_packed": Variant(causal_conv1d_fn, mamba2_chunk_scan, args, seq_idx=packed_seq_idx(args)),
-        },
-        args,
-    )
-    ours, theirs = results["ours_unpacked"], results["theirs_unpacked"]
+    seq_idx = packed_seq_idx(args)
+    variants = {
+        "theirs_unpacked": Variant(hf.causal_conv1d_fn, hf.mamba2_chunk_scan, args),
+        "ours_unpacked": Variant(causal_conv1d_fn, mamba2_chunk_scan, args),
+        "ours_packed": Variant(causal_conv1d_fn, mamba2_chunk_scan, args, seq_idx=seq_idx),
+    }
+    for name, scan in kernel_scans(args.device).items():
+        variants[f"{name}_unpacked"] = Variant(causal_conv1d_fn, scan, args)
+        variants[f"{name}_packed"] = Variant(causal_conv1d_fn, scan, args, seq_idx=seq_idx)
+    results = measure(variants, args)
+    theirs = results["theirs_unpacked"]
+    mem_key = "peak_bytes" if args.device == "cuda" else "saved_for_backward_bytes"
     report = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         **results,
-        "ratio_ours_over_theirs": ours["seconds_median"] / theirs["seconds_median"],
     }
-    mem_key = "peak_bytes" if args.device == "cuda" else "saved_for_backward_bytes"
-    report["memory_ratio_ours_over_theirs"] = ours[mem_key] / theirs[mem_key]
-
-    for name in ("theirs_unpacked", "ours_unpacked", "ours_packed"):
-        r = report[name]
-        print(f"{name:16s} fwd+bwd {r['seconds_median'] * 1e3:8.1f} ms   {mem_key} {r[mem_key] / 2**20:8.1f} MiB")
-    print(
-        f"ratio ours/theirs: time {report['ratio_ours_over_theirs']:.2f}x, "
-        f"memory {report['memory_ratio_ours_over_theirs']:.2f}x"
-    )
+    for name in variants:
+        r = results[name]
+        print(f"{name:20s} fwd+bwd {r['seconds_median'] * 1e3:8.2f} ms   {mem_key} {r[mem_key] / 2**20:9.1f} MiB")
+        if name.endswith("_unpacked") and name != "theirs_unpacked":
+            label = name.removesuffix("_unpacked")
+            report[f"ratio_{label}_over_theirs"] = r["seconds_median"] / theirs["seconds_median"]
+            report[f"memory_ratio_{label}_over_theirs"] = r[mem_key] / theirs[mem_key]
+            print(
+                f"  ratio {label}/theirs: time {report[f'ratio_{label}_over_theirs']:.3f}x, "
+                f"memory {report[f'memory_ratio_{label}_over_theirs']:.3f}x"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

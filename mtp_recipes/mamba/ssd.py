@@ -32,6 +32,34 @@ def _chunked(t: torch.Tensor, pad: int, chunk_size: int) -> torch.Tensor:
     return t.view(t.shape[0], -1, chunk_size, *t.shape[2:])
 
 
+def discretized_dt(
+    dt: torch.Tensor,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+    dt_limit: tuple[float, float],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The step size every SSD scan uses: ``clamp(softplus(dt + dt_bias))`` in ``dtype`` (fp32 at least)."""
+    dt = dt.to(dtype)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    return dt.clamp(min=dt_limit[0], max=dt_limit[1])
+
+
+def skip_and_gate(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor:
+    """``(y + D x) * silu(z)`` in ``y``'s (compute) dtype, returned in ``x.dtype``: the scan's epilogue."""
+    cdt = torch.promote_types(y.dtype, torch.float32)
+    y = y.to(cdt)
+    if D is not None:
+        Dc = D.to(cdt)
+        y = y + x.to(cdt) * (Dc[:, None] if Dc.dim() == 1 else Dc)
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    return y.to(x.dtype)
+
+
 def ssd_chunk_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -64,12 +92,7 @@ def ssd_chunk_scan(
 
     # fp32 at least (bf16 cumsums/exps are far too coarse), fp64 kept as is so references can be exact.
     cdt = torch.promote_types(x.dtype, torch.float32)
-    dt = dt.to(cdt)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(cdt)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    dt = discretized_dt(dt, dt_bias, dt_softplus, dt_limit, cdt)
     xc = x.to(cdt)
 
     xdt = _chunked(xc * dt[..., None], pad, chunk_size)  # [b, c, l, h, p]
@@ -129,13 +152,7 @@ def ssd_chunk_scan(
     y_off = torch.einsum("bclgn,bcgrpn->bclgrp", Cc, carried).reshape(batch, n_chunks, chunk_size, n_heads, head_dim)
     y = y + y_off * from_start.transpose(2, 3)[..., None]
 
-    y = y.reshape(batch, n_chunks * chunk_size, n_heads, head_dim)[:, :seq_len]
-    if D is not None:
-        Dc = D.to(cdt)
-        y = y + xc * (Dc[:, None] if Dc.dim() == 1 else Dc)
-    if z is not None:
-        y = y * F.silu(z.to(cdt))
-    y = y.to(x.dtype)
+    y = skip_and_gate(y.reshape(batch, n_chunks * chunk_size, n_heads, head_dim)[:, :seq_len], x, D, z)
     return (y, state) if return_final_states else y
 
 

@@ -29,9 +29,9 @@ def scan_inputs():
 
 @pytest.fixture
 def fresh_selection():
-    kernels.triton_chunk_scan.cache_clear()
+    kernels.mamba_ssm_chunk_scan.cache_clear()
     yield
-    kernels.triton_chunk_scan.cache_clear()
+    kernels.mamba_ssm_chunk_scan.cache_clear()
 
 
 @pytest.fixture
@@ -43,15 +43,15 @@ def fake_kernel(monkeypatch, fresh_selection):
         calls.append(kw)
         return ssd.ssd_chunk_scan(x, dt, A, B, C, chunk_size, **kw)
 
-    names = ["mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton", kernels.TRITON_SCAN_MODULE]
+    names = ["mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton", kernels.MAMBA_SSM_SCAN_MODULE]
     for name in names:
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    sys.modules[kernels.TRITON_SCAN_MODULE].mamba_chunk_scan_combined = mamba_chunk_scan_combined
+    sys.modules[kernels.MAMBA_SSM_SCAN_MODULE].mamba_chunk_scan_combined = mamba_chunk_scan_combined
     return calls
 
 
 def test_without_mamba_ssm_the_torch_scan_runs(fresh_selection):
-    assert kernels.triton_chunk_scan() is None  # not installed here
+    assert kernels.mamba_ssm_chunk_scan() is None  # not installed here
     x, dt, A, B, C = scan_inputs()
     seq_idx = torch.repeat_interleave(torch.arange(3), torch.tensor(LENGTHS))[None]
     got = kernels.mamba2_chunk_scan(x, dt, A, B, C, 8, dt_softplus=True, seq_idx=seq_idx)
@@ -60,7 +60,7 @@ def test_without_mamba_ssm_the_torch_scan_runs(fresh_selection):
 
 
 def test_cpu_tensors_stay_on_the_torch_scan(fake_kernel):
-    assert kernels.triton_chunk_scan() is not None
+    assert kernels.mamba_ssm_chunk_scan() is not None
     kernels.mamba2_chunk_scan(*scan_inputs(), 8)
     assert fake_kernel == []
 
