@@ -45,6 +45,12 @@ MIN_DOT = 16  # tl.dot needs every block dim >= 16
 
 
 @triton.jit
+def _mm(a, b, PRECISION: tl.constexpr):
+    """``a @ b`` accumulated in fp32; ``PRECISION`` is "ieee" for fp32 inputs (no silent TF32), else unused."""
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _load_chunk(q, k, v, g, rows, m_t, i_g, i_h, o_k, m_k, o_v, m_v, GROUPS, HEADS, N, P):
     """One chunk's ``q``/``k`` (of head ``i_h``'s group), ``v`` block, and within-chunk cumulative log decay."""
     b_q = tl.load(q + rows[:, None] * GROUPS * N + i_g * N + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
@@ -59,7 +65,7 @@ def _load_chunk(q, k, v, g, rows, m_t, i_g, i_h, o_k, m_k, o_v, m_v, GROUPS, HEA
 def _ssd_fwd_kernel(
     q, k, v, g, o, cu_seqlens,
     GROUPS, HEADS, HEADS_PER_GROUP, N, P,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_g = i_h // HEADS_PER_GROUP
@@ -73,24 +79,25 @@ def _ssd_fwd_kernel(
     causal = o_t[:, None] >= o_t[None, :]
     h = tl.zeros([BK, BV], dtype=tl.float32)
     for start in range(bos, eos, BT):
-        rows = start + o_t
+        rows = (start + o_t).to(tl.int64)  # int64: token * heads * dims overflows int32 at long batches
         m_t = rows < eos
         b_q, b_k, b_v, b_G = _load_chunk(q, k, v, g, rows, m_t, i_g, i_h, o_k, m_k, o_v, m_v, GROUPS, HEADS, N, P)
         G_last = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
         decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
-        scores = tl.dot(b_q, tl.trans(b_k)) * decay
-        b_o = tl.dot(scores.to(b_v.dtype), b_v) + tl.exp(b_G)[:, None] * tl.dot(b_q, h.to(b_q.dtype))
+        scores = _mm(b_q, tl.trans(b_k), PRECISION) * decay
+        b_o = _mm(scores.to(b_v.dtype), b_v, PRECISION)
+        b_o += tl.exp(b_G)[:, None] * _mm(b_q, h.to(b_q.dtype), PRECISION)
         tl.store(o + rows[:, None] * HEADS * P + i_h * P + o_v[None, :], b_o.to(o.dtype.element_ty),
                  mask=m_t[:, None] & m_v[None, :])
         b_kd = (b_k * tl.exp(G_last - b_G)[:, None]).to(b_v.dtype)
-        h = h * tl.exp(G_last) + tl.dot(tl.trans(b_kd), b_v)
+        h = h * tl.exp(G_last) + _mm(tl.trans(b_kd), b_v, PRECISION)
 
 
 @triton.jit
 def _ssd_bwd_dq_kernel(
     q, k, v, g, do, dq_part, cu_seqlens,
     TOKENS, GROUPS, HEADS, HEADS_PER_GROUP, N, P,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dq_t = exp(G_t) h_{before chunk} do_t + sum_{s<=t} (do_t . v_s) exp(G_t - G_s) k_s, for one value block."""
     i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -105,26 +112,27 @@ def _ssd_bwd_dq_kernel(
     causal = o_t[:, None] >= o_t[None, :]
     h = tl.zeros([BK, BV], dtype=tl.float32)
     for start in range(bos, eos, BT):
-        rows = start + o_t
+        rows = (start + o_t).to(tl.int64)  # int64: token * heads * dims overflows int32 at long batches
         m_t = rows < eos
         b_q, b_k, b_v, b_G = _load_chunk(q, k, v, g, rows, m_t, i_g, i_h, o_k, m_k, o_v, m_v, GROUPS, HEADS, N, P)
         b_do = tl.load(do + rows[:, None] * HEADS * P + i_h * P + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
                        other=0.0)
         G_last = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
         decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
-        weights = tl.dot(b_do, tl.trans(b_v)) * decay
-        b_dq = tl.dot(weights.to(b_k.dtype), b_k) + tl.exp(b_G)[:, None] * tl.dot(b_do, tl.trans(h).to(b_do.dtype))
+        weights = _mm(b_do, tl.trans(b_v), PRECISION) * decay
+        b_dq = _mm(weights.to(b_k.dtype), b_k, PRECISION)
+        b_dq += tl.exp(b_G)[:, None] * _mm(b_do, tl.trans(h).to(b_do.dtype), PRECISION)
         tl.store(dq_part + ((i_v * TOKENS + rows[:, None]) * HEADS + i_h) * N + o_k[None, :], b_dq,
                  mask=m_t[:, None] & m_k[None, :])
         b_kd = (b_k * tl.exp(G_last - b_G)[:, None]).to(b_v.dtype)
-        h = h * tl.exp(G_last) + tl.dot(tl.trans(b_kd), b_v)
+        h = h * tl.exp(G_last) + _mm(tl.trans(b_kd), b_v, PRECISION)
 
 
 @triton.jit
 def _ssd_bwd_dkv_kernel(
     q, k, v, g, do, dk_part, dv, cu_seqlens,
     TOKENS, GROUPS, HEADS, HEADS_PER_GROUP, N, P,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Reverse walk with the state gradient dh (of the state after the chunk): dk (one value block's part), dv."""
     i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -140,7 +148,7 @@ def _ssd_bwd_dkv_kernel(
     causal = o_t[:, None] >= o_t[None, :]
     dh = tl.zeros([BK, BV], dtype=tl.float32)
     for i in range(0, n_chunks):
-        rows = bos + (n_chunks - 1 - i) * BT + o_t
+        rows = (bos + (n_chunks - 1 - i) * BT + o_t).to(tl.int64)
         m_t = rows < eos
         m_tv = m_t[:, None] & m_v[None, :]
         b_q, b_k, b_v, b_G = _load_chunk(q, k, v, g, rows, m_t, i_g, i_h, o_k, m_k, o_v, m_v, GROUPS, HEADS, N, P)
@@ -148,15 +156,16 @@ def _ssd_bwd_dkv_kernel(
         G_last = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
         decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
         to_end = tl.exp(G_last - b_G)[:, None]
-        scores = tl.dot(b_q, tl.trans(b_k)) * decay  # [query t, key s]
-        b_dv = tl.dot(tl.trans(scores).to(b_do.dtype), b_do) + to_end * tl.dot(b_k, dh.to(b_k.dtype))
+        scores = _mm(b_q, tl.trans(b_k), PRECISION) * decay  # [query t, key s]
+        b_dv = _mm(tl.trans(scores).to(b_do.dtype), b_do, PRECISION) + to_end * _mm(b_k, dh.to(b_k.dtype), PRECISION)
         tl.store(dv + rows[:, None] * HEADS * P + i_h * P + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
-        weights = tl.dot(b_do, tl.trans(b_v)) * decay
-        b_dk = tl.dot(tl.trans(weights).to(b_q.dtype), b_q) + to_end * tl.dot(b_v, tl.trans(dh).to(b_v.dtype))
+        weights = _mm(b_do, tl.trans(b_v), PRECISION) * decay
+        b_dk = _mm(tl.trans(weights).to(b_q.dtype), b_q, PRECISION)
+        b_dk += to_end * _mm(b_v, tl.trans(dh).to(b_v.dtype), PRECISION)
         tl.store(dk_part + ((i_v * TOKENS + rows[:, None]) * HEADS + i_h) * N + o_k[None, :], b_dk,
                  mask=m_t[:, None] & m_k[None, :])
         b_qd = (b_q * tl.exp(b_G)[:, None]).to(b_do.dtype)
-        dh = dh * tl.exp(G_last) + tl.dot(tl.trans(b_qd), b_do)
+        dh = dh * tl.exp(G_last) + _mm(tl.trans(b_qd), b_do, PRECISION)
 
 
 def _blocks(state_size: int, head_dim: int) -> tuple[int, int]:
@@ -164,6 +173,11 @@ def _blocks(state_size: int, head_dim: int) -> tuple[int, int]:
     bk = max(MIN_DOT, triton.next_power_of_2(state_size))
     bv = max(MIN_DOT, min(VALUE_BLOCK, triton.next_power_of_2(head_dim)))
     return bk, bv
+
+
+def _precision(v: torch.Tensor) -> str:
+    """fp32 callers (references, tests) get fp32 products; TF32 would cost them ~1e-3. bf16 ignores it."""
+    return "ieee" if v.dtype == torch.float32 else "tf32"
 
 
 def _reverse_cumsum_in_documents(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -188,7 +202,7 @@ class SSDScan(torch.autograd.Function):
         y = torch.empty_like(v)
         _ssd_fwd_kernel[grid](
             q, k, v, g, y, cu_seqlens, groups, heads, heads // groups, state_size, head_dim,
-            BT=chunk_tokens, BK=bk, BV=bv,
+            BT=chunk_tokens, BK=bk, BV=bv, PRECISION=_precision(v),
         )
         ctx.save_for_backward(q, k, v, g, cu_seqlens)
         ctx.chunk_tokens = chunk_tokens
@@ -204,7 +218,7 @@ class SSDScan(torch.autograd.Function):
         n_v = triton.cdiv(head_dim, bv)
         grid = (cu_seqlens.numel() - 1, heads, n_v)
         shape = dict(TOKENS=tokens, GROUPS=groups, HEADS=heads, HEADS_PER_GROUP=heads // groups, N=state_size,
-                     P=head_dim, BT=ctx.chunk_tokens, BK=bk, BV=bv)
+                     P=head_dim, BT=ctx.chunk_tokens, BK=bk, BV=bv, PRECISION=_precision(v))
         # Per-head, per-value-block partial sums in fp32; zeros so rows outside every document stay 0.
         dq_part = torch.zeros(n_v, tokens, heads, state_size, device=q.device, dtype=torch.float32)
         dk_part = torch.zeros_like(dq_part)
@@ -231,6 +245,8 @@ def ssd_scan(
     ``q``/``k [T, G, N]`` (``C``/``B``), ``v [T, H, P]`` (``dt * x``), ``g [T, H]`` (``dt * A``, cast to fp32),
     ``cu_seqlens [docs + 1]`` starting at 0 and ending at ``T``. ``H`` must be a multiple of ``G``.
     """
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if v.shape[1] % q.shape[1]:
         raise ValueError(f"heads ({v.shape[1]}) must be a multiple of groups ({q.shape[1]})")
     if chunk_tokens < MIN_DOT or chunk_tokens & (chunk_tokens - 1):
