@@ -27,6 +27,7 @@ from mtp_recipes.data import build_data, load_tokenizer
 from mtp_recipes.distributed.mesh import World, all_reduce_sum, broadcast_object, init_world, shutdown
 from mtp_recipes.distributed.parallelize import apply_activation_checkpointing, apply_compile, apply_fsdp
 from mtp_recipes.errors import ConfigError, TrainingError
+from mtp_recipes.mamba.kernels import scan_backend
 from mtp_recipes.metrics import flops_per_token, mfu, peak_flops
 from mtp_recipes.model import MTPModel
 from mtp_recipes.mtp.roll import count_depth_targets
@@ -53,6 +54,7 @@ class FinetuneRecipe:
         torch.manual_seed(cfg.trainer.seed)
         self.device = self.world.device
         self.autocast_dtype = _autocast_dtype(cfg.trainer.precision, self.device)
+        scan_backend(torch.empty(0, device=self.device))  # a bad MTP_RECIPES_MAMBA_SCAN stops the run here
         if self.world.is_main:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from mtp_recipes.errors import ConfigError
 from mtp_recipes.mamba.ssd import mamba2_chunk_scan as torch_chunk_scan
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def our_triton_scan() -> Callable[..., Any] | None:
 def _forced_choice() -> str:
     choice = os.environ.get(SCAN_ENV, "auto")
     if choice not in SCAN_CHOICES:
-        raise ValueError(f"{SCAN_ENV}={choice!r} is not one of {', '.join(SCAN_CHOICES)}; unset it or pick one")
+        raise ConfigError(f"{SCAN_ENV}={choice!r} is not one of {', '.join(SCAN_CHOICES)}; unset it or pick one")
     return choice
 
 
@@ -89,7 +90,8 @@ def scan_backend(hidden_states: torch.Tensor, stateful: bool = False) -> str:
     """Which scan :func:`mamba2_chunk_scan` runs for this input: ``"mamba_ssm-triton"``, ``"triton"`` or ``"torch"``.
 
     ``stateful`` (initial or final states wanted) rules out our kernels. A forced backend that cannot be
-    imported is an error, not a silent fallback.
+    imported is a :class:`ConfigError`, not a silent fallback (the recipe asks once at setup, so it stops
+    before any work).
     """
     choice = _forced_choice()
     if choice == "auto" and not _on_cuda(hidden_states):
@@ -100,7 +102,7 @@ def scan_backend(hidden_states: torch.Tensor, stateful: bool = False) -> str:
         return "triton"
     if choice in ("auto", "torch") or (choice == "triton" and stateful):
         return "torch"
-    raise RuntimeError(f"{SCAN_ENV}={choice} but that scan does not import here; install it or unset {SCAN_ENV}")
+    raise ConfigError(f"{SCAN_ENV}={choice} but that scan does not import here; install it or unset {SCAN_ENV}")
 
 
 def mamba2_chunk_scan(

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
+from mtp_recipes.errors import ConfigError
 from mtp_recipes.mamba import kernels, ssd, use_boundary_aware_mamba
 from mtp_recipes.mamba.triton_ssd import cu_seqlens_from_seq_idx, ssd_chunk_scan_triton, ssd_scan
 from mtp_recipes.packed import seq_idx_from_position_ids
@@ -161,11 +162,11 @@ def test_a_packed_nemotron_h_through_the_kernels_equals_each_document_alone(forc
 
 def test_forcing_an_unavailable_scan_is_one_clear_error(monkeypatch):
     monkeypatch.setenv(kernels.SCAN_ENV, "bogus")
-    with pytest.raises(ValueError, match="MTP_RECIPES_MAMBA_SCAN='bogus' is not one of"):
+    with pytest.raises(ConfigError, match="MTP_RECIPES_MAMBA_SCAN='bogus' is not one of"):
         kernels.scan_backend(torch.zeros(1))
     kernels.mamba_ssm_chunk_scan.cache_clear()
     monkeypatch.setenv(kernels.SCAN_ENV, "mamba_ssm")
-    with pytest.raises(RuntimeError, match="does not import here"):
+    with pytest.raises(ConfigError, match="does not import here"):
         kernels.scan_backend(torch.zeros(1))
 
 

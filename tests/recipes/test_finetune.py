@@ -33,8 +33,8 @@ def composed(*overrides: str, name: str = "finetune"):
         return compose(config_name=name, overrides=list(overrides))
 
 
-def run_cli(*args: str, cwd: Path, offline: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"} if offline else dict(os.environ)
+def run_cli(*args: str, cwd: Path, offline: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **extra_env} if offline else {**os.environ, **extra_env}
     return subprocess.run(
         [sys.executable, "-m", "mtp_recipes.finetune", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
@@ -139,6 +139,13 @@ def test_cli_override_and_error_lines(tmp_path):
     lines = [line for line in missing.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in missing.stderr
     assert "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16" in lines[0] and "model.path" in lines[0]
+
+
+def test_a_bad_mamba_scan_choice_stops_before_any_work(tmp_path):
+    bad = run_cli(*FAST, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, MTP_RECIPES_MAMBA_SCAN="fast")
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: MTP_RECIPES_MAMBA_SCAN='fast' is not one of")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_multirun_sweep_writes_one_run_per_value(tmp_path):
