@@ -37,10 +37,14 @@ import triton.language as tl
 from mtp_recipes.mamba.ssd import discretized_dt, skip_and_gate
 from mtp_recipes.packed import document_starts
 
-# Block sizes. BT tokens per chunk, BV value columns per program (more programs when heads are few);
-# BK covers the whole state dim (the state of a program is [BK, BV] fp32).
+# Launch shape, chosen from sm_90 builds of these kernels (`python scripts/triton_ssd_resources.py`): at
+# N=128, bf16, 8 warps, the forward with 64-token chunks and both backward walks with 32-token chunks use no
+# local-memory spills (the backward spills at 64 tokens, everything spills at 4 warps). BV value columns per
+# program (more programs when heads are few); BK covers the whole state dim (a program's state is [BK, BV]).
 CHUNK_TOKENS = 64
+BACKWARD_CHUNK_TOKENS = 32
 VALUE_BLOCK = 32
+NUM_WARPS = 8
 MIN_DOT = 16  # tl.dot needs every block dim >= 16
 
 
@@ -193,7 +197,7 @@ class SSDScan(torch.autograd.Function):
     """``y [T, H, P]`` from ``q``/``k [T, G, N]``, ``v [T, H, P]``, log decay ``g [T, H]`` (fp32), ``cu_seqlens``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, cu_seqlens, chunk_tokens):  # type: ignore[override]
+    def forward(ctx, q, k, v, g, cu_seqlens, chunk_tokens, backward_chunk_tokens):  # type: ignore[override]
         tokens, heads, head_dim = v.shape
         groups, state_size = q.shape[1], q.shape[2]
         bk, bv = _blocks(state_size, head_dim)
@@ -202,10 +206,10 @@ class SSDScan(torch.autograd.Function):
         y = torch.empty_like(v)
         _ssd_fwd_kernel[grid](
             q, k, v, g, y, cu_seqlens, groups, heads, heads // groups, state_size, head_dim,
-            BT=chunk_tokens, BK=bk, BV=bv, PRECISION=_precision(v),
+            BT=chunk_tokens, BK=bk, BV=bv, PRECISION=_precision(v), num_warps=NUM_WARPS,
         )
         ctx.save_for_backward(q, k, v, g, cu_seqlens)
-        ctx.chunk_tokens = chunk_tokens
+        ctx.chunk_tokens = backward_chunk_tokens
         return y
 
     @staticmethod
@@ -218,7 +222,7 @@ class SSDScan(torch.autograd.Function):
         n_v = triton.cdiv(head_dim, bv)
         grid = (cu_seqlens.numel() - 1, heads, n_v)
         shape = dict(TOKENS=tokens, GROUPS=groups, HEADS=heads, HEADS_PER_GROUP=heads // groups, N=state_size,
-                     P=head_dim, BT=ctx.chunk_tokens, BK=bk, BV=bv, PRECISION=_precision(v))
+                     P=head_dim, BT=ctx.chunk_tokens, BK=bk, BV=bv, PRECISION=_precision(v), num_warps=NUM_WARPS)
         # Per-head, per-value-block partial sums in fp32; zeros so rows outside every document stay 0.
         dq_part = torch.zeros(n_v, tokens, heads, state_size, device=q.device, dtype=torch.float32)
         dk_part = torch.zeros_like(dq_part)
@@ -229,7 +233,7 @@ class SSDScan(torch.autograd.Function):
         dk_heads = dk_part.sum(0).view(tokens, groups, heads // groups, state_size)
         d_cum = (q.float()[:, :, None] * dq_heads).sum(-1) - (k.float()[:, :, None] * dk_heads).sum(-1)
         dg = _reverse_cumsum_in_documents(d_cum.view(tokens, heads), cu_seqlens)
-        return dq_heads.sum(2).to(q.dtype), dk_heads.sum(2).to(k.dtype), dv, dg, None, None
+        return dq_heads.sum(2).to(q.dtype), dk_heads.sum(2).to(k.dtype), dv, dg, None, None, None
 
 
 def ssd_scan(
@@ -239,6 +243,7 @@ def ssd_scan(
     g: torch.Tensor,
     cu_seqlens: torch.Tensor,
     chunk_tokens: int = CHUNK_TOKENS,
+    backward_chunk_tokens: int = BACKWARD_CHUNK_TOKENS,
 ) -> torch.Tensor:
     """Differentiable SSD scan of flattened packed documents (see the module docstring for the formula).
 
@@ -249,11 +254,12 @@ def ssd_scan(
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if v.shape[1] % q.shape[1]:
         raise ValueError(f"heads ({v.shape[1]}) must be a multiple of groups ({q.shape[1]})")
-    if chunk_tokens < MIN_DOT or chunk_tokens & (chunk_tokens - 1):
-        raise ValueError(f"chunk_tokens must be a power of two >= {MIN_DOT}, got {chunk_tokens}")
+    for tokens in (chunk_tokens, backward_chunk_tokens):
+        if tokens < MIN_DOT or tokens & (tokens - 1):
+            raise ValueError(f"chunk lengths must be powers of two >= {MIN_DOT}, got {tokens}")
     return SSDScan.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous(),
-        cu_seqlens.to(device=v.device, dtype=torch.int32).contiguous(), chunk_tokens,
+        cu_seqlens.to(device=v.device, dtype=torch.int32).contiguous(), chunk_tokens, backward_chunk_tokens,
     )
 
 

@@ -50,14 +50,14 @@ def raw_inputs(tokens=70, groups=2, heads_per_group=2, state=12, head_dim=20, se
     return q, k, v, g
 
 
-@pytest.mark.parametrize("chunk_tokens", [16, 32])
-def test_kernels_match_the_float64_scan_values_and_gradients(chunk_tokens):
+@pytest.mark.parametrize("chunk_tokens, backward_chunk_tokens", [(16, 16), (32, 16), (16, 32)])
+def test_kernels_match_the_float64_scan_values_and_gradients(chunk_tokens, backward_chunk_tokens):
     # Documents shorter than, equal to and longer than a chunk; a state size and head dim that are no power of
     # two (masked blocks); two heads per group; head_dim 20 -> two value blocks (partial dq/dk sums).
     cu_seqlens = torch.tensor([0, 11, 16, 32, 53, 70])
     inputs64 = [t.requires_grad_() for t in raw_inputs()]
     inputs32 = on_device(inputs64)
-    y = ssd_scan(*inputs32, cu_seqlens, chunk_tokens=chunk_tokens)
+    y = ssd_scan(*inputs32, cu_seqlens, chunk_tokens=chunk_tokens, backward_chunk_tokens=backward_chunk_tokens)
     ref = reference_scan(*inputs64, cu_seqlens)
     torch.testing.assert_close(y.cpu().double(), ref, **TOL)
     weight = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
