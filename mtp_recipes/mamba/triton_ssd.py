@@ -55,14 +55,56 @@ def _mm(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _load_chunk(q, k, v, g, rows, m_t, i_g, i_h, o_k, m_k, o_v, m_v, GROUPS, HEADS, N, P):
-    """One chunk's ``q``/``k`` (of head ``i_h``'s group), ``v`` block, and within-chunk cumulative log decay."""
-    b_q = tl.load(q + rows[:, None] * GROUPS * N + i_g * N + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-    b_k = tl.load(k + rows[:, None] * GROUPS * N + i_g * N + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-    b_v = tl.load(v + rows[:, None] * HEADS * P + i_h * P + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+def _tile(cu_seqlens, HEADS_PER_GROUP, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """This program's head, group and value block, its document's token range, and the tiles' index vectors."""
+    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    return i_h, i_h // HEADS_PER_GROUP, bos, eos, tl.arange(0, BT), tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+
+
+@triton.jit
+def _load_chunk(q, k, v, g, start, eos, i_g, i_h, o_t, o_k, o_v, GROUPS, HEADS, N, P, BT: tl.constexpr):
+    """The chunk of tokens ``[start, start + BT)`` (clipped at ``eos``): its rows, ``q``/``k`` (of head ``i_h``'s
+    group), ``v`` block, cumulative log decay ``G``, the chunk's total decay and the causal in-chunk decay."""
+    rows = (start + o_t).to(tl.int64)  # int64: token * heads * dims overflows int32 at long batches
+    m_t = rows < eos
+    m_tk = m_t[:, None] & (o_k < N)[None, :]
+    b_q = tl.load(q + rows[:, None] * GROUPS * N + i_g * N + o_k[None, :], mask=m_tk, other=0.0)
+    b_k = tl.load(k + rows[:, None] * GROUPS * N + i_g * N + o_k[None, :], mask=m_tk, other=0.0)
+    b_v = tl.load(v + _value_offsets(rows, i_h, o_v, HEADS, P), mask=_value_mask(m_t, o_v, P), other=0.0)
     # Padding rows have g = 0, so the cumsum at the last row is the decay of the whole (valid) chunk.
     b_G = tl.cumsum(tl.load(g + rows * HEADS + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
-    return b_q, b_k, b_v, b_G
+    G_last = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
+    causal = o_t[:, None] >= o_t[None, :]
+    decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+    return rows, m_t, b_q, b_k, b_v, b_G, G_last, decay
+
+
+@triton.jit
+def _value_offsets(rows, i_h, o_v, HEADS, P):
+    """Offsets of a ``[BT, BV]`` tile of a ``[T, H, P]`` tensor (v, y and their gradients)."""
+    return rows[:, None] * HEADS * P + i_h * P + o_v[None, :]
+
+
+@triton.jit
+def _value_mask(m_t, o_v, P):
+    return m_t[:, None] & (o_v < P)[None, :]
+
+
+@triton.jit
+def _store_partial(part, value, rows, m_t, i_h, o_k, TOKENS, HEADS, N):
+    """Store one value block's share of dq or dk into ``part [value blocks, T, H, N]`` (summed afterwards)."""
+    i_v = tl.program_id(2)
+    tl.store(part + ((i_v * TOKENS + rows[:, None]) * HEADS + i_h) * N + o_k[None, :], value,
+             mask=m_t[:, None] & (o_k < N)[None, :])
+
+
+@triton.jit
+def _advance_state(h, b_k, b_v, b_G, G_last, PRECISION: tl.constexpr):
+    """The state after the chunk: ``exp(G_last) h + sum_s exp(G_last - G_s) k_s v_s^T`` (fp32)."""
+    b_kd = (b_k * tl.exp(G_last - b_G)[:, None]).to(b_v.dtype)
+    return h * tl.exp(G_last) + _mm(tl.trans(b_kd), b_v, PRECISION)
 
 
 @triton.jit
@@ -71,30 +113,18 @@ def _ssd_fwd_kernel(
     GROUPS, HEADS, HEADS_PER_GROUP, N, P,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_g = i_h // HEADS_PER_GROUP
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
-    o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < N
-    m_v = o_v < P
-    causal = o_t[:, None] >= o_t[None, :]
+    """y_t = exp(G_t) C_t h_{before chunk} + sum_{s<=t in chunk} (q_t . k_s) exp(G_t - G_s) v_s, one value block."""
+    i_h, i_g, bos, eos, o_t, o_k, o_v = _tile(cu_seqlens, HEADS_PER_GROUP, BT, BK, BV)
     h = tl.zeros([BK, BV], dtype=tl.float32)
     for start in range(bos, eos, BT):
-        rows = (start + o_t).to(tl.int64)  # int64: token * heads * dims overflows int32 at long batches
-        m_t = rows < eos
-        b_q, b_k, b_v, b_G = _load_chunk(q, k, v, g, rows, m_t, i_g, i_h, o_k, m_k, o_v, m_v, GROUPS, HEADS, N, P)
-        G_last = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
-        decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+        rows, m_t, b_q, b_k, b_v, b_G, G_last, decay = _load_chunk(
+            q, k, v, g, start, eos, i_g, i_h, o_t, o_k, o_v, GROUPS, HEADS, N, P, BT)
         scores = _mm(b_q, tl.trans(b_k), PRECISION) * decay
         b_o = _mm(scores.to(b_v.dtype), b_v, PRECISION)
         b_o += tl.exp(b_G)[:, None] * _mm(b_q, h.to(b_q.dtype), PRECISION)
-        tl.store(o + rows[:, None] * HEADS * P + i_h * P + o_v[None, :], b_o.to(o.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
-        b_kd = (b_k * tl.exp(G_last - b_G)[:, None]).to(b_v.dtype)
-        h = h * tl.exp(G_last) + _mm(tl.trans(b_kd), b_v, PRECISION)
+        tl.store(o + _value_offsets(rows, i_h, o_v, HEADS, P), b_o.to(o.dtype.element_ty),
+                 mask=_value_mask(m_t, o_v, P))
+        h = _advance_state(h, b_k, b_v, b_G, G_last, PRECISION)
 
 
 @triton.jit
@@ -104,32 +134,17 @@ def _ssd_bwd_dq_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dq_t = exp(G_t) h_{before chunk} do_t + sum_{s<=t} (do_t . v_s) exp(G_t - G_s) k_s, for one value block."""
-    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_g = i_h // HEADS_PER_GROUP
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
-    o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < N
-    m_v = o_v < P
-    causal = o_t[:, None] >= o_t[None, :]
+    i_h, i_g, bos, eos, o_t, o_k, o_v = _tile(cu_seqlens, HEADS_PER_GROUP, BT, BK, BV)
     h = tl.zeros([BK, BV], dtype=tl.float32)
     for start in range(bos, eos, BT):
-        rows = (start + o_t).to(tl.int64)  # int64: token * heads * dims overflows int32 at long batches
-        m_t = rows < eos
-        b_q, b_k, b_v, b_G = _load_chunk(q, k, v, g, rows, m_t, i_g, i_h, o_k, m_k, o_v, m_v, GROUPS, HEADS, N, P)
-        b_do = tl.load(do + rows[:, None] * HEADS * P + i_h * P + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
-                       other=0.0)
-        G_last = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
-        decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+        rows, m_t, b_q, b_k, b_v, b_G, G_last, decay = _load_chunk(
+            q, k, v, g, start, eos, i_g, i_h, o_t, o_k, o_v, GROUPS, HEADS, N, P, BT)
+        b_do = tl.load(do + _value_offsets(rows, i_h, o_v, HEADS, P), mask=_value_mask(m_t, o_v, P), other=0.0)
         weights = _mm(b_do, tl.trans(b_v), PRECISION) * decay
         b_dq = _mm(weights.to(b_k.dtype), b_k, PRECISION)
         b_dq += tl.exp(b_G)[:, None] * _mm(b_do, tl.trans(h).to(b_do.dtype), PRECISION)
-        tl.store(dq_part + ((i_v * TOKENS + rows[:, None]) * HEADS + i_h) * N + o_k[None, :], b_dq,
-                 mask=m_t[:, None] & m_k[None, :])
-        b_kd = (b_k * tl.exp(G_last - b_G)[:, None]).to(b_v.dtype)
-        h = h * tl.exp(G_last) + _mm(tl.trans(b_kd), b_v, PRECISION)
+        _store_partial(dq_part, b_dq, rows, m_t, i_h, o_k, TOKENS, HEADS, N)
+        h = _advance_state(h, b_k, b_v, b_G, G_last, PRECISION)
 
 
 @triton.jit
@@ -139,35 +154,22 @@ def _ssd_bwd_dkv_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Reverse walk with the state gradient dh (of the state after the chunk): dk (one value block's part), dv."""
-    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_g = i_h // HEADS_PER_GROUP
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
+    i_h, i_g, bos, eos, o_t, o_k, o_v = _tile(cu_seqlens, HEADS_PER_GROUP, BT, BK, BV)
     n_chunks = tl.cdiv(eos - bos, BT)
-    o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < N
-    m_v = o_v < P
-    causal = o_t[:, None] >= o_t[None, :]
     dh = tl.zeros([BK, BV], dtype=tl.float32)
     for i in range(0, n_chunks):
-        rows = (bos + (n_chunks - 1 - i) * BT + o_t).to(tl.int64)
-        m_t = rows < eos
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_q, b_k, b_v, b_G = _load_chunk(q, k, v, g, rows, m_t, i_g, i_h, o_k, m_k, o_v, m_v, GROUPS, HEADS, N, P)
-        b_do = tl.load(do + rows[:, None] * HEADS * P + i_h * P + o_v[None, :], mask=m_tv, other=0.0)
-        G_last = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
-        decay = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+        rows, m_t, b_q, b_k, b_v, b_G, G_last, decay = _load_chunk(
+            q, k, v, g, bos + (n_chunks - 1 - i) * BT, eos, i_g, i_h, o_t, o_k, o_v, GROUPS, HEADS, N, P, BT)
+        b_do = tl.load(do + _value_offsets(rows, i_h, o_v, HEADS, P), mask=_value_mask(m_t, o_v, P), other=0.0)
         to_end = tl.exp(G_last - b_G)[:, None]
         scores = _mm(b_q, tl.trans(b_k), PRECISION) * decay  # [query t, key s]
         b_dv = _mm(tl.trans(scores).to(b_do.dtype), b_do, PRECISION) + to_end * _mm(b_k, dh.to(b_k.dtype), PRECISION)
-        tl.store(dv + rows[:, None] * HEADS * P + i_h * P + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
+        tl.store(dv + _value_offsets(rows, i_h, o_v, HEADS, P), b_dv.to(dv.dtype.element_ty),
+                 mask=_value_mask(m_t, o_v, P))
         weights = _mm(b_do, tl.trans(b_v), PRECISION) * decay
         b_dk = _mm(tl.trans(weights).to(b_q.dtype), b_q, PRECISION)
         b_dk += to_end * _mm(b_v, tl.trans(dh).to(b_v.dtype), PRECISION)
-        tl.store(dk_part + ((i_v * TOKENS + rows[:, None]) * HEADS + i_h) * N + o_k[None, :], b_dk,
-                 mask=m_t[:, None] & m_k[None, :])
+        _store_partial(dk_part, b_dk, rows, m_t, i_h, o_k, TOKENS, HEADS, N)
         b_qd = (b_q * tl.exp(b_G)[:, None]).to(b_do.dtype)
         dh = dh * tl.exp(G_last) + _mm(tl.trans(b_qd), b_do, PRECISION)
 
