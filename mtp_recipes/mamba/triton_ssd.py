@@ -225,10 +225,11 @@ class SSDScan(torch.autograd.Function):
         grid = (cu_seqlens.numel() - 1, heads, n_v)
         shape = dict(TOKENS=tokens, GROUPS=groups, HEADS=heads, HEADS_PER_GROUP=heads // groups, N=state_size,
                      P=head_dim, BT=ctx.chunk_tokens, BK=bk, BV=bv, PRECISION=_precision(v), num_warps=NUM_WARPS)
-        # Per-head, per-value-block partial sums in fp32; zeros so rows outside every document stay 0.
-        dq_part = torch.zeros(n_v, tokens, heads, state_size, device=q.device, dtype=torch.float32)
-        dk_part = torch.zeros_like(dq_part)
-        dv = torch.zeros_like(v)
+        # Per-head, per-value-block partial sums in fp32 (at the anchor's 1.2B shape 2 x 134 MB per value block,
+        # freed with the layer's backward). Every token lies in one document, so the kernels write every row.
+        dq_part = torch.empty(n_v, tokens, heads, state_size, device=q.device, dtype=torch.float32)
+        dk_part = torch.empty_like(dq_part)
+        dv = torch.empty_like(v)
         _ssd_bwd_dq_kernel[grid](q, k, v, g, dy, dq_part, cu_seqlens, **shape)
         _ssd_bwd_dkv_kernel[grid](q, k, v, g, dy, dk_part, dv, cu_seqlens, **shape)
         dq_heads = dq_part.sum(0).view(tokens, groups, heads // groups, state_size)
@@ -250,7 +251,8 @@ def ssd_scan(
     """Differentiable SSD scan of flattened packed documents (see the module docstring for the formula).
 
     ``q``/``k [T, G, N]`` (``C``/``B``), ``v [T, H, P]`` (``dt * x``), ``g [T, H]`` (``dt * A``, cast to fp32),
-    ``cu_seqlens [docs + 1]`` starting at 0 and ending at ``T``. ``H`` must be a multiple of ``G``.
+    ``cu_seqlens [docs + 1]`` increasing from 0 to ``T`` (every token in one document, none empty). ``H`` must be
+    a multiple of ``G``.
     """
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
