@@ -1,4 +1,4 @@
-"""Scan selection: mamba_ssm's Triton kernel for CUDA inputs when importable, our torch scan otherwise.
+"""Scan selection: for CUDA inputs mamba_ssm's Triton kernel when importable, else ours, else our torch scan.
 
 No GPU and no mamba_ssm here, so a fake ``mamba_ssm.ops.triton.ssd_combined`` is injected into
 ``sys.modules`` and the device test is monkeypatched. This checks which function runs and with which
@@ -63,6 +63,15 @@ def test_cpu_tensors_stay_on_the_torch_scan(fake_kernel):
     assert kernels.mamba_ssm_chunk_scan() is not None
     kernels.mamba2_chunk_scan(*scan_inputs(), 8)
     assert fake_kernel == []
+
+
+def test_auto_on_cuda_prefers_mamba_ssm_then_our_triton_kernels(fresh_selection, monkeypatch):
+    monkeypatch.setattr(kernels, "_on_cuda", lambda tensor: True)
+    x = scan_inputs()[0]
+    assert kernels.scan_backend(x) == "triton"  # no mamba_ssm here, Triton imports
+    assert kernels.scan_backend(x, stateful=True) == "torch"  # initial/final states: our kernels have none
+    monkeypatch.setattr(kernels, "our_triton_scan", lambda: None)
+    assert kernels.scan_backend(x) == "torch"  # no Triton either
 
 
 def test_cuda_tensors_call_the_kernel_with_seq_idx(fake_kernel, monkeypatch):
