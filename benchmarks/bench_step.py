@@ -5,12 +5,13 @@ Model: the config of ``shared/bench/mtp_anchors.py`` section B: 24 layers ``M-M-
 Per batch size (B=1, 2 at S=4096, bf16 params, fused AdamW, no fp32 master copy, as the anchor):
 
 * ``ours D=0`` / ``ours D=1``: :class:`mtp_recipes.model.MTPModel` on packed rows (``seq_idx``, several documents per
-  row), boundary-aware Mamba2 (Triton scan when mamba_ssm imports), one-pass chunked loss; D=1 adds one MTP depth
+  row), boundary-aware Mamba2 (on CUDA mamba_ssm's Triton scan when it imports, else ours), one-pass chunked loss; D=1 adds one MTP depth
   (attention + MoE, the Nemotron-3 pattern ``*E``).
 * ``hf``: ``NemotronHForCausalLM(input_ids, labels=input_ids)``, unpacked, transformers' own kernels/fallbacks.
 
-Reports tokens/s, MFU (:mod:`mtp_recipes.metrics`, attention-score FLOPs included), peak memory, and the MTP
-overhead ``step(D=1) / step(D=0)`` next to the FLOP-predicted ratio ``flops(D=1) / flops(D=0)``.
+Reports tokens/s, MFU (:mod:`mtp_recipes.metrics`, attention-score FLOPs included), peak memory, the speed-up
+``tokens/s(ours D=1) / tokens/s(hf)`` (the issue's target: >= 20x at B=1), and the MTP overhead
+``step(D=1) / step(D=0)`` next to the FLOP-predicted ratio ``flops(D=1) / flops(D=0)``.
 
     python benchmarks/bench_step.py            # CUDA (the anchor: plain HF took 2.06 s/step at B=1, OOM at B=2)
     python benchmarks/bench_step.py --small    # CPU smoke run: tiny config, S=256, a few steps
@@ -150,6 +151,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["mtp_overhead"].append({"batch": batch, "measured": measured, "flop_predicted": predicted})
         shown = "-" if measured is None else f"{measured:.3f}"
         print(f"MTP overhead B={batch}: step(D=1)/step(D=0) = {shown}, FLOP-predicted {predicted:.3f}")
+    results["speedup_over_hf"] = []
+    for batch in args.batch:
+        ms = {r["model"]: r["ms"] for r in results["rows"] if r["batch"] == batch}
+        speedup = None if None in (ms["hf"], ms["ours D=1"]) else ms["hf"] / ms["ours D=1"]
+        results["speedup_over_hf"].append({"batch": batch, "ours_d1_over_hf": speedup})
+        shown = "- (hf OOM)" if ms["hf"] is None else ("-" if speedup is None else f"{speedup:.1f}x")
+        print(f"speed-up B={batch}: tokens/s ours D=1 / plain HF = {shown}")
     results["scan_backend"] = scan_backend(torch.empty(0, device=device))
     return results
 
