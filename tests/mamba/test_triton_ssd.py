@@ -68,6 +68,22 @@ def test_kernels_match_the_float64_scan_values_and_gradients(chunk_tokens, backw
         torch.testing.assert_close(got.cpu().double(), want, **TOL, msg=lambda m, n=name: f"d{n}: {m}")
 
 
+def test_the_shipped_launch_shape_at_nemotron_h_sizes():
+    """Default chunk lengths (64 forward, 32 backward), state 128 and head_dim 64 (two value blocks), as trained."""
+    cu_seqlens = torch.tensor([0, 70, 75, 150])
+    inputs64 = [t.requires_grad_() for t in raw_inputs(tokens=150, state=128, head_dim=64, seed=3)]
+    inputs32 = on_device(inputs64)
+    y = ssd_scan(*inputs32, cu_seqlens)
+    ref = reference_scan(*inputs64, cu_seqlens)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(y.cpu().double(), ref, rtol=0, atol=1e-5 * scale)
+    weight = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad((y * weight.to(DEVICE, torch.float32)).sum(), inputs32)
+    for name, got, want in zip("qkvg", grads, torch.autograd.grad((ref * weight).sum(), inputs64)):
+        size = want.abs().max().item()
+        torch.testing.assert_close(got.cpu().double(), want, rtol=0, atol=1e-5 * size, msg=lambda m, n=name: f"d{n}: {m}")
+
+
 def test_one_document_never_sees_another():
     """Changing document 0's inputs changes nothing in documents 1 and 2, forward or backward."""
     cu_seqlens = torch.tensor([0, 20, 45, 70])
