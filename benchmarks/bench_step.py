@@ -5,8 +5,8 @@ Model: the config of ``shared/bench/mtp_anchors.py`` section B: 24 layers ``M-M-
 Per batch size (B=1, 2 at S=4096, bf16 params, fused AdamW, no fp32 master copy, as the anchor):
 
 * ``ours D=0`` / ``ours D=1``: :class:`mtp_recipes.model.MTPModel` on packed rows (``seq_idx``, several documents per
-  row), boundary-aware Mamba2 (on CUDA mamba_ssm's Triton scan when it imports, else ours), one-pass chunked loss; D=1 adds one MTP depth
-  (attention + MoE, the Nemotron-3 pattern ``*E``).
+  row), boundary-aware Mamba2 (on CUDA mamba_ssm's Triton scan when it imports, else ours), one-pass chunked
+  loss; D=1 adds one MTP depth (attention + MoE, the Nemotron-3 pattern ``*E``).
 * ``hf``: ``NemotronHForCausalLM(input_ids, labels=input_ids)``, unpacked, transformers' own kernels/fallbacks.
 
 Reports tokens/s, MFU (:mod:`mtp_recipes.metrics`, attention-score FLOPs included), peak memory, the speed-up
