@@ -200,7 +200,7 @@ class SSDScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, cu_seqlens, chunk_tokens, backward_chunk_tokens):  # type: ignore[override]
-        tokens, heads, head_dim = v.shape
+        heads, head_dim = v.shape[1:]
         groups, state_size = q.shape[1], q.shape[2]
         bk, bv = _blocks(state_size, head_dim)
         n_docs = cu_seqlens.numel() - 1
@@ -310,4 +310,4 @@ def ssd_chunk_scan_triton(
     k = B.to(x.dtype).reshape(tokens, *B.shape[2:])
     cu_seqlens = cu_seqlens_from_seq_idx(seq_idx, batch, seq_len, x.device)
     y = ssd_scan(q, k, v, g, cu_seqlens).view(batch, seq_len, heads, head_dim)
-    return skip_and_gate(y.float(), x, D, z)
+    return skip_and_gate(y, x, D, z)  # in fp32, back to x.dtype
