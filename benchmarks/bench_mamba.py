@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
-from mtp_recipes.mamba.conv import causal_conv1d_fn
+from mtp_recipes.mamba.conv import causal_conv1d_varlen
 from mtp_recipes.mamba.kernels import mamba_ssm_chunk_scan, our_triton_scan
 from mtp_recipes.mamba.ssd import mamba2_chunk_scan
 
@@ -50,6 +50,13 @@ def make_inputs(args: argparse.Namespace) -> dict[str, torch.Tensor]:
         "D": leaf(args.heads),
         "dt_bias": leaf(args.heads, scale=0.1),
     }
+
+
+def our_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str, **kw: torch.Tensor
+) -> torch.Tensor:
+    """Our boundary-aware conv with transformers' fallback's calling convention."""
+    return causal_conv1d_varlen(x, weight, bias, kw.get("seq_idx"), activation)
 
 
 def mixer_scan_path(
@@ -191,12 +198,12 @@ def main() -> None:
     seq_idx = packed_seq_idx(args)
     variants = {
         "theirs_unpacked": Variant(hf.causal_conv1d_fn, hf.mamba2_chunk_scan, args),
-        "ours_unpacked": Variant(causal_conv1d_fn, mamba2_chunk_scan, args),
-        "ours_packed": Variant(causal_conv1d_fn, mamba2_chunk_scan, args, seq_idx=seq_idx),
+        "ours_unpacked": Variant(our_conv, mamba2_chunk_scan, args),
+        "ours_packed": Variant(our_conv, mamba2_chunk_scan, args, seq_idx=seq_idx),
     }
     for name, scan in kernel_scans(args.device).items():
-        variants[f"{name}_unpacked"] = Variant(causal_conv1d_fn, scan, args)
-        variants[f"{name}_packed"] = Variant(causal_conv1d_fn, scan, args, seq_idx=seq_idx)
+        variants[f"{name}_unpacked"] = Variant(our_conv, scan, args)
+        variants[f"{name}_packed"] = Variant(our_conv, scan, args, seq_idx=seq_idx)
     results = measure(variants, args)
     theirs = results["theirs_unpacked"]
     mem_key = "peak_bytes" if args.device == "cuda" else "saved_for_backward_bytes"

@@ -1,14 +1,12 @@
 """Depthwise causal conv1d that respects document boundaries of packed rows.
 
-transformers' torch fallback for ``causal_conv1d_fn`` is a plain padded ``F.conv1d``: with several
+A plain padded ``F.conv1d`` (transformers' torch fallback) is wrong for packed rows: with several
 documents packed in one row, the first ``K-1`` tokens of every document read the tail of the previous
 one. The CUDA ``causal_conv1d`` kernel avoids this through ``seq_idx``; this module gives the CPU (and
 kernel-less GPU) path the same semantics.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +25,8 @@ def causal_conv1d_varlen(
     """Depthwise causal conv over ``x [B, C, S]`` with ``weight [C, K]`` that never reads across a document start.
 
     Tap ``j`` (looking ``j`` tokens back) contributes to position ``t`` only if ``t - j`` is in the same document,
-    which is exactly zero-padding every document on its own. Without ``seq_idx`` this is transformers'
-    ``causal_conv1d_fn`` (one ``F.conv1d``). Like transformers, the maths runs in ``weight.dtype`` and the result
-    is returned in ``x.dtype``.
+    which is exactly zero-padding every document on its own. Without ``seq_idx`` it is one padded ``F.conv1d``.
+    Like transformers' mixer, the maths runs in ``weight.dtype`` and the result is returned in ``x.dtype``.
     """
     batch, channels, seq_len = x.shape
     kernel_size = weight.shape[-1]
@@ -53,17 +50,3 @@ def causal_conv1d_varlen(
         out = ACT2FN[activation](out)
     return out.to(x.dtype)
 
-
-def causal_conv1d_fn(
-    hidden_states: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-    **kwargs: Any,
-) -> torch.Tensor:
-    """Drop-in for transformers' ``causal_conv1d_fn`` that honours ``seq_idx`` passed through ``kwargs``.
-
-    The Nemotron-H mixer forwards its ``**kwargs`` here, so ``seq_idx`` given to the model forward arrives in
-    ``kwargs``; anything else in there (``activation`` aside) is meaningless for a conv and ignored.
-    """
-    return causal_conv1d_varlen(hidden_states, weight, bias, kwargs.get("seq_idx"), activation)

@@ -13,13 +13,16 @@ Three scans compute the same thing and reset their state at every document start
 imports, else the torch scan; CPU inputs always take the torch scan. Imports are guarded and cached: a
 missing or broken package means "not available", never a failed run. The environment variable
 ``MTP_RECIPES_MAMBA_SCAN=auto|torch|triton|mamba_ssm`` forces one (benchmarks, debugging; ``triton`` on a CPU
-needs ``TRITON_INTERPRET=1``). The conv before the scan is not handled here: our boundary-aware torch conv
-(:mod:`mtp_recipes.mamba.conv`) is a width-4 depthwise conv, cheap next to the scan, and the
-``causal_conv1d`` kernel, when installed, is picked by :mod:`mtp_recipes.mamba.patch`.
+needs ``TRITON_INTERPRET=1``).
 
-The mamba_ssm call is checked here only against a fake module (no GPU, no mamba_ssm in CI); our kernels run
-in Triton's interpreter in CI. GPU notes (MAMBA.md): a cold mamba_ssm autotune takes minutes (keep
-``TRITON_CACHE_DIR`` persistent), and ``D`` / ``dt_bias`` are cast to fp32 so every layer shares one
+The conv before the scan is the ``causal_conv1d`` package's kernel for CUDA inputs when it imports (it
+honours ``seq_idx``), else our boundary-aware torch conv (:mod:`mtp_recipes.mamba.conv`, a width-4
+depthwise conv, cheap next to the scan). When the scan is mamba_ssm's and ``causal_conv1d`` imports too,
+the mixer runs mamba_ssm's fused conv + scan + norm + out_proj kernel instead.
+
+The mamba_ssm and causal_conv1d calls are checked here only against fake modules (no GPU, neither package
+in CI); our kernels run in Triton's interpreter in CI. On a GPU a cold mamba_ssm autotune takes minutes
+(keep ``TRITON_CACHE_DIR`` persistent), and ``D`` / ``dt_bias`` are cast to fp32 so every layer shares one
 autotune key.
 """
 
@@ -36,11 +39,13 @@ from typing import Any
 import torch
 
 from mtp_recipes.errors import ConfigError
+from mtp_recipes.mamba.conv import causal_conv1d_varlen
 from mtp_recipes.mamba.ssd import mamba2_chunk_scan as torch_chunk_scan
 
 logger = logging.getLogger(__name__)
 
 MAMBA_SSM_SCAN_MODULE = "mamba_ssm.ops.triton.ssd_combined"
+CAUSAL_CONV1D_MODULE = "causal_conv1d"
 OUR_SCAN_MODULE = "mtp_recipes.mamba.triton_ssd"
 SCAN_ENV = "MTP_RECIPES_MAMBA_SCAN"
 SCAN_CHOICES = ("auto", "torch", "triton", "mamba_ssm")
@@ -68,6 +73,20 @@ def mamba_ssm_chunk_scan() -> Callable[..., Any] | None:
 
 @torch.compiler.assume_constant_result
 @functools.cache
+def mamba_ssm_fused_kernel() -> Callable[..., Any] | None:
+    """``mamba_split_conv1d_scan_combined`` (conv + scan + gated norm + out_proj) from mamba_ssm, or ``None``."""
+    return _import_attribute(MAMBA_SSM_SCAN_MODULE, "mamba_split_conv1d_scan_combined")
+
+
+@torch.compiler.assume_constant_result
+@functools.cache
+def causal_conv1d_kernel() -> Callable[..., Any] | None:
+    """``causal_conv1d_fn`` from the ``causal_conv1d`` package (CUDA, honours ``seq_idx``), or ``None``."""
+    return _import_attribute(CAUSAL_CONV1D_MODULE, "causal_conv1d_fn")
+
+
+@torch.compiler.assume_constant_result
+@functools.cache
 def our_triton_scan() -> Callable[..., Any] | None:
     """:func:`mtp_recipes.mamba.triton_ssd.ssd_chunk_scan_triton`, or ``None`` when Triton does not import."""
     return _import_attribute(OUR_SCAN_MODULE, "ssd_chunk_scan_triton")
@@ -81,9 +100,14 @@ def _forced_choice() -> str:
     return choice
 
 
-def _on_cuda(tensor: torch.Tensor) -> bool:
+def on_cuda(tensor: torch.Tensor) -> bool:
     """The device test, a function of its own so tests can stand in for a GPU."""
     return tensor.is_cuda
+
+
+def _int32(seq_idx: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """``seq_idx`` as the contiguous int32 on ``like``'s device that the CUDA kernels require."""
+    return None if seq_idx is None else seq_idx.to(device=like.device, dtype=torch.int32).contiguous()
 
 
 def scan_backend(hidden_states: torch.Tensor, stateful: bool = False) -> str:
@@ -94,7 +118,7 @@ def scan_backend(hidden_states: torch.Tensor, stateful: bool = False) -> str:
     before any work).
     """
     choice = _forced_choice()
-    if choice == "auto" and not _on_cuda(hidden_states):
+    if choice == "auto" and not on_cuda(hidden_states):
         return "torch"
     if choice in ("auto", "mamba_ssm") and mamba_ssm_chunk_scan() is not None:
         return "mamba_ssm-triton"
@@ -148,7 +172,6 @@ def mamba2_chunk_scan(
             **kwargs,
         )
     kernel = mamba_ssm_chunk_scan()
-    seq_idx = kwargs.get("seq_idx")
     return kernel(
         hidden_states,
         dt,
@@ -160,7 +183,7 @@ def mamba2_chunk_scan(
         z=kwargs.get("z"),
         dt_bias=None if dt_bias is None else dt_bias.float(),
         initial_states=initial_states,
-        seq_idx=None if seq_idx is None else seq_idx.to(device=hidden_states.device, dtype=torch.int32).contiguous(),
+        seq_idx=_int32(kwargs.get("seq_idx"), hidden_states),
         dt_softplus=dt_softplus,
         dt_limit=dt_limit,
         return_final_states=return_final_states,
@@ -170,3 +193,38 @@ def mamba2_chunk_scan(
 @torch.compiler.disable  # Triton kernels inside an autograd.Function: keep them out of compiled graphs
 def _our_triton_scan(*args: Any, **kwargs: Any) -> torch.Tensor:
     return our_triton_scan()(*args, **kwargs)
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    activation: str | None,
+) -> torch.Tensor:
+    """Depthwise causal conv + activation over ``x [B, C, S]`` that never reads across a document start.
+
+    The ``causal_conv1d`` kernel for CUDA inputs when it imports (it supports SiLU only), else our torch conv.
+    """
+    kernel = causal_conv1d_kernel() if on_cuda(x) and activation in ("silu", "swish", None) else None
+    if kernel is None:
+        return causal_conv1d_varlen(x, weight, bias, seq_idx, activation)
+    return kernel(x, weight, bias, seq_idx=_int32(seq_idx, x), activation=None if activation is None else "silu")
+
+
+def fused_mixer_kernel(zxbcdt: torch.Tensor, padded: bool) -> Callable[..., torch.Tensor] | None:
+    """mamba_ssm's fused conv + scan + gated norm + out_proj for this call, or ``None`` for the separate path.
+
+    Used only where the separate path would run mamba_ssm's scan and ``causal_conv1d`` imports (the fused
+    kernel calls it), and never for padded batches (the separate path zeroes padding after the conv too).
+    """
+    if padded or scan_backend(zxbcdt) != "mamba_ssm-triton" or causal_conv1d_kernel() is None:
+        return None
+    kernel = mamba_ssm_fused_kernel()
+    if kernel is None:
+        return None
+
+    def fused(*args: Any, seq_idx: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        return kernel(*args, seq_idx=_int32(seq_idx, zxbcdt), **kwargs)
+
+    return fused

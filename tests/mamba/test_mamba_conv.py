@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from transformers.models.nemotron_h import modeling_nemotron_h as hf
+import torch.nn.functional as F
 
-from mtp_recipes.mamba import causal_conv1d_fn, causal_conv1d_varlen
+from mtp_recipes.mamba import causal_conv1d_varlen
 from mtp_recipes.packed import position_in_document
 from tests.mamba._mamba_reference import conv_reference, random_seq_idx
 
@@ -31,13 +31,13 @@ def test_matches_reference(dtype, tol, activation, with_bias):
     assert (out.double() - ref).abs().max() < tol
 
 
-def test_no_or_constant_seq_idx_is_transformers_conv():
+def test_no_or_constant_seq_idx_is_one_padded_conv():
     torch.manual_seed(0)
     x, w, b = torch.randn(2, CHANNELS, 19), torch.randn(CHANNELS, KERNEL), torch.randn(CHANNELS)
-    theirs = hf.causal_conv1d_fn(x, w, b, activation="silu")
-    assert torch.allclose(causal_conv1d_fn(x, w, b, activation="silu"), theirs, atol=1e-6)
+    plain = F.silu(F.conv1d(x, w.unsqueeze(1), b, padding=KERNEL - 1, groups=CHANNELS)[:, :, :19])
+    assert torch.allclose(causal_conv1d_varlen(x, w, b, None, "silu"), plain, atol=1e-6)
     constant = torch.full((2, 19), 3)
-    assert torch.allclose(causal_conv1d_fn(x, w, b, activation="silu", seq_idx=constant), theirs, atol=1e-6)
+    assert torch.allclose(causal_conv1d_varlen(x, w, b, constant, "silu"), plain, atol=1e-6)
 
 
 def test_gradients_match_reference():
