@@ -17,6 +17,14 @@ plus D MTP depths would each need them (spec §3). Two implementations walk over
   H100 that took the loss from 1.8x to 1.2x the three-GEMM floor (shared/bench/ANCHORS.md).
 
 ``impl="auto"`` picks ``"compiled"`` for CUDA tensors and ``"torch"`` elsewhere.
+
+Under autocast both Functions turn it off inside and cast explicitly: the GEMM inputs are rounded
+to autocast's dtype (what ``F.linear`` would use) while logits, log-sum-exp and softmax stay fp32,
+and gradients come back in the input dtypes. The recompute path's backward rebuilds exactly the
+logits its forward took the log-sum-exp of; the one-pass path rounds ``softmax - onehot`` to
+autocast's dtype for its two gradient GEMMs. (Left to autocast, the recompute path's forward saw
+bf16 logits and its backward fp32 ones, 9 % off float64 at logit magnitudes of ~20; bf16 logits
+alone, as the one-pass path makes for bf16 inputs, are 1.5-2.5 % off there.)
 """
 
 from __future__ import annotations
@@ -31,11 +39,12 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 Reduction = Literal["sum", "mean", "none"]
 Impl = Literal["auto", "torch", "fused", "compiled"]
-SoftmaxGradStep = Callable[[Tensor, Tensor, Tensor, int], "tuple[Tensor, Tensor]"]
+SoftmaxGradStep = Callable[[Tensor, Tensor, Tensor, int, torch.dtype], "tuple[Tensor, Tensor]"]
 
 # Budget of one chunk's logits, in elements. The torch path holds about two fp32 buffers of 2**26
-# (256 MiB each). The fused path holds the input-dtype logits and gradient of a chunk; 2**29 makes
-# 4096 tokens at V=131k, the chunk size that measured fastest on an H100 (ANCHORS.md, A2 rows).
+# (256 MiB each). The fused path holds the input-dtype logits and gradient of a chunk (under autocast
+# fp32 logits, so half as much again); 2**29 makes 4096 tokens at V=131k, the chunk size that
+# measured fastest on an H100 (ANCHORS.md, A2 rows).
 _CHUNK_LOGIT_ELEMENTS = 2**26
 _FUSED_CHUNK_LOGIT_ELEMENTS = 2**29
 
@@ -60,6 +69,21 @@ def loss_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
 
 
+def _autocast_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype | None:
+    """Autocast's dtype when it is on for the inputs' device; fp64 inputs opt out, as they do for
+    autocast's own ops."""
+    device = hidden.device.type
+    if torch.float64 in (hidden.dtype, weight.dtype) or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def _rounded(x: Tensor, gemm_dtype: torch.dtype, dtype: torch.dtype) -> Tensor:
+    """``x`` rounded to ``gemm_dtype`` and held in ``dtype``: fp32 GEMMs on bf16-rounded inputs give
+    the fp32-accumulated logits of a bf16 GEMM, identically in forward and backward."""
+    return x.to(gemm_dtype).to(dtype)
+
+
 # ---- the recompute path ------------------------------------------------------------------------
 class _LinearCrossEntropy(torch.autograd.Function):
     """Per-token CE (0 on ignored tokens) and, on request, the per-token argmax."""
@@ -75,25 +99,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_argmax: bool,
     ) -> tuple[Tensor, Tensor]:
         dtype = loss_dtype(hidden, weight)
-        weight_c = weight.to(dtype)  # one upcast per call, not per chunk
+        gemm_dtype = _autocast_dtype(hidden, weight) or torch.promote_types(hidden.dtype, weight.dtype)
         num_tokens = hidden.shape[0]
         loss = torch.zeros(num_tokens, dtype=dtype, device=hidden.device)
         lse = torch.zeros(num_tokens, dtype=dtype, device=hidden.device)
         argmax = hidden.new_empty(num_tokens if want_argmax else 0, dtype=torch.long)
-        for start in range(0, num_tokens, chunk_size):
-            end = min(start + chunk_size, num_tokens)
-            logits = hidden[start:end].to(dtype) @ weight_c.T
-            tgt = targets[start:end]
-            valid = tgt != ignore_index
-            chunk_lse = torch.logsumexp(logits, dim=-1)
-            tgt_logit = logits.gather(1, torch.where(valid, tgt, 0).unsqueeze(1)).squeeze(1)
-            loss[start:end] = torch.where(valid, chunk_lse - tgt_logit, 0.0)
-            lse[start:end] = chunk_lse
-            if want_argmax:
-                argmax[start:end] = logits.argmax(dim=-1)
+        with torch.autocast(hidden.device.type, enabled=False):
+            weight_c = _rounded(weight, gemm_dtype, dtype)  # one cast per call, not per chunk
+            for start in range(0, num_tokens, chunk_size):
+                end = min(start + chunk_size, num_tokens)
+                logits = _rounded(hidden[start:end], gemm_dtype, dtype) @ weight_c.T
+                tgt = targets[start:end]
+                valid = tgt != ignore_index
+                chunk_lse = torch.logsumexp(logits, dim=-1)
+                tgt_logit = logits.gather(1, torch.where(valid, tgt, 0).unsqueeze(1)).squeeze(1)
+                loss[start:end] = torch.where(valid, chunk_lse - tgt_logit, 0.0)
+                lse[start:end] = chunk_lse
+                if want_argmax:
+                    argmax[start:end] = logits.argmax(dim=-1)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.ignore_index = ignore_index
         ctx.chunk_size = chunk_size
+        ctx.gemm_dtype = gemm_dtype
         ctx.mark_non_differentiable(argmax)
         return loss, argmax
 
@@ -105,24 +132,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if not (need_h or need_w):
             return None, None, None, None, None, None
         dtype = lse.dtype
-        weight_c = weight.to(dtype)
-        grad_hidden = torch.empty_like(hidden) if need_h else None
-        grad_weight = torch.zeros_like(weight_c) if need_w else None
         num_tokens = hidden.shape[0]
-        for start in range(0, num_tokens, ctx.chunk_size):
-            end = min(start + ctx.chunk_size, num_tokens)
-            hidden_c = hidden[start:end].to(dtype)
-            tgt = targets[start:end]
-            valid = tgt != ctx.ignore_index
-            # d CE / d logits = softmax - onehot(target), scaled by the incoming per-token grad.
-            grad_logits = (hidden_c @ weight_c.T).sub_(lse[start:end].unsqueeze(1)).exp_()
-            rows = torch.arange(end - start, device=hidden.device)
-            grad_logits[rows, torch.where(valid, tgt, 0)] -= valid.to(dtype)
-            grad_logits.mul_(torch.where(valid, grad_loss[start:end].to(dtype), 0.0).unsqueeze(1))
-            if need_h:
-                grad_hidden[start:end] = (grad_logits @ weight_c).to(hidden.dtype)
-            if need_w:
-                grad_weight.addmm_(grad_logits.T, hidden_c)
+        with torch.autocast(hidden.device.type, enabled=False):
+            weight_c = _rounded(weight, ctx.gemm_dtype, dtype)
+            grad_hidden = torch.empty_like(hidden) if need_h else None
+            grad_weight = torch.zeros_like(weight_c) if need_w else None
+            for start in range(0, num_tokens, ctx.chunk_size):
+                end = min(start + ctx.chunk_size, num_tokens)
+                hidden_c = _rounded(hidden[start:end], ctx.gemm_dtype, dtype)
+                tgt = targets[start:end]
+                valid = tgt != ctx.ignore_index
+                # d CE / d logits = softmax - onehot(target), scaled by the incoming per-token grad.
+                grad_logits = (hidden_c @ weight_c.T).sub_(lse[start:end].unsqueeze(1)).exp_()
+                rows = torch.arange(end - start, device=hidden.device)
+                grad_logits[rows, torch.where(valid, tgt, 0)] -= valid.to(dtype)
+                grad_logits.mul_(torch.where(valid, grad_loss[start:end].to(dtype), 0.0).unsqueeze(1))
+                if need_h:
+                    grad_hidden[start:end] = (grad_logits @ weight_c).to(hidden.dtype)
+                if need_w:
+                    grad_weight.addmm_(grad_logits.T, hidden_c)
         if need_w:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None
@@ -130,13 +158,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 # ---- the one-pass path -------------------------------------------------------------------------
 def softmax_grad_step(
-    logits: Tensor, targets: Tensor, token_weight: Tensor, ignore_index: int
+    logits: Tensor, targets: Tensor, token_weight: Tensor, ignore_index: int, grad_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """One chunk's per-token CE and ``w_i · (softmax - onehot)``, from logits in any float dtype.
 
-    The maths runs in at least fp32 and the gradient comes back in ``logits.dtype``, so a bf16
-    chunk is read once and written once. Written as plain tensor ops (no in-place updates) so
-    ``torch.compile`` can fuse it into a couple of passes over ``[chunk, V]``.
+    The maths runs in at least fp32 and the gradient comes back in ``grad_dtype``, the dtype of the
+    GEMMs that consume it, so the chunk is read once and written once. Written as plain tensor ops
+    (no in-place updates) so ``torch.compile`` can fuse it into a couple of passes over ``[chunk, V]``.
     """
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
     valid = targets != ignore_index
@@ -146,7 +174,7 @@ def softmax_grad_step(
     onehot = torch.arange(z.shape[1], device=z.device) == safe.unsqueeze(1)
     scale = torch.where(valid, token_weight.to(z.dtype), 0.0)
     grad = (torch.exp(z - lse.unsqueeze(1)) - onehot.to(z.dtype)) * scale.unsqueeze(1)
-    return ce, grad.to(logits.dtype)
+    return ce, grad.to(grad_dtype)
 
 
 # Compiled lazily on first call; dynamic=None recompiles once with a symbolic chunk length when the
@@ -155,22 +183,33 @@ _compiled_softmax_grad_step: SoftmaxGradStep = torch.compile(softmax_grad_step, 
 
 
 @functools.cache
-def _has_mixed_addmm(device_type: str) -> bool:
-    """Whether ``addmm(out_dtype=float32)`` (low-precision inputs, fp32 accumulator) runs on this device."""
+def _has_fp32_out_gemm(device_type: str) -> bool:
+    """Whether ``mm`` and ``addmm`` with ``out_dtype=float32`` (bf16 inputs, fp32 output) run on this device."""
     acc = torch.zeros(2, 2, device=device_type)
     a = torch.ones(2, 2, device=device_type, dtype=torch.bfloat16)
     try:
         torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        out = torch.mm(a, a, out_dtype=torch.float32)
     except (RuntimeError, TypeError, NotImplementedError):
         return False
-    return bool((acc == 2).all())
+    return bool((acc == 2).all()) and out.dtype == torch.float32 and bool((out == 2).all())
+
+
+def _matmul(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``a @ b`` in ``dtype`` (the inputs' or fp32), ``a`` and ``b`` sharing one dtype: fp32 out of a
+    bf16 GEMM where the device has one, else of an fp32 GEMM on the exactly upcast inputs."""
+    if a.dtype == dtype:
+        return a @ b
+    if _has_fp32_out_gemm(a.device.type):
+        return torch.mm(a, b, out_dtype=dtype)
+    return a.to(dtype) @ b.to(dtype)
 
 
 def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` in fp32 (or fp64) whatever the dtype of ``a`` and ``b``."""
+    """``acc += a @ b`` with ``acc`` in fp32 (or fp64), ``a`` and ``b`` sharing any float dtype."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif _has_mixed_addmm(acc.device.type):
+    elif _has_fp32_out_gemm(acc.device.type):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:  # e.g. CPU bf16: upcast the chunk (cheap next to the [V, H] accumulator)
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
@@ -196,24 +235,31 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         step: SoftmaxGradStep,
     ) -> tuple[Tensor, Tensor, Tensor]:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dtype = torch.promote_types(hidden.dtype, weight.dtype)
-        weight_c = weight.to(dtype)  # a no-op when both are bf16: the GEMMs stay in bf16
         num_tokens = hidden.shape[0]
         ce = torch.zeros(num_tokens, dtype=loss_dtype(hidden, weight), device=hidden.device)
+        # Without autocast the logits are made in the inputs' dtype: bf16 for bf16 weights, the
+        # GPU fast path. Under autocast the GEMM inputs take its dtype and the logits stay fp32.
+        gemm_dtype = _autocast_dtype(hidden, weight)
+        logits_dtype = torch.promote_types(hidden.dtype, weight.dtype) if gemm_dtype is None else ce.dtype
+        gemm_dtype = gemm_dtype or logits_dtype
         argmax = hidden.new_empty(num_tokens if want_argmax else 0, dtype=torch.long)
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=ce.dtype, device=weight.device) if need_w else None
-        for start in range(0, num_tokens, chunk_size):
-            end = min(start + chunk_size, num_tokens)
-            hidden_c = hidden[start:end].to(dtype)
-            logits = hidden_c @ weight_c.T
-            ce[start:end], grad_logits = step(logits, targets[start:end], token_weight[start:end], ignore_index)
-            if want_argmax:
-                argmax[start:end] = logits.argmax(dim=-1)
-            if need_h:
-                grad_hidden[start:end] = grad_logits @ weight_c
-            if need_w:
-                _accumulate(grad_weight, grad_logits.T, hidden_c)
+        with torch.autocast(hidden.device.type, enabled=False):
+            weight_c = weight.to(gemm_dtype)  # a no-op when both are bf16: the GEMMs stay in bf16
+            for start in range(0, num_tokens, chunk_size):
+                end = min(start + chunk_size, num_tokens)
+                hidden_c = hidden[start:end].to(gemm_dtype)
+                logits = _matmul(hidden_c, weight_c.T, logits_dtype)
+                ce[start:end], grad_logits = step(
+                    logits, targets[start:end], token_weight[start:end], ignore_index, gemm_dtype
+                )
+                if want_argmax:
+                    argmax[start:end] = logits.argmax(dim=-1)
+                if need_h:
+                    grad_hidden[start:end] = _matmul(grad_logits, weight_c, logits_dtype)
+                if need_w:
+                    _accumulate(grad_weight, grad_logits.T, hidden_c)
         loss = (ce * token_weight.to(ce.dtype)).sum()
         # Held until backward in the weight's dtype: 1 GiB instead of 2 at V=131k, H=4096, bf16.
         ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
