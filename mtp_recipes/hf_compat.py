@@ -7,7 +7,65 @@ test run exactly what moved.
 
 from __future__ import annotations
 
+import importlib.metadata
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from packaging.requirements import Requirement
+from packaging.version import Version
 from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    get_model_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    dot_natural_key,
+    rename_source_key,
+    revert_weight_conversion,
+)
+
+logger = logging.getLogger("mtp_recipes")
+
+
+def tested_transformers_range() -> str | None:
+    """The transformers versions the suite passed on: the range this package declares, from its metadata.
+
+    ``None`` when the package runs from a source tree that was never installed (no metadata to read).
+    """
+    try:
+        requirements = importlib.metadata.requires("mtp_recipes") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for line in requirements:
+        requirement = Requirement(line)
+        if requirement.name == "transformers" and requirement.marker is None:
+            return str(requirement.specifier)
+    return None
+
+
+def warn_if_untested_transformers() -> bool:
+    """Log one warning line when the installed transformers is outside the tested range; ``True`` if it is.
+
+    A user may install a newer transformers on purpose; the run goes on, but the private names fenced
+    here are exactly what a new release moves, so they should know.
+    """
+    tested = tested_transformers_range()
+    installed = importlib.metadata.version("transformers")
+    if tested is None or Version(installed) in Requirement(f"transformers{tested}").specifier:
+        return False
+    logger.warning(
+        "transformers %s is outside the range mtp_recipes was tested on (transformers%s); "
+        "run `python -m pytest -q` from the repository to check it",
+        installed,
+        tested,
+    )
+    return True
 
 
 def swap_class(module: nn.Module, cls: type[nn.Module]) -> None:
@@ -20,3 +78,128 @@ def swap_class(module: nn.Module, cls: type[nn.Module]) -> None:
     if not issubclass(cls, type(module)):
         raise TypeError(f"{cls.__name__} is not a subclass of {type(module).__name__}")
     module.__class__ = cls
+
+
+# ---- config and model attributes ------------------------------------------------------------------
+def set_implementations(config: PretrainedConfig, attention: str | None, experts: str | None) -> None:
+    """Choose the attention / MoE-experts kernels on a config before any module is built from it.
+
+    ``from_pretrained(attn_implementation=...)`` is public but applies to the model it builds only; the MTP
+    blocks are built from copies of the config, and read these private fields.
+    """
+    if attention is not None:
+        config._attn_implementation = attention
+    if experts is not None:
+        config._experts_implementation = experts
+
+
+def decode_special_floats(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config.json dict with transformers' tagged non-JSON floats (``{"__float__": "Infinity"}``) decoded.
+
+    ``from_pretrained`` does this on read; building a config from a dict we read ourselves needs the same.
+    """
+    return PretrainedConfig._decode_special_floats(raw)
+
+
+def attention_implementation(config: PretrainedConfig) -> str:
+    """The attention kernel a module built from ``config`` dispatches to (no public reader exists)."""
+    return config._attn_implementation
+
+
+def init_module_weights(model: PreTrainedModel, module: nn.Module) -> None:
+    """transformers' own initialisation of one ``module`` (built outside ``model``) with ``model``'s rules.
+
+    The public ``init_weights`` walks the whole model and skips modules it considers initialised; MTP depths
+    and meta-built modules need the per-module rule.
+    """
+    model._init_weights(module)
+
+
+def has_non_persistent_buffers(module: nn.Module) -> bool:
+    """Whether ``module`` itself holds buffers left out of its state dict (rotary tables): torch's private set.
+
+    A meta-built model must recompute exactly these, since no checkpoint holds them.
+    """
+    return bool(module._non_persistent_buffers_set)
+
+
+def ignore_unexpected_keys(model: PreTrainedModel, pattern: str) -> None:
+    """Tell transformers' loader that checkpoint keys matching ``pattern`` are expected to be unused.
+
+    The MTP tensors are ours to load; without this transformers warns about every one of them.
+    """
+    model._keys_to_ignore_on_load_unexpected = [*(model._keys_to_ignore_on_load_unexpected or []), pattern]
+
+
+def fp32_module_names(model: PreTrainedModel) -> tuple[str, ...]:
+    """Name fragments of tensors transformers keeps in float32 whatever the model dtype (MoE gate biases)."""
+    return tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+
+
+def keep_in_fp32(model: PreTrainedModel, names: list[str]) -> None:
+    """Mark tensors whose names contain one of ``names`` to stay float32 (as transformers does for its own)."""
+    model._keep_in_fp32_modules_strict = list(names)
+
+
+def enable_block_checkpointing(block: nn.Module, checkpoint_fn: Callable[..., Any]) -> None:
+    """Recompute ``block`` (a transformers ``GradientCheckpointingLayer``) in backward with ``checkpoint_fn``.
+
+    The public ``gradient_checkpointing_enable`` works on a whole ``PreTrainedModel``; the MTP blocks sit
+    outside the backbone, so each layer's own switch is set.
+    """
+    if not hasattr(block, "gradient_checkpointing"):
+        raise ValueError(f"{type(block).__name__} does not support activation checkpointing")
+    block.gradient_checkpointing = True
+    block._gradient_checkpointing_func = checkpoint_fn
+
+
+# ---- rotary embeddings with one table per layer type --------------------------------------------
+def rotary_layer_types(rotary: nn.Module) -> set[str]:
+    """The layer types (``full_attention``, ``sliding_attention``) a per-type rotary module has tables for."""
+    return set(rotary.rope_type)
+
+
+def rotary_cos_sin(
+    rotary: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` of a per-type rotary module for ``layer_type``: its forward takes the type third."""
+    return rotary(hidden, position_ids, layer_type)
+
+
+# ---- checkpoint weight conversions ----------------------------------------------------------------
+def attached_weight_conversions(model: PreTrainedModel) -> list[Any] | None:
+    """Conversions a model carries itself (they win over the registry, as in transformers' own saver)."""
+    return getattr(model, "_weight_conversions", None)
+
+
+def attach_weight_conversions(model: PreTrainedModel, conversions: list[Any]) -> None:
+    """Make ``model`` load and save with ``conversions`` instead of its class's registered ones."""
+    model._weight_conversions = conversions
+
+
+def model_weight_conversions(model: PreTrainedModel) -> list[Any]:
+    """transformers' on-disk <-> in-memory conversions for ``model``'s class."""
+    return get_model_conversion_mapping(model)
+
+
+def checkpoint_conversions(model_type: str) -> list[Any]:
+    """The conversions transformers registers for ``model_type`` checkpoints."""
+    return get_checkpoint_conversion_mapping(model_type)
+
+
+def register_checkpoint_conversions(class_name: str, conversions: list[Any]) -> None:
+    """Register ``conversions`` for a model class of ours (a class transformers does not ship)."""
+    register_checkpoint_conversion_mapping(class_name, conversions, overwrite=True)
+
+
+def rename_key(key: str, renamings: list[Any], converters: list[Any]) -> tuple[str, str | None]:
+    """An on-disk key's in-memory name and the converter pattern it matched (``None``: a plain rename)."""
+    return rename_source_key(key, renamings, converters)
+
+
+def revert_conversions(model: PreTrainedModel, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """In-memory names/layouts -> on-disk ones, exactly as transformers' ``save_pretrained`` writes them."""
+    return revert_weight_conversion(model, state_dict)
+
+
+__all__ = ["WeightConverter", "WeightRenaming", "dot_natural_key"]

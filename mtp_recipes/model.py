@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers import CONFIG_MAPPING, PretrainedConfig
 
+from mtp_recipes import hf_compat
 from mtp_recipes.checkpoint.hf import load_model_state, read_config_dict, resolve_model_dir, save_model_state
 from mtp_recipes.checkpoint.keymap import KeyMap
 from mtp_recipes.errors import CheckpointError, ConfigError
@@ -72,10 +72,7 @@ class MTPModel(nn.Module):
         super().__init__()
         self.family = family or get_family(hf_config.model_type)
         # Set before any module is built so the MTP blocks (built from copies of this config) agree.
-        if attn_implementation is not None:
-            hf_config._attn_implementation = attn_implementation
-        if experts_implementation is not None:
-            hf_config._experts_implementation = experts_implementation
+        hf_compat.set_implementations(hf_config, attn_implementation, experts_implementation)
         self.config = hf_config
         self.text_config = self.family.text_config(hf_config)
         self.mtp_config = mtp_config
@@ -85,7 +82,7 @@ class MTPModel(nn.Module):
         ]
         for depth in depths:
             for module in depth.modules():
-                self.backbone._init_weights(module)
+                hf_compat.init_module_weights(self.backbone, module)
         self.mtp = MTPStack(depths, mtp_config, self.family.passes_on)
         if mtp_config.init == "from_scratch":
             self.init_mtp_from_backbone()
@@ -264,10 +261,10 @@ class MTPModel(nn.Module):
         self.to_empty(device=device)
         with torch.no_grad():
             for module in self.modules():
-                if module._non_persistent_buffers_set:
-                    self.backbone._init_weights(module)
+                if hf_compat.has_non_persistent_buffers(module):
+                    hf_compat.init_module_weights(self.backbone, module)
             for module in self.mtp.modules():
-                self.backbone._init_weights(module)
+                hf_compat.init_module_weights(self.backbone, module)
 
     # ---- MTP initialisation and checkpoints ---------------------------------------------------
     def init_mtp_from_backbone(self) -> None:
@@ -335,7 +332,7 @@ def config_from_dict(raw: dict[str, Any]) -> PretrainedConfig:
     source = copy.deepcopy(raw)
     raw = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
     try:
-        config = CONFIG_MAPPING[model_type].from_dict(PretrainedConfig._decode_special_floats(raw))
+        config = CONFIG_MAPPING[model_type].from_dict(hf_compat.decode_special_floats(raw))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid {model_type} config: {str(e).splitlines()[0]}") from None
     _SOURCE_DICTS[id(config)] = source

@@ -13,25 +13,20 @@ from copy import deepcopy
 
 import torch
 from transformers import PreTrainedModel
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import (
-    WeightConverter,
-    WeightRenaming,
-    dot_natural_key,
-    rename_source_key,
-    revert_weight_conversion,
-)
+
+from mtp_recipes import hf_compat
+from mtp_recipes.hf_compat import WeightConverter, WeightRenaming, dot_natural_key
 
 
 def to_disk(backbone: PreTrainedModel, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """In-memory HF names/layouts -> the names and layouts transformers writes on disk."""
-    return revert_weight_conversion(backbone, state_dict)
+    return hf_compat.revert_conversions(backbone, state_dict)
 
 
 def _load_conversions(backbone: PreTrainedModel) -> tuple[list[WeightRenaming], list[WeightConverter]]:
     # Conversions attached to the backbone win, as in transformers' own revert_weight_conversion (to_disk).
-    attached = getattr(backbone, "_weight_conversions", None)
-    conversions = deepcopy(attached) if attached is not None else get_model_conversion_mapping(backbone)
+    attached = hf_compat.attached_weight_conversions(backbone)
+    conversions = deepcopy(attached) if attached is not None else hf_compat.model_weight_conversions(backbone)
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
     return renamings, converters
@@ -46,7 +41,7 @@ def disk_groups(backbone: PreTrainedModel, keys: list[str]) -> dict[str, list[st
     renamings, converters = _load_conversions(backbone)
     groups: dict[str, list[str]] = {}
     for key in sorted(keys, key=dot_natural_key):
-        groups.setdefault(rename_source_key(key, renamings, converters)[0], []).append(key)
+        groups.setdefault(hf_compat.rename_key(key, renamings, converters)[0], []).append(key)
     return groups
 
 
@@ -57,7 +52,7 @@ def from_disk(backbone: PreTrainedModel, state_dict: dict[str, torch.Tensor]) ->
 
     pending: dict[str, WeightRenaming | WeightConverter] = {}
     for key, tensor in sorted(state_dict.items(), key=lambda kv: dot_natural_key(kv[0])):
-        target, pattern = rename_source_key(key, renamings, converters)
+        target, pattern = hf_compat.rename_key(key, renamings, converters)
         if pattern is None:
             transform = pending.setdefault(target, WeightRenaming(key, target))
             pattern = key

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from mtp_recipes import hf_compat
 from mtp_recipes.checkpoint.atomic import atomic_directory
 from mtp_recipes.checkpoint.convert import disk_groups, from_disk, to_disk
 from mtp_recipes.errors import CheckpointError
@@ -333,7 +334,7 @@ def save_model_state(
     for copy_name, source in model.family.tied_export_copies(model.text_config, model.mtp_config).items():
         copies.setdefault(source, []).append(copy_name)
     disk_dtypes = disk_dtypes or {}
-    fp32 = tuple(getattr(model.backbone, "_keep_in_fp32_modules_strict", None) or ())
+    fp32 = hf_compat.fp32_module_names(model.backbone)
     layout = getattr(model, "checkpoint_layout", None) or CheckpointLayout()
 
     def dtype_of(key: str, tensor: torch.Tensor) -> torch.dtype:

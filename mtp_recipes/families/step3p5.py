@@ -46,12 +46,11 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.core_model_loading import WeightRenaming
 from transformers.masking_utils import create_sliding_window_causal_mask
 from transformers.models.step3p7 import Step3p7TextConfig
 from transformers.models.step3p7 import modeling_step3p7 as hf
 
+from mtp_recipes import hf_compat
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.families.base import (
     Family,
@@ -85,12 +84,12 @@ def _text_conversions() -> list:
     nested = ("language_model", "vision_model", "multi_modal_projector")
     return [
         t
-        for t in get_checkpoint_conversion_mapping("step3p7")
-        if not (isinstance(t, WeightRenaming) and any(n in str(t.target_patterns) for n in nested))
+        for t in hf_compat.checkpoint_conversions("step3p7")
+        if not (isinstance(t, hf_compat.WeightRenaming) and any(n in str(t.target_patterns) for n in nested))
     ]
 
 
-register_checkpoint_conversion_mapping(Step3p5TextForCausalLM.__name__, _text_conversions(), overwrite=True)
+hf_compat.register_checkpoint_conversions(Step3p5TextForCausalLM.__name__, _text_conversions())
 
 
 class Step3p5(Family):
@@ -199,16 +198,17 @@ class Step3p5(Family):
             params = cfg.rope_parameters.get(kind) or {}
             key = (kind, json.dumps(params, sort_keys=True, default=str))
             if key not in rotary:
-                if params == decoder.config.rope_parameters.get(kind) and kind in decoder.rotary_emb.rope_type:
-                    rotary[key] = decoder.rotary_emb(hidden, position_ids, kind)
+                backbone_kinds = hf_compat.rotary_layer_types(decoder.rotary_emb)
+                if params == decoder.config.rope_parameters.get(kind) and kind in backbone_kinds:
+                    rotary[key] = hf_compat.rotary_cos_sin(decoder.rotary_emb, hidden, position_ids, kind)
                 elif params.get("rope_theta") is None:
                     raise ConfigError(
                         f"MTP layer type {kind!r} has no rope parameters: the backbone has only "
-                        f"{sorted(decoder.rotary_emb.rope_type)} layers and the config no per-layer rope_theta"
+                        f"{sorted(backbone_kinds)} layers and the config no per-layer rope_theta"
                     )
                 else:
                     own = hf.Step3p7RotaryEmbedding(cfg, device=hidden.device)
-                    rotary[key] = own(hidden, position_ids, kind)
+                    rotary[key] = hf_compat.rotary_cos_sin(own, hidden, position_ids, kind)
             return rotary[key]
 
         def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
