@@ -123,12 +123,20 @@ def has_non_persistent_buffers(module: nn.Module) -> bool:
     return bool(module._non_persistent_buffers_set)
 
 
-def ignore_unexpected_keys(model: PreTrainedModel, pattern: str) -> None:
-    """Tell transformers' loader that checkpoint keys matching ``pattern`` are expected to be unused.
+def unexpected_key_patterns(model: PreTrainedModel) -> list[str]:
+    """Regexes of checkpoint keys transformers drops on load for ``model`` (its MTP tensors, for one).
 
-    The MTP tensors are ours to load; without this transformers warns about every one of them.
+    Our loader reads exactly those keys itself, so it needs transformers' own list, not a copy of it.
     """
-    model._keys_to_ignore_on_load_unexpected = [*(model._keys_to_ignore_on_load_unexpected or []), pattern]
+    return list(model._keys_to_ignore_on_load_unexpected or [])
+
+
+def ignore_unexpected_keys(model: PreTrainedModel, pattern: str) -> None:
+    """Add ``pattern`` to the keys transformers drops on load (and :func:`unexpected_key_patterns` reports).
+
+    For MTP layers appended after the backbone's, where transformers' own pattern names one layer index.
+    """
+    model._keys_to_ignore_on_load_unexpected = [*unexpected_key_patterns(model), pattern]
 
 
 def fp32_module_names(model: PreTrainedModel) -> tuple[str, ...]:

@@ -183,7 +183,7 @@ def load_model_state(model: MTPModel, model_dir: Path) -> dict[str, torch.dtype]
     # accepted when present, checked against their source, and never loaded.
     copy_sources = model.family.tied_export_copies(model.text_config, model.mtp_config)
     copies = {k: hf_meta.pop(k) for k in copy_sources if k in hf_meta}
-    ignore = [re.compile(p) for p in getattr(model.backbone, "_keys_to_ignore_on_load_unexpected", None) or []]
+    ignore = [re.compile(p) for p in hf_compat.unexpected_key_patterns(model.backbone)]
 
     def is_mtp(hf_key: str) -> bool:
         return keymap.is_mtp(hf_key) or any(p.search(hf_key) for p in ignore)

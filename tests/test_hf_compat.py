@@ -1,0 +1,204 @@
+"""One test per transformers touch point in ``mtp_recipes.hf_compat``: a failure names the one that moved.
+
+Each test checks the touch point's *effect* on transformers' own objects (or agreement with a public API),
+so a rename or a change of meaning in a new release fails here, not deep inside a training run.
+"""
+
+import importlib.metadata
+import logging
+import re
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, DeepseekV3Config, NemotronHConfig
+from transformers.models.nemotron_h import modeling_nemotron_h as nemotron
+
+from mtp_recipes import hf_compat
+
+
+def tiny_nemotron(**overrides) -> NemotronHConfig:
+    fields = dict(
+        vocab_size=64, hidden_size=32, layers_block_type=["linear_attention", "full_attention", "moe"],
+        mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2, chunk_size=8,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48,
+        moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, moe_shared_expert_intermediate_size=16,
+    )
+    return NemotronHConfig(**{**fields, **overrides})
+
+
+def tiny_deepseek() -> DeepseekV3Config:
+    return DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8,
+    )
+
+
+def touch(name: str) -> str:
+    return f"transformers touch point hf_compat.{name} no longer works: see its docstring"
+
+
+def test_swap_class():
+    class Louder(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    layer = nn.Linear(3, 3)
+    x = torch.randn(2, 3)
+    expected = 2 * layer(x)
+    hf_compat.swap_class(layer, Louder)
+    assert isinstance(layer, Louder) and torch.equal(layer(x), expected), touch("swap_class")
+    with pytest.raises(TypeError):
+        hf_compat.swap_class(layer, nn.ReLU)
+
+
+def test_set_implementations_and_attention_implementation():
+    """Our private setter agrees with the public ``from_config(attn_implementation=...)``."""
+    for impl in ("eager", "sdpa"):
+        public = AutoModelForCausalLM.from_config(tiny_nemotron(), attn_implementation=impl)
+        assert hf_compat.attention_implementation(public.config) == impl, touch("attention_implementation")
+        config = tiny_nemotron()
+        hf_compat.set_implementations(config, impl, "eager")
+        ours = AutoModelForCausalLM.from_config(config)
+        assert hf_compat.attention_implementation(ours.config) == impl, touch("set_implementations")
+        assert ours.config._experts_implementation == "eager", touch("set_implementations")
+
+
+def test_init_module_weights():
+    """transformers' per-module init rule reaches a mixer built on the meta device (A_log = log(1..H), D = 1)."""
+    model = nemotron.NemotronHForCausalLM(tiny_nemotron())
+    with torch.device("meta"):
+        mixer = nemotron.NemotronHMamba2Mixer(model.config, layer_idx=0)
+    mixer.to_empty(device="cpu")
+    with torch.no_grad():
+        mixer.A_log.fill_(7.0)
+        mixer.D.fill_(7.0)
+    hf_compat.init_module_weights(model, mixer)
+    assert torch.allclose(mixer.A_log, torch.log(torch.arange(1.0, 5.0))), touch("init_module_weights")
+    assert torch.equal(mixer.D, torch.ones(4)), touch("init_module_weights")
+
+
+def test_has_non_persistent_buffers():
+    model = AutoModelForCausalLM.from_config(tiny_deepseek())
+    rotary = model.model.rotary_emb
+    assert hf_compat.has_non_persistent_buffers(rotary), touch("has_non_persistent_buffers")
+    assert not hf_compat.has_non_persistent_buffers(model.lm_head), touch("has_non_persistent_buffers")
+    named = {n for n, _ in rotary.named_buffers(recurse=False)}
+    assert named and not named & set(rotary.state_dict()), "rotary tables are expected outside the state dict"
+
+
+def test_unexpected_key_patterns_and_ignore_unexpected_keys():
+    """transformers' own patterns cover the MTP keys it drops; ours are added after them."""
+    nem = AutoModelForCausalLM.from_config(tiny_nemotron())
+    assert any(re.search(p, "mtp.layers.0.enorm.weight") for p in hf_compat.unexpected_key_patterns(nem)), touch(
+        "unexpected_key_patterns"
+    )
+    ds = AutoModelForCausalLM.from_config(tiny_deepseek())
+    before = hf_compat.unexpected_key_patterns(ds)
+    assert any(re.search(p, "model.layers.61.enorm.weight") for p in before), touch("unexpected_key_patterns")
+    hf_compat.ignore_unexpected_keys(ds, r"^model\.layers\.2\.")
+    after = hf_compat.unexpected_key_patterns(ds)
+    assert after[: len(before)] == before and after[-1] == r"^model\.layers\.2\.", touch("ignore_unexpected_keys")
+    assert hf_compat.unexpected_key_patterns(AutoModelForCausalLM.from_config(tiny_deepseek())) == before, (
+        "ignore_unexpected_keys must change one model, not its class"
+    )
+
+
+def test_fp32_module_names_and_keep_in_fp32():
+    """Nemotron-H's MoE router stays float32 in a bf16 model: the names we read are the ones transformers honours."""
+    model = AutoModelForCausalLM.from_config(tiny_nemotron(), dtype=torch.bfloat16)
+    names = hf_compat.fp32_module_names(model)
+    assert "e_score_correction_bias" in names, touch("fp32_module_names")
+    gate = model.model.layers[2].mixer.gate
+    assert gate.e_score_correction_bias.dtype == torch.float32
+    hf_compat.keep_in_fp32(model, ["gate.weight"])
+    assert hf_compat.fp32_module_names(model) == ("gate.weight",), touch("keep_in_fp32")
+
+
+def test_enable_block_checkpointing():
+    """A transformers decoder layer recomputes through the function we give it."""
+    model = AutoModelForCausalLM.from_config(tiny_deepseek())
+    block = model.model.layers[0]
+    calls = []
+
+    def recording(fn, *args, **kwargs):
+        calls.append(fn)
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+    hf_compat.enable_block_checkpointing(block, recording)
+    model.train()
+    model(input_ids=torch.randint(0, 64, (1, 5)), labels=torch.randint(0, 64, (1, 5))).loss.backward()
+    assert len(calls) == 1, touch("enable_block_checkpointing")
+    with pytest.raises(ValueError):
+        hf_compat.enable_block_checkpointing(nn.Linear(2, 2), recording)
+
+
+def test_weight_conversions_round_trip():
+    """Nemotron-H's per-expert disk tensors merge into one in-memory tensor and split back bit-exactly."""
+    model = AutoModelForCausalLM.from_config(tiny_nemotron())
+    assert hf_compat.attached_weight_conversions(model) is None, touch("attached_weight_conversions")
+    conversions = hf_compat.model_weight_conversions(model)
+    renamings = [c for c in conversions if isinstance(c, hf_compat.WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, hf_compat.WeightConverter)]
+    target, pattern = hf_compat.rename_key("backbone.layers.2.mixer.experts.1.up_proj.weight", renamings, converters)
+    assert target == "model.layers.2.mixer.experts.up_proj" and pattern is not None, touch("rename_key")
+    memory = {k: v for k, v in model.state_dict().items() if "experts" in k}
+    disk = hf_compat.revert_conversions(model, memory)
+    assert any(".experts.3.up_proj.weight" in k for k in disk), touch("revert_conversions")
+    up = model.state_dict()["model.layers.2.mixer.experts.up_proj"]
+    assert torch.equal(disk["backbone.layers.2.mixer.experts.3.up_proj.weight"], up[3]), touch("revert_conversions")
+    hf_compat.attach_weight_conversions(model, renamings)
+    assert hf_compat.attached_weight_conversions(model) == renamings, touch("attach_weight_conversions")
+    keys = ["m.layers.10.w", "m.layers.2.w"]
+    assert sorted(keys, key=hf_compat.dot_natural_key) == keys[::-1], touch("dot_natural_key")
+
+
+def test_checkpoint_conversions_registry():
+    """What transformers registers for a model type is readable, and a class of ours can be registered."""
+    step = hf_compat.checkpoint_conversions("step3p7")
+    assert step and all(hasattr(c, "source_patterns") for c in step), touch("checkpoint_conversions")
+    from mtp_recipes.families.step3p5 import Step3p5TextForCausalLM  # registers itself on import
+
+    assert hf_compat.checkpoint_conversions(Step3p5TextForCausalLM.__name__), touch("register_checkpoint_conversions")
+
+
+def test_decode_special_floats():
+    raw = {"a": {"__float__": "Infinity"}, "b": [{"__float__": "-Infinity"}, 1.5], "c": "x"}
+    decoded = hf_compat.decode_special_floats(raw)
+    assert decoded == {"a": float("inf"), "b": [float("-inf"), 1.5], "c": "x"}, touch("decode_special_floats")
+
+
+def test_rotary_per_layer_type():
+    """Step-3.5's rotary module has a table per layer type and takes the type as third argument."""
+    from transformers.models.step3p7 import Step3p7TextConfig
+    from transformers.models.step3p7 import modeling_step3p7 as step
+
+    config = Step3p7TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, layer_types=["full_attention", "sliding_attention"], sliding_window=4,
+    )
+    rotary = step.Step3p7RotaryEmbedding(config)
+    kinds = hf_compat.rotary_layer_types(rotary)
+    assert {"full_attention", "sliding_attention"} <= kinds, touch("rotary_layer_types")
+    hidden, positions = torch.randn(1, 5, 32), torch.arange(5)[None]
+    cos, sin = hf_compat.rotary_cos_sin(rotary, hidden, positions, "full_attention")
+    assert cos.shape[:2] == (1, 5) and torch.allclose(cos[0, 0], torch.ones_like(cos[0, 0])), touch("rotary_cos_sin")
+    assert torch.allclose(cos.pow(2) + sin.pow(2), torch.ones_like(cos)), touch("rotary_cos_sin")
+
+
+def test_warning_outside_the_tested_range(monkeypatch, caplog):
+    tested = hf_compat.tested_transformers_range()
+    if tested is None:
+        pytest.skip("mtp_recipes is not installed (no metadata): the range is read from the installed package")
+    assert not hf_compat.warn_if_untested_transformers()  # the suite runs on a tested version
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: "99.0.0" if name == "transformers" else real_version(name)
+    )
+    with caplog.at_level(logging.WARNING, logger="mtp_recipes"):
+        assert hf_compat.warn_if_untested_transformers()
+    (record,) = caplog.records
+    assert "99.0.0" in record.getMessage() and tested in record.getMessage()
