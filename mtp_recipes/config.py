@@ -59,6 +59,7 @@ class MTPSection:
     init: str = "from_checkpoint"
     detach_backbone: bool = False
     train_only: bool = False
+    zero_first_embedding: Optional[bool] = None  # None: what vLLM does for the family
 
 
 @dataclass
@@ -85,6 +86,7 @@ class TrainerConfig:
     checkpoint_every: int = 0  # exact-resume checkpoint every N steps; 0: none (SIGTERM still writes one)
     keep_last: int = 2  # resume checkpoints kept
     resume: Optional[str] = None  # null | auto (newest complete one in the run dir) | a checkpoint path
+    overwrite: bool = False  # start afresh in a run dir that holds a previous run (its outputs are deleted)
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block (GPU)
     progress_bar: bool = True
@@ -122,6 +124,10 @@ def validate(cfg: DictConfig) -> None:
         (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
         (0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
         (cfg.optim.max_grad_norm >= 0, "optim.max_grad_norm must be >= 0 (0 disables clipping)"),
+        (
+            len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
+            f"optim.betas must be two values in [0, 1), e.g. [0.9, 0.95]; got {list(cfg.optim.betas)}",
+        ),
         (cfg.mtp.loss_scaling_factor >= 0, f"mtp.loss_scaling_factor must be >= 0, got {cfg.mtp.loss_scaling_factor}"),
         (
             all(s.value >= 0 and s.step >= 0 for s in cfg.mtp.loss_scaling_schedule),
@@ -130,6 +136,10 @@ def validate(cfg: DictConfig) -> None:
         (
             cfg.mtp.num_layers is None or cfg.mtp.num_layers >= 0,
             f"mtp.num_layers must be >= 0, got {cfg.mtp.num_layers}",
+        ),
+        (
+            not (cfg.mtp.train_only and cfg.mtp.num_layers == 0),
+            "mtp.train_only=true freezes the backbone and mtp.num_layers=0 leaves no MTP depth: nothing would train",
         ),
         (cfg.trainer.max_steps > 0, f"trainer.max_steps must be > 0, got {cfg.trainer.max_steps}"),
         (cfg.trainer.grad_accum_steps >= 1, "trainer.grad_accum_steps must be >= 1"),

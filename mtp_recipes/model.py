@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import weakref
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.roll import roll_ids
 from mtp_recipes.mtp.stack import MTPStack
 from mtp_recipes.packed import position_in_document, seq_idx_from_position_ids
+
+logger = logging.getLogger("mtp_recipes")
 
 
 @dataclass
@@ -83,7 +86,13 @@ class MTPModel(nn.Module):
         for depth in depths:
             for module in depth.modules():
                 hf_compat.init_module_weights(self.backbone, module)
-        self.mtp = MTPStack(depths, mtp_config, self.family.passes_on)
+        zero_first = mtp_config.zero_first_embedding
+        self.mtp = MTPStack(
+            depths,
+            mtp_config,
+            self.family.passes_on,
+            self.family.zero_first_embedding if zero_first is None else zero_first,
+        )
         if mtp_config.init == "from_scratch":
             self.init_mtp_from_backbone()
         if mtp_config.train_only:
@@ -194,13 +203,13 @@ class MTPModel(nn.Module):
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.mtp_config.train_only):
-            hidden = self.family.backbone_hidden(self.backbone, input_ids, position_ids, seq_idx)
-        mtp_input = hidden.detach() if self.mtp_config.detach_backbone else hidden
+            hidden, h0 = self.family.backbone_states(self.backbone, input_ids, position_ids, seq_idx)
+        mtp_input = h0.detach() if self.mtp_config.detach_backbone else h0
         mtp_hidden: list[torch.Tensor] = []
         if self.mtp.num_depths:
             run_block = self.family.block_runner(self.backbone, hidden, position_ids, seq_idx)
             embed = self.backbone.get_input_embeddings()
-            mtp_hidden = self.mtp(mtp_input, input_ids, embed, run_block, seq_idx)
+            mtp_hidden = self.mtp(mtp_input, input_ids, embed, run_block, seq_idx, position_ids)
 
         head = self.backbone.get_output_embeddings().weight
         logits = hidden @ head.T if return_logits else None
@@ -293,10 +302,14 @@ class MTPModel(nn.Module):
         """config.json for the export: the source's own JSON (unknown fields kept) + current MTP fields."""
         raw = copy.deepcopy(self.source_config) if self.source_config else json.loads(self.config.to_json_string())
         section = raw.get("text_config", raw) if self.text_config is not self.config else raw
-        section.update(self.family.export_mtp_fields(self.mtp_config))
+        self.family.write_export_fields(section, self.mtp_config)
         if self.source_config is None:  # a model built from scratch: say which class to load it with
             raw.setdefault("architectures", [type(self.backbone).__name__])
         return raw
+
+    def serving_limits(self) -> list[str]:
+        """One line per serving engine that cannot draft with this model's MTP layout (docs/serving.md)."""
+        return self.family.serving_limits(self.text_config, self.mtp_config)
 
     def save_pretrained(
         self,
@@ -310,6 +323,9 @@ class MTPModel(nn.Module):
 
         Under FSDP2 every rank calls this (each tensor is gathered collectively); only ``writer`` writes.
         """
+        if writer:
+            for limit in self.serving_limits():
+                logger.warning("export to %s: %s", save_directory, limit)
         return save_model_state(
             self,
             save_directory,

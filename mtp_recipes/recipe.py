@@ -59,6 +59,8 @@ class FinetuneRecipe:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
         self.model = self._build_model()
+        for limit in self.model.serving_limits():
+            log.warning("serving: %s", limit)
         if self.world.distributed:
             self.autocast_dtype = None  # FSDP's mixed-precision policy casts the gathered parameters
         self.tokenizer = self._build_tokenizer()

@@ -9,6 +9,8 @@ so adding a family never touches them.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -32,7 +34,11 @@ class Family(ABC):
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
     head: ClassVar[Literal["shared", "per_depth"]] = "shared"
+    # The serving engines' drafting math (vLLM first, SGLang second): which backbone state feeds depth 1,
+    # which state of depth k feeds depth k+1, and whether depth 1's embedding is zeroed at position 0.
+    h0: ClassVar[PassesOn] = "normed"
     passes_on: ClassVar[PassesOn] = "normed"
+    zero_first_embedding: ClassVar[bool] = False
     # Prefixes under which a checkpoint may nest the backbone's tensors (a multimodal checkpoint's
     # ``language_model.``); the loader strips the one it finds, the saver writes it back, and tensors
     # outside it (other towers) are copied verbatim.
@@ -49,7 +55,18 @@ class Family(ABC):
 
     @abstractmethod
     def export_mtp_fields(self, mtp: MTPConfig) -> dict[str, Any]:
-        """The config.json fields (of the text config) that describe ``mtp`` for serving engines."""
+        """The config.json fields (of the text config) that describe ``mtp`` for serving engines.
+
+        A value of ``None`` removes the field from the export (one the engines would misread).
+        """
+
+    def write_export_fields(self, config_json: dict[str, Any], mtp: MTPConfig) -> None:
+        """Update the text config's config.json dict for the export with :meth:`export_mtp_fields`."""
+        for key, value in self.export_mtp_fields(mtp).items():
+            if value is None:
+                config_json.pop(key, None)
+            else:
+                config_json[key] = value
 
     # ---- modules ------------------------------------------------------------------------------
     def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:
@@ -71,18 +88,36 @@ class Family(ABC):
     ) -> BlockRunner:
         """A function that runs one MTP block with the masks/rotary inputs the backbone would use."""
 
-    def backbone_hidden(
+    def backbone_states(
         self,
         backbone: PreTrainedModel,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         seq_idx: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """The backbone's last hidden state after its final norm (the input h^0 of depth 1)."""
-        out = backbone.get_decoder()(
-            input_ids=input_ids, position_ids=position_ids, use_cache=False, **self.packing_kwargs(seq_idx)
-        )
-        return out.last_hidden_state
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(normed, h0)``: the backbone's last state after its final norm (the main loss reads it) and
+        the state depth 1 reads (the same one, or the input of the final norm when ``h0 == "pre_norm"``)."""
+        pre_norm: list[torch.Tensor] = []
+        hook = None
+        if self.h0 == "pre_norm":
+            hook = self.final_norm(backbone).register_forward_pre_hook(lambda _, args: pre_norm.append(args[0]))
+        try:
+            out = backbone.get_decoder()(
+                input_ids=input_ids, position_ids=position_ids, use_cache=False, **self.packing_kwargs(seq_idx)
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
+        normed = out.last_hidden_state
+        return normed, (pre_norm[-1] if pre_norm else normed)
+
+    def final_norm(self, backbone: PreTrainedModel) -> nn.Module:
+        """The backbone's final norm (read when ``h0 == "pre_norm"``)."""
+        return backbone.get_decoder().norm
+
+    def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[str]:
+        """One line per serving engine that cannot draft with this MTP layout (none by default)."""
+        return []
 
     def packing_kwargs(self, seq_idx: torch.Tensor | None) -> dict[str, Any]:
         """Extra forward kwargs that carry document boundaries to layers masks cannot reach (none by default)."""
@@ -137,8 +172,20 @@ def packed_mask(
     that restart at 0 per document (sliding windows included when ``mask_fn`` is the sliding one).
     """
     return mask_fn(
-        config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=position_ids
+        config=config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids, **_no_cache(mask_fn)
     )
+
+
+@functools.cache
+def _no_cache(mask_fn: Callable[..., Any]) -> dict[str, None]:
+    """``{name: None}`` for ``mask_fn``'s KV-cache argument, or ``{}`` when it defaults to None.
+
+    transformers renamed it (``past_key_values`` -> ``cache``, the old name deprecated), so the name is
+    read from the signature rather than hard-coded.
+    """
+    params = inspect.signature(mask_fn).parameters
+    name = next(n for n in ("cache", "past_key_values") if n in params)
+    return {} if params[name].default is None else {name: None}
 
 
 def sub_config(hf_config: PretrainedConfig, **fields: Any) -> PretrainedConfig:

@@ -40,13 +40,20 @@ class DeepseekV3(Family):
     name = "deepseek_v3"
     model_types = ("deepseek_v3",)
     head = "shared"
-    passes_on = "pre_norm"
+    # vLLM and SGLang recycle the state after shared_head.norm, and vLLM zeroes the embedding at position 0.
+    passes_on = "normed"
+    zero_first_embedding = True
 
     def mtp_config(self, hf_config: PretrainedConfig, **overrides: Any) -> MTPConfig:
         return MTPConfig(num_layers=num_nextn_layers(hf_config)).with_overrides(**overrides)
 
     def export_mtp_fields(self, mtp: MTPConfig) -> dict[str, Any]:
         return {"num_nextn_predict_layers": mtp.num_physical_layers}
+
+    def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[str]:
+        if mtp.num_physical_layers > 1:
+            return [f"SGLang serves DeepSeek-V3 MTP with one depth only; this layout has {mtp.num_physical_layers}"]
+        return []
 
     def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:
         backbone = super().build_backbone(hf_config)

@@ -28,6 +28,8 @@ from mtp_recipes.mtp.stack import BlockRunner, MTPDepth
 
 PATTERN_SYMBOLS = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 SYMBOL_OF = {v: k for k, v in PATTERN_SYMBOLS.items()}
+# The only block-type names SGLang's config accepts; transformers reads them too (as legacy names).
+SERVING_NAMES = {"linear_attention": "mamba", "full_attention": "attention", "mlp": "mlp", "moe": "moe"}
 
 
 def parse_block_pattern(pattern: str | Sequence[str]) -> tuple[str, ...]:
@@ -73,12 +75,35 @@ class NemotronH(Family):
         return base.with_overrides(**overrides)
 
     def export_mtp_fields(self, mtp: MTPConfig) -> dict[str, Any]:
-        # vLLM/SGLang read the legacy string and expect one physical depth per listed layer.
+        # vLLM, SGLang and transformers all parse the pattern string; SGLang rejects transformers' list
+        # names (full_attention, linear_attention), so the list is left out.
         return {
             "num_nextn_predict_layers": mtp.num_physical_layers,
-            "mtp_layers_block_type": list(mtp.block_types),
+            "mtp_layers_block_type": None,
             "mtp_hybrid_override_pattern": block_pattern_string(mtp.block_types),
         }
+
+    def write_export_fields(self, config_json: dict[str, Any], mtp: MTPConfig) -> None:
+        super().write_export_fields(config_json, mtp)
+        # A backbone list in transformers' names (configs transformers wrote) is renamed for SGLang.
+        layers = config_json.get("layers_block_type")
+        if isinstance(layers, list):
+            config_json["layers_block_type"] = [SERVING_NAMES.get(t, t) for t in layers]
+
+    def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[str]:
+        limits = []
+        if mtp.num_physical_layers > 1:
+            limits.append(
+                f"vLLM and SGLang serve Nemotron-H MTP with one physical depth; this layout has "
+                f"{mtp.num_physical_layers} (mtp.use_repeated_layer=true keeps one)"
+            )
+        pattern = block_pattern_string(mtp.block_types)
+        if set(pattern) - {"*", "E"}:
+            limits.append(
+                f"vLLM and SGLang build Nemotron-H MTP sublayers of attention (*) and MoE (E) only; "
+                f"this pattern is {pattern!r}"
+            )
+        return limits
 
     def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:
         backbone = super().build_backbone(hf_config)

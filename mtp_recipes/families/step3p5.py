@@ -96,6 +96,9 @@ class Step3p5(Family):
     name = "step3p5"
     model_types = ("step3p5",)
     head = "per_depth"
+    # vLLM and SGLang feed depth 1 the backbone state before model.norm, and recycle the block output
+    # before shared_head.norm.
+    h0 = "pre_norm"
     passes_on = "pre_norm"
 
     def mtp_config(self, hf_config: PretrainedConfig, **overrides: Any) -> MTPConfig:
@@ -110,6 +113,17 @@ class Step3p5(Family):
         if lists is not None:
             fields.update(lists.resized(mtp.num_physical_layers))
         return fields
+
+    def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[str]:
+        # SGLang builds one MTP block, with the per-layer entries (rope, SwiGLU limits) of layer 45 (the
+        # first MTP layer of Step-3.5-Flash), and reuses it for every draft step.
+        if hf_config.num_hidden_layers != 45 or mtp.num_physical_layers > 1:
+            return [
+                "SGLang builds one Step-3.5 MTP block with layer 45's per-layer config entries and reuses it "
+                f"for every draft step; this layout has {hf_config.num_hidden_layers} backbone layers and "
+                f"{mtp.num_physical_layers} physical MTP depth(s)"
+            ]
+        return []
 
     def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:
         backbone = Step3p5TextForCausalLM(hf_config)

@@ -27,6 +27,9 @@ class MTPConfig:
     init: Init = "from_checkpoint"
     detach_backbone: bool = False
     train_only: bool = False
+    # Zero depth 1's input embedding at a document's first position, as vLLM does for some families;
+    # ``None``: the family's serving default.
+    zero_first_embedding: bool | None = None
     family_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

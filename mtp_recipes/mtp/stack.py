@@ -17,6 +17,7 @@ from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.roll import roll_ids
 
 BlockRunner = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+# Which of a depth's two states (or the backbone's) another depth reads: after or before the final norm.
 PassesOn = Literal["normed", "pre_norm"]
 
 
@@ -59,13 +60,16 @@ class MTPDepth(nn.Module):
 class MTPStack(nn.Module):
     """D depths applied in sequence; depth k sees the tokens ``k`` places ahead (within a document)."""
 
-    def __init__(self, depths: list[MTPDepth], config: MTPConfig, passes_on: PassesOn) -> None:
+    def __init__(
+        self, depths: list[MTPDepth], config: MTPConfig, passes_on: PassesOn, zero_first_embedding: bool = False
+    ) -> None:
         super().__init__()
         if len(depths) != config.num_physical_layers:
             raise ValueError(f"expected {config.num_physical_layers} physical depths, got {len(depths)}")
         self.depths = nn.ModuleList(depths)
         self.config = config
         self.passes_on = passes_on
+        self.zero_first_embedding = zero_first_embedding
 
     @property
     def num_depths(self) -> int:
@@ -77,20 +81,26 @@ class MTPStack(nn.Module):
 
     def forward(
         self,
-        backbone_hidden: torch.Tensor,
+        h0: torch.Tensor,
         input_ids: torch.Tensor,
         embed: nn.Module,
         run_block: BlockRunner,
         seq_idx: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Return the D head inputs ``[B, S, H]`` (depth k at slot t predicts token ``t + k + 1``).
 
-        ``backbone_hidden`` is the backbone's last hidden state after its final norm.
+        ``h0`` is the backbone state depth 1 reads (the family's, see ``Family.h0``). With
+        ``zero_first_embedding``, depth 1's embedding is zero at slots whose position is 0: the serving
+        engine's drafter does this at the position it runs at, which for depth k is the slot's position
+        plus k - 1, so only depth 1 ever meets position 0.
         """
-        hidden = backbone_hidden
+        hidden = h0
         outputs: list[torch.Tensor] = []
         for k in range(1, self.num_depths + 1):
             embeds = embed(roll_ids(input_ids, k, seq_idx))
+            if k == 1 and self.zero_first_embedding and position_ids is not None:
+                embeds = embeds.masked_fill((position_ids == 0).unsqueeze(-1), 0.0)
             if self.config.detach_backbone:
                 embeds = embeds.detach()
             normed, pre_norm = self.depth(k)(embeds, hidden, run_block)

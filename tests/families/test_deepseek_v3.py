@@ -94,7 +94,8 @@ def test_tied_export_copies_are_checked_not_loaded(tmp_path, caplog):
 
 def test_mtp_forward_matches_a_plain_pytorch_reference():
     """Depth k: cat[enorm(emb(x_{t+k})), hnorm(h_{k-1})] -> eh_proj -> MLA+MoE block -> shared_head.norm ->
-    lm_head; the block output *before* the norm goes on to depth k+1."""
+    lm_head; the state *after* shared_head.norm goes on to depth k+1, and depth 1's embedding is zero at a
+    document's first position (vLLM's drafter)."""
     torch.manual_seed(0)
     model = MTPModel.from_config(
         debug_model_config("deepseek_v3_debug"), num_layers=2, experts_implementation="eager"
@@ -127,7 +128,8 @@ def test_mtp_forward_matches_a_plain_pytorch_reference():
     for k, depth in enumerate(model.mtp.depths, start=1):
         shifted = torch.zeros_like(ids)
         shifted[:, :-k] = torch.where(seq[:, k:] == seq[:, :-k], ids[:, k:], 0)
-        x = torch.cat([rms(emb[shifted], depth.enorm.weight), rms(h, depth.hnorm.weight)], -1) @ depth.eh_proj.weight.T
+        e = emb[shifted].masked_fill((pos == 0)[..., None], 0.0) if k == 1 else emb[shifted]
+        x = torch.cat([rms(e, depth.enorm.weight), rms(h, depth.hnorm.weight)], -1) @ depth.eh_proj.weight.T
         (block,) = depth.blocks
         assert type(block.mlp).__name__ == "DeepseekV3MoE"  # the MTP block is MoE like the published one
         x = block(x, attention_mask=mask, position_ids=pos, position_embeddings=(cos, sin))
@@ -135,5 +137,5 @@ def test_mtp_forward_matches_a_plain_pytorch_reference():
         # DeepseekV3RMSNorm and the router compute in float32 even for float64 inputs, and the rotary
         # module returns float32-precision cos/sin: agreement is at float32 level, hence 1e-6.
         torch.testing.assert_close(out.mtp_hidden_states[k - 1], normed, rtol=1e-6, atol=1e-6)
-        h = x  # passes_on = "pre_norm"
+        h = normed  # passes_on = "normed"
     assert model.mtp_heads() is model.backbone.lm_head.weight

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import NemotronHConfig
 
 from mtp_recipes.families.nemotron_h import block_pattern_string, parse_block_pattern
 from mtp_recipes.model import MTPModel
@@ -37,15 +38,39 @@ def test_pattern_override_and_list_config_form():
     assert [b.block_type for b in model.mtp.depths[0].blocks] == ["linear_attention", "mlp"]
 
 
-def test_export_writes_both_config_forms_and_flat_layer_numbering(tmp_path):
+def sglang_block_types(cfg: dict) -> tuple[list[str], list[str]]:
+    """SGLang 0.5.23's NemotronHConfig rules for the block lists (``srt/configs/nemotron_h.py``): the legacy
+    pattern strings fill in a missing (or default) list, and every list entry must be one of four names."""
+    to_list = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+    layers = cfg.get("layers_block_type")
+    if layers is None and cfg.get("hybrid_override_pattern") is not None:
+        layers = [to_list[c] for c in cfg["hybrid_override_pattern"]]
+    mtp = cfg.get("mtp_layers_block_type", ["attention", "moe"])
+    if "mtp_hybrid_override_pattern" in cfg and mtp in (None, ["attention", "moe"]):
+        mtp = [to_list[c] for c in cfg["mtp_hybrid_override_pattern"]]
+    for name, types in (("layers_block_type", layers), ("mtp_layers_block_type", mtp)):
+        if not isinstance(types, list) or set(types) - {"mamba", "attention", "mlp", "moe"}:
+            raise ValueError(f"SGLang rejects {name}={types!r}")
+    return layers, mtp
+
+
+def test_export_config_parses_in_sglang_and_transformers_and_layers_are_flat(tmp_path):
     torch.manual_seed(0)
-    model = MTPModel.from_config(debug_model_config("nemotron_h_debug"), num_layers=2)
+    raw = debug_model_config("nemotron_h_debug", mtp_layers_block_type=["full_attention", "moe"])
+    with pytest.raises(ValueError):
+        sglang_block_types(raw)  # transformers' names, as transformers itself writes them
+    model = MTPModel.from_config(raw, num_layers=2, block_types="*E")
     model.config.dtype = torch.bfloat16
     out = model.save_pretrained(tmp_path / "ckpt")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_nextn_predict_layers"] == 2
     assert cfg["mtp_hybrid_override_pattern"] == "*E"
-    assert cfg["mtp_layers_block_type"] == ["full_attention", "moe"]
+    assert "mtp_layers_block_type" not in cfg
+    layers, mtp = sglang_block_types(cfg)
+    assert mtp == ["attention", "moe"] and len(layers) == len(raw["layers_block_type"])
+    reread = NemotronHConfig.from_pretrained(out)
+    assert reread.mtp_layers_block_type == ["full_attention", "moe"]
+    assert reread.layers_block_type == raw["layers_block_type"]
     tensors = load_file(out / "model.safetensors")
     # depth d, sublayer i -> mtp.layers.{2d+i}; fusion on sublayer 0, final norm on the last.
     for d in range(2):

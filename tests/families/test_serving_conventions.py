@@ -1,0 +1,124 @@
+"""The trained depth logits equal what a serving engine's drafter computes from the exported checkpoint.
+
+The engine's conventions are stated here, from vLLM 0.33's MTP model files and proposer (SGLang 0.5.23
+agrees except where docs/serving.md says), independently of the ``Family`` classes:
+
+* ``h0``: the backbone state the drafter's first step reads (after or before the final norm);
+* ``recycle``: what step k hands to step k+1 (the state after or before the depth's final norm);
+* ``zero_first``: the drafter zeroes the token embedding where the *drafter's* position is 0. Step k of
+  vLLM's proposer runs at the verified token's position plus k - 1, so only the first step meets 0.
+
+The reference drafts teacher-forced (every slot's next tokens known, one document per row) and uses only
+the loaded model's modules one by one: fusion, the blocks through the backbone's own masks and rotary
+tables, the head norm and the head. Its blocks run at the slot's own positions, as training does: the
+engine's k - 1 offset leaves RoPE attention unchanged (it depends on position differences only), and
+transformers' MiniMax-M3 indexer requires positions below the row length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from mtp_recipes.model import MTPModel
+from tests.helpers import debug_model_config
+
+
+@dataclass(frozen=True)
+class Engine:
+    h0: str
+    recycle: str
+    zero_first: bool
+
+
+ENGINE = {
+    "nemotron_h_debug": Engine(h0="normed", recycle="normed", zero_first=False),
+    "deepseek_v3_debug": Engine(h0="normed", recycle="normed", zero_first=True),
+    "step3p5_debug": Engine(h0="pre_norm", recycle="pre_norm", zero_first=False),
+    "minimax_m3_debug": Engine(h0="normed", recycle="pre_norm", zero_first=True),
+}
+DEPTHS = 2
+
+
+def final_norm(model: MTPModel) -> torch.nn.Module:
+    decoder = model.backbone.get_decoder()
+    return decoder.norm_f if hasattr(decoder, "norm_f") else decoder.norm
+
+
+def perturbed(name: str) -> MTPModel:
+    """A float64 debug model with D=2 whose norms are all away from identity (so pre/post norm differ)."""
+    torch.manual_seed(0)
+    model = MTPModel.from_config(debug_model_config(name), num_layers=DEPTHS, experts_implementation="eager")
+    with torch.no_grad():
+        for module_name, param in model.named_parameters():
+            if "norm" in module_name:
+                param.add_(torch.randn_like(param) * 0.3)
+    return model.double()
+
+
+def engine_drafts(model: MTPModel, ids: torch.Tensor, engine: Engine) -> list[torch.Tensor]:
+    """Per step k, the drafter's logits at every slot (slot t drafts token t + k + 1)."""
+    length = ids.shape[1]
+    positions = torch.arange(length)[None]
+    decoder = model.backbone.get_decoder()
+    before_norm = []
+    hook = final_norm(model).register_forward_pre_hook(lambda _, args: before_norm.append(args[0]))
+    normed = decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    hook.remove()
+    hidden = normed if engine.h0 == "normed" else before_norm[-1]
+    embed = model.backbone.get_input_embeddings()
+    logits = []
+    for k in range(1, DEPTHS + 1):
+        depth = model.mtp.depth(k)
+        step_positions = positions + (k - 1)
+        tokens = torch.zeros_like(ids)
+        tokens[:, : length - k] = ids[:, k:]
+        emb = embed(tokens)
+        if engine.zero_first:
+            emb = emb.masked_fill((step_positions == 0).unsqueeze(-1), 0.0)
+        x = depth.eh_proj(torch.cat([depth.enorm(emb), depth.hnorm(hidden)], dim=-1))
+        run = model.family.block_runner(model.backbone, x, positions, None)
+        for block in depth.blocks:
+            x = run(block, x)
+        out = depth.final_norm(x)
+        head = depth.head.weight if depth.head is not None else model.backbone.get_output_embeddings().weight
+        logits.append(out @ head.T)
+        hidden = out if engine.recycle == "normed" else x
+    return logits
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE))
+def test_trained_depth_logits_equal_the_engine_drafter_on_the_export(name, tmp_path):
+    trained = perturbed(name)
+    trained.save_pretrained(tmp_path / "export")
+    served = MTPModel.from_pretrained(tmp_path / "export", dtype=torch.float64, experts_implementation="eager")
+    ids = torch.randint(3, served.text_config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+
+    ours = served(input_ids=ids).mtp_hidden_states
+    heads = served.mtp_heads()
+    reference = engine_drafts(served, ids, ENGINE[name])
+    for k in range(1, DEPTHS + 1):
+        head = heads[k - 1] if isinstance(heads, list) else heads
+        valid = slice(0, ids.shape[1] - k)  # slots whose drafted token exists in the row
+        got, want = (ours[k - 1] @ head.T)[:, valid], reference[k - 1][:, valid]
+        assert want.abs().max() > 0.1
+        # float64 model; some transformers modules (routers, rotary tables, some norms) compute in float32
+        assert (got - want).abs().max() < 1e-4, f"{name} depth {k}"
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE))
+def test_final_norm_weight_reaches_depth_one_only_through_a_normed_h0(name):
+    model = perturbed(name)
+    ids = torch.randint(3, model.text_config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    before = model(input_ids=ids, return_logits=True)
+    with torch.no_grad():
+        final_norm(model).weight.add_(0.5)
+    after = model(input_ids=ids, return_logits=True)
+    assert (after.logits - before.logits).abs().max() > 1e-3  # the main head always reads the normed state
+    moved = (after.mtp_hidden_states[0] - before.mtp_hidden_states[0]).abs().max()
+    if ENGINE[name].h0 == "normed":
+        assert moved > 1e-3
+    else:
+        assert moved < 1e-12
