@@ -10,7 +10,7 @@ Per configuration (D = 0, 1, 3 depths sharing one head ``W [V, H]``, ``T`` token
 Reports median time, the ratio to the floor (measured in the same run) and, on CUDA, the peak memory above the
 inputs (``torch.cuda.max_memory_allocated``, gradients included). Data: random (never zeros).
 
-    python benchmarks/bench_loss.py                  # CUDA, bf16, T=8192 H=4096 V=131072 (ANCHORS.md shape)
+    python benchmarks/bench_loss.py                  # CUDA, bf16, T=8192 H=4096 V=131072 (an 8B-class head)
     python benchmarks/bench_loss.py --small          # CPU smoke run, fp32, small shapes
 """
 

@@ -1,6 +1,6 @@
-"""One optimizer step of the ANCHORS.md 1.2B Nemotron-H: our MTPModel (packed rows, seq_idx) vs plain transformers.
+"""One optimizer step of a 1.2B Nemotron-H: our MTPModel (packed rows, seq_idx) vs plain transformers.
 
-Model: the config of ``shared/bench/mtp_anchors.py`` section B: 24 layers ``M-M-M*-ME`` ×2 + ``M-M-M-`` (11 Mamba2,
+Model: 24 layers ``M-M-M*-ME`` ×2 + ``M-M-M-`` (11 Mamba2,
 2 attention, 9 MLP, 2 MoE with 8 experts top-2), hidden 2048, V=131072, 64 Mamba heads × 64, 8 groups, state 128.
 Per batch size (B=1, 2 at S=4096, bf16 params, fused AdamW, no fp32 master copy, as the anchor):
 

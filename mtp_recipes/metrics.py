@@ -1,6 +1,6 @@
 """Training FLOPs per token and model FLOPs utilisation (MFU).
 
-Convention (the one ANCHORS.md used for its reference figures, so our MFU is comparable with them):
+Convention (the common ``6 N`` one, so MFU figures compare with other trainers'):
 
 * ``6 × N_active`` FLOPs per trained token: 2 for the forward GEMMs and 4 for the two backward GEMMs
   (input and weight gradient) per parameter. Frozen parameters still cost their input-gradient
@@ -13,7 +13,7 @@ Convention (the one ANCHORS.md used for its reference figures, so our MFU is com
   shared experts count in full.
 * Optional: attention-score FLOPs (``QKᵀ`` and ``AV``) for a given sequence length, causal (half the
   keys on average) and assuming no sliding window; they grow with ``S`` and are small at 4k for
-  models like ours. Mamba2 scan FLOPs are not counted (as in ANCHORS.md).
+  models like ours. Mamba2 scan FLOPs are not counted.
 """
 
 from __future__ import annotations

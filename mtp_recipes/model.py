@@ -50,7 +50,7 @@ class MTPOutput:
     logits: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
     mtp_hidden_states: list[torch.Tensor] = field(default_factory=list)
-    # With ``return_accuracy``: per-depth hit counts (spec §4) and, per depth, how many valid slots'
+    # With ``return_accuracy``: per-depth hit counts and, per depth, how many valid slots'
     # drafts equal the backbone's own argmax at slot t+k (what greedy self-verification accepts).
     acceptance: AcceptanceStats | None = None
     agreement: torch.Tensor | None = None
@@ -59,7 +59,7 @@ class MTPOutput:
 class MTPModel(nn.Module):
     """Backbone (transformers modeling code) + :class:`MTPStack`.
 
-    ``forward`` takes already-shifted labels (spec §1) and returns the main loss, the per-depth MTP
+    ``forward`` takes already-shifted labels and returns the main loss, the per-depth MTP
     losses (unscaled) and ``loss = main + (λ/D)·ΣCE_k``, without ever materialising full logits.
     """
 

@@ -1,4 +1,4 @@
-"""Losses: chunked linear cross-entropy, the main next-token loss and the MTP loss (spec §3)."""
+"""Losses: chunked linear cross-entropy, the main next-token loss and the MTP loss."""
 
 from mtp_recipes.loss.linear_ce import linear_cross_entropy
 from mtp_recipes.loss.mtp import (

@@ -1,4 +1,4 @@
-"""Main and MTP losses over one chunked cross-entropy (spec §3), and acceptance metrics (§4).
+"""Main and MTP losses over one chunked cross-entropy, and acceptance metrics.
 
 ``mtp_loss`` returns ``(λ / D) · Σ_k CE_k``; the caller adds it to ``main_loss``. Normalisers are
 passed in rather than computed here whenever the trainer has global counts, because a per
@@ -84,7 +84,7 @@ class AcceptanceStats:
 
 
 def acceptance_length(correct_per_depth: Sequence[Tensor], valid_per_depth: Sequence[Tensor]) -> AcceptanceStats:
-    """Count per-depth and cumulative hits from per-depth bool ``[B,S]`` masks (spec §4).
+    """Count per-depth and cumulative hits from per-depth bool ``[B,S]`` masks.
 
     ``c_k`` is taken over slots where depths 1..k all have a target: a slot near a document end
     has no depth-k draft to accept, and counting it as a miss would bias ``c_k`` by document length.
