@@ -7,20 +7,29 @@ used: nothing in the document predicts its first token).
 - ``text``: the tokenizer's own special tokens (e.g. a BOS) + the text + EOS; every token
   is a target, EOS included so the model learns where documents end.
 - ``chat``: rendered by ``tokenizer.apply_chat_template``; only tokens produced by the
-  assistant (its content and the template's end-of-turn marker) are targets. No EOS is
-  appended: the template's end-of-turn marker already ends the conversation.
+  assistant (its content, its tool calls and the template's end-of-turn marker) are targets.
+  No EOS is appended: the template's end-of-turn marker already ends the conversation.
+  Messages are ``{"role", "content"}`` (roles system, developer, user, assistant, tool;
+  an assistant turn may carry ``tool_calls`` instead of content) or ShareGPT's
+  ``{"from", "value"}`` (human, gpt, system), which ``auto`` finds in a ``conversations``
+  column. Every conversation needs an assistant turn: one without is a DataError naming the row.
 
-The assistant spans are found by rendering prefixes of the conversation — ``messages[:i]``
-with the generation prompt, and ``messages[:i+1]`` — and diffing them against the full
-rendering (longest common prefix, in characters). Tokens whose character offset starts
-inside a span are targets. This works with any template, unlike ``{% generation %}``
-markers, which most templates lack, and is robust to BPE merges at span edges.
+Assistant tokens come from transformers' own assistant mask when the template marks them with
+``{% generation %}``. Otherwise they are found by rendering prefixes of the conversation —
+``messages[:i]`` with the generation prompt, and ``messages[:i+1]`` — and diffing them against
+the full rendering (longest common prefix, in characters); tokens whose character offset starts
+inside a span are targets. That works with templates that lack the markers (most do) and is
+robust to BPE merges at span edges, but not with templates that render history differently
+from the last turn (reasoning templates strip ``<think>`` from earlier turns): an assistant turn
+left with fewer targets than its content has tokens is then a DataError naming the row and the
+template, never a silently untrained turn.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +42,10 @@ from ..errors import DataError
 logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "text", "chat")
+SHAREGPT_FIELD = "conversations"
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 @dataclass(frozen=True)
@@ -43,18 +56,21 @@ class Document:
     trainable: list[bool]
 
 
-def resolve_format(columns: Sequence[str], fmt: str, text_field: str, messages_field: str, where: str) -> str:
-    """Pick ``text`` or ``chat``; ``auto`` prefers chat when the messages column exists."""
+def resolve_format(columns: Sequence[str], fmt: str, text_field: str, messages_field: str, where: str) -> tuple[str, str]:
+    """``(format, column)``: ``text`` or ``chat`` and the column it reads.
+
+    ``auto`` prefers chat: the messages column, else ShareGPT's ``conversations``, else the text column.
+    """
     if fmt not in FORMATS:
         raise DataError(f"{where}: data.format={fmt!r}; choose one of {FORMATS}")
     if fmt == "auto":
-        if messages_field in columns:
-            return "chat"
-        if text_field in columns:
-            return "text"
+        for column, chosen in ((messages_field, "chat"), (SHAREGPT_FIELD, "chat"), (text_field, "text")):
+            if column in columns:
+                return chosen, column
         raise DataError(
             f"{where}: neither a text column {text_field!r} nor a messages column {messages_field!r} "
-            f"(columns: {list(columns)}); set data.text_field=... or data.messages_field=..."
+            f"(nor ShareGPT's {SHAREGPT_FIELD!r}; columns: {list(columns)}); "
+            "set data.text_field=... or data.messages_field=..."
         )
     field = text_field if fmt == "text" else messages_field
     if field not in columns:
@@ -62,7 +78,7 @@ def resolve_format(columns: Sequence[str], fmt: str, text_field: str, messages_f
             f"{where}: data.format={fmt!r} but no column {field!r} (columns: {list(columns)}); "
             f"set data.{'text_field' if fmt == 'text' else 'messages_field'}=..."
         )
-    return fmt
+    return fmt, field
 
 
 def tokenize_dataset(
@@ -75,36 +91,70 @@ def tokenize_dataset(
 ) -> list[Document]:
     """Tokenise every row of ``dataset``; ``where`` names the source in error messages.
 
-    Empty texts and empty conversations are skipped (and counted in the log): they hold
-    nothing to learn. Malformed rows raise a one-line ValueError naming the row.
+    Empty texts and empty conversations are skipped: they hold nothing to learn. Malformed rows raise a
+    one-line DataError naming the row; a dataset without a single target token is refused. One log line
+    says which format was chosen and how many tokens are targets.
     """
-    fmt = resolve_format(dataset.column_names, fmt, text_field, messages_field, where)
+    fmt, column = resolve_format(dataset.column_names, fmt, text_field, messages_field, where)
     if fmt == "text":
-        texts = [_check_text(row, text_field, i, where) for i, row in enumerate(dataset[text_field])]
-        kept = [text for text in texts if text.strip()]
-        docs = _tokenize_texts(kept, tokenizer)
+        texts = [_check_text(row, column, i, where) for i, row in enumerate(dataset[column])]
+        docs = _tokenize_texts([text for text in texts if text.strip()], tokenizer)
     else:
-        conversations = [
-            _check_messages(row, messages_field, i, where) for i, row in enumerate(dataset[messages_field])
-        ]
-        docs = [tokenize_chat(messages, tokenizer) for messages in conversations if messages]
-    if len(docs) < len(dataset):
-        logger.info("%s: skipped %d empty rows", where, len(dataset) - len(docs))
+        docs = []
+        for i, row in enumerate(dataset[column]):
+            messages = _check_messages(row, column, i, where)
+            if messages:
+                docs.append(tokenize_chat(messages, tokenizer, where=f"{where} row {i}"))
+    tokens = sum(len(doc.input_ids) for doc in docs)
+    targets = sum(sum(doc.trainable[1:]) for doc in docs)
+    chosen = "text" if fmt == "text" else f"chat ({'ShareGPT ' if column == SHAREGPT_FIELD else ''}{column!r} column)"
+    logger.info(
+        "%s: format %s, %d rows -> %d documents, %d tokens, %d targets (%.1f%%)",
+        where, chosen, len(dataset), len(docs), tokens, targets, 100 * targets / max(tokens, 1),
+    )
+    if targets == 0:
+        raise DataError(
+            f"{where}: no target tokens in {len(dataset)} rows (format {chosen}); nothing would be trained: "
+            "check the rows (chat: assistant turns are the targets) or set data.format"
+        )
     return docs
 
 
-def tokenize_chat(messages: Sequence[dict[str, str]], tokenizer: PreTrainedTokenizerFast) -> Document:
-    """Render one conversation with the chat template; only assistant tokens are targets."""
-    full = _render(tokenizer, messages, add_generation_prompt=False)
+def tokenize_chat(
+    messages: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerFast, where: str = "conversation"
+) -> Document:
+    """Render one conversation with the chat template; only assistant tokens are targets.
+
+    ``where`` names the row in errors: a template that fails on it, or one that leaves an assistant turn
+    with fewer targets than its content has tokens.
+    """
+    template = _template(tokenizer, where)
+    if _GENERATION_BLOCK.search(template):
+        encoding = _apply(tokenizer, messages, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        trainable = [bool(m) for m in encoding["assistant_masks"]]
+        return Document(input_ids=list(encoding["input_ids"]), trainable=trainable)
+    full = _apply(tokenizer, messages, where, tokenize=False, add_generation_prompt=False)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        spans.append((_common_prefix_len(full, before), _common_prefix_len(full, through)))
+        before = _apply(tokenizer, messages[:i], where, tokenize=False, add_generation_prompt=True) if i else ""
+        through = _apply(tokenizer, messages[: i + 1], where, tokenize=False, add_generation_prompt=False)
+        spans.append((i, _common_prefix_len(full, before), _common_prefix_len(full, through)))
     encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    trainable = [any(lo <= start < hi for lo, hi in spans) for start, _ in encoding["offset_mapping"]]
+    starts = [start for start, _ in encoding["offset_mapping"]]
+    for turn, lo, hi in spans:
+        got = sum(lo <= start < hi for start in starts)
+        content = (messages[turn].get("content") or "").strip()  # templates often trim the content
+        need = max(len(tokenizer(content, add_special_tokens=False)["input_ids"]), 1)
+        if got < need:
+            raise DataError(
+                f"{where}: assistant message {turn} gets {got} target tokens but its content has {need}: the chat "
+                f"template of {tokenizer.name_or_path!r} renders it differently as history than as the last turn "
+                "(e.g. it strips reasoning), so prefix masking cannot find it; use a template with "
+                "{% generation %} markers, or split the conversation so each row ends with the turn to train"
+            )
+    trainable = [any(lo <= start < hi for _, lo, hi in spans) for start in starts]
     return Document(input_ids=list(encoding["input_ids"]), trainable=trainable)
 
 
@@ -117,8 +167,22 @@ def _tokenize_texts(texts: list[str], tokenizer: PreTrainedTokenizerFast) -> lis
     return docs
 
 
-def _render(tokenizer: PreTrainedTokenizerFast, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+def _template(tokenizer: PreTrainedTokenizerFast, where: str) -> str:
+    try:
+        return tokenizer.get_chat_template()
+    except ValueError:
+        raise DataError(
+            f"{where}: the tokenizer {tokenizer.name_or_path!r} has no chat template; set model.tokenizer to one "
+            "that has, or use text rows (data.format=text)"
+        ) from None
+
+
+def _apply(tokenizer: PreTrainedTokenizerFast, messages: Sequence[dict[str, Any]], where: str, **kwargs: Any) -> Any:
+    try:
+        return tokenizer.apply_chat_template(list(messages), **kwargs)
+    except Exception as e:  # jinja raises many types; each means this row does not fit the template
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{where}: the chat template of {tokenizer.name_or_path!r} fails on it ({reason})") from None
 
 
 def _common_prefix_len(a: str, b: str) -> int:
@@ -132,18 +196,41 @@ def _check_text(value: Any, field: str, index: int, where: str) -> str:
     return value
 
 
-def _check_messages(value: Any, field: str, index: int, where: str) -> list[dict[str, str]]:
-    fix = f"each row's {field!r} must be a list of {{'role': str, 'content': str}} (or set data.messages_field=...)"
+def _check_messages(value: Any, field: str, index: int, where: str) -> list[dict[str, Any]]:
+    """The row's messages as ``{"role", "content", ...}`` dicts (ShareGPT's ``from``/``value`` mapped)."""
+    fix = (
+        f"each row's {field!r} must be a list of {{'role': str, 'content': str}} or ShareGPT "
+        "{'from': str, 'value': str} (or set data.messages_field=...)"
+    )
     if value is None:
         raise DataError(f"{where} row {index}: messages field {field!r} is missing; {fix}")
     if not isinstance(value, list):
         raise DataError(f"{where} row {index}: messages field {field!r} is {type(value).__name__}; {fix}")
-    for turn, message in enumerate(value):
-        if not (
-            isinstance(message, dict)
-            and isinstance(message.get("role"), str)
-            and isinstance(message.get("content"), str)
-        ):
-            raise DataError(f"{where} row {index}: message {turn} is {message!r}; {fix}")
-    # Columnar loaders fill keys that only other rows have with None; templates expect them absent.
-    return [{key: item for key, item in message.items() if item is not None} for message in value]
+    messages = []
+    for turn, raw in enumerate(value):
+        # Columnar loaders fill keys that only other rows have with None; templates expect them absent.
+        message = {key: item for key, item in raw.items() if item is not None} if isinstance(raw, dict) else raw
+        if isinstance(message, dict) and "role" not in message and "from" in message:
+            role = message.pop("from")
+            if role not in SHAREGPT_ROLES:
+                raise DataError(
+                    f"{where} row {index}: message {turn} is from {role!r}; ShareGPT roles are {sorted(SHAREGPT_ROLES)}"
+                )
+            message = {"role": SHAREGPT_ROLES[role], "content": message.pop("value", None), **message}
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise DataError(f"{where} row {index}: message {turn} is {raw!r}; {fix}")
+        if message["role"] not in CHAT_ROLES:
+            raise DataError(
+                f"{where} row {index}: message {turn} has role {message['role']!r}; roles are {list(CHAT_ROLES)} "
+                f"(ShareGPT: {sorted(SHAREGPT_ROLES)})"
+            )
+        tool_call = message["role"] == "assistant" and isinstance(message.get("tool_calls"), list)
+        if not (isinstance(message.get("content"), str) or (tool_call and "content" not in message)):
+            raise DataError(f"{where} row {index}: message {turn} is {raw!r}; {fix}")
+        messages.append(message)
+    if messages and not any(m["role"] == "assistant" for m in messages):
+        raise DataError(
+            f"{where} row {index}: the conversation has no assistant turn, so nothing in it would be trained; "
+            "drop the row or fix its roles"
+        )
+    return messages

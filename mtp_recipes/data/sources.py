@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -116,5 +117,53 @@ def _load_files(source: str, files: list[str], split: str, text_sample_by: str) 
         if text_sample_by not in TEXT_SAMPLE_BY:
             raise DataError(f"data.text_sample_by={text_sample_by!r}; choose one of {TEXT_SAMPLE_BY}")
         kwargs["sample_by"] = text_sample_by
+    if all(_blank(f) for f in files):
+        raise DataError(f"data.source={source!r}: {'the file is' if len(files) == 1 else 'every file is'} empty")
     split_name = split.split("[", 1)[0]
-    return datasets.load_dataset(loader, data_files={split_name: files}, split=split, **kwargs)
+    try:
+        dataset = datasets.load_dataset(loader, data_files={split_name: files}, split=split, **kwargs)
+    except Exception as err:  # pyarrow, datasets and the OS raise many types; find the line at fault
+        bad = _first_bad_json_line(files) if loader == "json" else None
+        if bad is not None:
+            raise DataError(f"data.source={source!r}: {bad}; fix or remove that line") from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"data.source={source!r}: could not be read ({type(err).__name__}: {reason})") from None
+    if len(dataset) == 0:
+        raise DataError(f"data.source={source!r} (split {split!r}) holds no rows")
+    return dataset
+
+
+def _blank(path: str) -> bool:
+    """True when the file holds nothing but whitespace (read until the first other byte)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _first_bad_json_line(files: list[str]) -> str | None:
+    """``FILE line N is not ...`` for the first line of a JSON Lines file that is not a JSON object.
+
+    A ``.json`` file that parses as a whole is fine (datasets reads JSON arrays too); otherwise it is read
+    as JSON Lines like a ``.jsonl`` file.
+    """
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if path.endswith(".json"):
+            try:
+                json.loads(text)
+                continue
+            except json.JSONDecodeError:
+                pass
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"{path} line {number} is not valid JSON ({e.msg} at column {e.colno})"
+            if not isinstance(row, dict):
+                return f"{path} line {number} is a JSON {type(row).__name__}, not an object"
+    return None

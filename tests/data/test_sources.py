@@ -54,6 +54,23 @@ def test_missing_mixed_and_unknown_sources(tmp_path) -> None:
         load_source("builtin:nope")
 
 
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("", r"the file is empty"),
+        ("\n  \n", r"the file is empty"),
+        ("".join(json.dumps(r) + "\n" for r in ROWS[:3]) + '{"text": "cut off\n' + json.dumps(ROWS[4]) + "\n",
+         r"data.jsonl line 4 is not valid JSON \(.* at column \d+\); fix or remove that line"),
+        (json.dumps(ROWS[0]) + "\n\n[1, 2]\n", r"data.jsonl line 3 is a JSON list, not an object"),
+    ],
+)
+def test_empty_and_malformed_jsonl_are_one_line_naming_the_line(tmp_path, content, match) -> None:
+    (tmp_path / "data.jsonl").write_text(content)
+    with pytest.raises(DataError, match=match) as err:
+        load_source(str(tmp_path / "data.jsonl"))
+    assert "\n" not in str(err.value)
+
+
 def test_builtin_pydoc() -> None:
     rows = load_source("builtin:pydoc")
     assert rows.column_names == ["text"] and len(rows) == len(topics)
