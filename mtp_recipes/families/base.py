@@ -141,10 +141,22 @@ class Family(ABC):
             donor = next((b for b in reversed(layers) if self.block_kind(b) == kind), None)
             if donor is None:
                 continue
+            ours, theirs = block.state_dict(), donor.state_dict()
+            bad = [
+                f"{name} {tuple(t.shape)} vs {tuple(theirs[name].shape) if name in theirs else 'none'}"
+                for name, t in ours.items()
+                if name not in theirs or t.shape != theirs[name].shape
+            ]
+            if bad:
+                raise ConfigError(
+                    f"mtp.init=from_scratch: the MTP {kind} block cannot start from backbone block "
+                    f"{layers.index(donor)}, whose tensors differ ({', '.join(bad[:4])}"
+                    f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}); make the MTP depth's config match "
+                    "the backbone's, or load MTP tensors from a checkpoint (mtp.init=from_checkpoint or extend)"
+                )
             with torch.no_grad():
-                for p, q in zip(block.state_dict().values(), donor.state_dict().values(), strict=True):
-                    if p.shape == q.shape:
-                        p.copy_(q)
+                for name, t in ours.items():
+                    t.copy_(theirs[name])
 
     # ---- checkpoint keys ----------------------------------------------------------------------
     @abstractmethod

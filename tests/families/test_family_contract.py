@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mtp_recipes.checkpoint.hf import tensor_files
-from mtp_recipes.errors import CheckpointError
+from mtp_recipes.errors import CheckpointError, ConfigError
 from mtp_recipes.model import MTPModel
 from tests.helpers import DEBUG_MODELS, debug_model_config, packed_batch
 
@@ -117,6 +117,19 @@ def test_missing_mtp_tensors_fail_clearly_unless_from_scratch(model_name, tmp_pa
                 assert torch.equal(p, q)
     out = fresh.save_pretrained(tmp_path / "attached")
     assert _disk_mtp_keys(out, fresh) == _disk_mtp_keys(tmp_path / "full", model)
+
+
+def test_from_scratch_names_block_tensors_whose_shape_differs_from_the_backbone(model_name):
+    """An MTP block whose config differs from the backbone's is an error naming the tensors, not left random."""
+    model = build(model_name)
+    donors = {model.family.block_kind(b) for b in model.family.backbone_blocks(model.backbone)}
+    block = next(b for b in model.mtp.depths[0].blocks if model.family.block_kind(b) in donors)
+    name, param = next((n, p) for n, p in block.named_parameters() if p.dim() == 2)
+    owner = block.get_submodule(name.rpartition(".")[0])
+    setattr(owner, name.rpartition(".")[2], torch.nn.Parameter(torch.zeros(param.shape[0], param.shape[1] + 1)))
+    with pytest.raises(ConfigError, match="from_scratch") as err:
+        model.init_mtp_from_backbone()
+    assert f"{name} {(param.shape[0], param.shape[1] + 1)}" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_unexpected_and_misshaped_mtp_tensors_fail_clearly(model_name, tmp_path):
