@@ -1,8 +1,10 @@
-"""FSDP2 for an MTPModel: shard each decoder block and each MTP depth, then the root.
+"""FSDP2 for an MTPModel: shard each decoder block (backbone and MTP), then the root.
 
-Embeddings and the LM head stay in the root group: both the backbone and every MTP depth use them, so
-they are gathered once per step and the head weight feeds the main loss and all depths from one
-gather. Plain functions that take a model and a mesh, as in torchtitan.
+Everything else stays in the root group, gathered once per step: the embeddings and the LM head (the
+backbone and every MTP depth use them; the head weight feeds the main loss and all depths from one
+gather), and each depth's fusion, norms and own head (Step-3.5), because the loss projects with a
+per-depth head after the depth's forward, where a depth-sized unit would have resharded it. Plain
+functions that take a model and a mesh, as in torchtitan.
 """
 
 from __future__ import annotations
@@ -10,17 +12,19 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
+from mtp_recipes.hf_compat import enable_block_checkpointing, swap_class
 from mtp_recipes.model import MTPModel
 
 
 def shardable_blocks(model: MTPModel) -> list[nn.Module]:
-    """The units sharded (and optionally checkpointed / compiled) one by one: backbone blocks, MTP depths."""
-    return [*model.family.backbone_blocks(model.backbone), *model.mtp.depths]
+    """The units sharded (and optionally checkpointed / compiled) one by one: backbone and MTP blocks."""
+    return [*model.family.backbone_blocks(model.backbone), *(b for d in model.mtp.depths for b in d.blocks)]
 
 
 def apply_activation_checkpointing(model: MTPModel) -> None:
@@ -30,11 +34,8 @@ def apply_activation_checkpointing(model: MTPModel) -> None:
     change.
     """
     func = partial(checkpoint, use_reentrant=False)
-    for block in [*model.family.backbone_blocks(model.backbone), *(b for d in model.mtp.depths for b in d.blocks)]:
-        if not hasattr(block, "gradient_checkpointing"):
-            raise ValueError(f"{type(block).__name__} does not support activation checkpointing")
-        block.gradient_checkpointing = True
-        block._gradient_checkpointing_func = func
+    for block in shardable_blocks(model):
+        enable_block_checkpointing(block, func)
 
 
 def apply_compile(model: MTPModel) -> None:
@@ -46,12 +47,15 @@ def apply_compile(model: MTPModel) -> None:
 def apply_fsdp(model: MTPModel, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None) -> MTPModel:
     """Shard ``model`` over ``mesh`` with FSDP2.
 
-    ``param_dtype`` (bf16 on GPU) is the compute dtype of the gathered parameters; gradients are
-    reduced in float32. Every rank divides its loss by the *global* target counts, so gradients are
-    summed over ranks, not averaged.
+    ``param_dtype`` (bf16 on GPU) is the compute dtype of the gathered parameters and of buffers used as
+    ``nn.Linear`` weights (:func:`weight_buffers_follow_compute_dtype`); gradients are reduced in float32.
+    Every rank divides its loss by the *global* target counts, so gradients are summed over ranks, not
+    averaged.
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kwargs = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
+    if mp:
+        weight_buffers_follow_compute_dtype(model)
     for block in shardable_blocks(model):
         fully_shard(block, **kwargs)
     fully_shard(model, reshard_after_forward=False, **kwargs)
@@ -60,3 +64,28 @@ def apply_fsdp(model: MTPModel, mesh: DeviceMesh, *, param_dtype: torch.dtype | 
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-multiplied sum
     return model
+
+
+class InputDtypeLinear(nn.Linear):
+    """``nn.Linear`` that computes in its input's dtype, for a weight held as a buffer (never cast by FSDP2)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(input.dtype)
+        return F.linear(input, self.weight.to(input.dtype), bias)
+
+
+def weight_buffers_follow_compute_dtype(model: nn.Module) -> None:
+    """Make every ``nn.Linear`` whose weight is a floating buffer compute in the activations' dtype.
+
+    FSDP2's mixed-precision policy casts parameters only; a frozen weight kept as a buffer (MiniMax-M3's
+    indexers) would stay float32 and meet bf16 activations in its matmul. Cast at use, as autocast does in
+    a one-process run, the stored buffer keeps its dtype and values, so checkpoints stay bit-exact. Other
+    buffers (rotary frequencies, router biases) are untouched: their consumers compute in float32 on purpose.
+    """
+    for module in model.modules():
+        if (
+            type(module) is nn.Linear
+            and not isinstance(module.weight, nn.Parameter)
+            and module.weight.is_floating_point()
+        ):
+            swap_class(module, InputDtypeLinear)

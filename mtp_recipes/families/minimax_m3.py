@@ -20,15 +20,18 @@ is the shared ``lm_head`` and depth k hands its final-normed state to depth k+1.
 Packing. transformers' indexer anchors key blocks to row slots, ranks every block of the row in its
 top-k and takes causality from ``position_ids``: on a packed row (positions restarting per document) a
 query would compete with earlier documents' blocks, see its document cut by the row's block grid, and
-could select no visible block at all. Every ``MiniMaxM3VLAttention`` (backbone and MTP blocks) is
-therefore class-swapped to ``DocumentSparseAttention`` (``minimax_m3_attention.py``): same parameters
-and state dict; with ``seq_idx`` the indexer scores only the query's own document's earlier keys, pools
-them into document-relative blocks (block j = offsets ``[j*bs, (j+1)*bs)`` of the document), applies the
-local-block and top-k rules as for the document alone, and the attention mask is that selection AND the
-document-causal mask. Backbone and MTP blocks get the real (restarting) positions for RoPE and the
-indexer, ``seq_idx`` as a forward kwarg, and the document-causal mask; each packed document is computed
-as if it were alone (tested against transformers on the lone document, float64 1e-9). Without
-``seq_idx`` (one document per row) transformers' own forward runs, bit-identical.
+could select no visible block at all. Every ``MiniMaxM3VLIndexer`` (backbone and MTP blocks) is
+therefore class-swapped to ``DocumentIndexer`` (``minimax_m3_attention.py``): same parameters and state
+dict, and transformers' attention forward runs unchanged around it. On a packed row (found from the
+restarting ``position_ids``, as transformers' packed masks find it) the indexer scores only the query's
+own document's earlier keys, pools them into document-relative blocks (block j = offsets ``[j*bs,
+(j+1)*bs)`` of the document), applies the local-block and top-k rules as for the document alone, and the
+attention mask is that selection AND the document-causal mask. The backbone is transformers' text model
+as is (without a 2D mask it builds the document-causal mask from the restarting positions); MTP blocks
+get the same mask (``packed_mask``) and the real positions for RoPE and the indexer. Each packed
+document is computed as if it were alone (tested against transformers on the lone document, float64
+1e-9). On rows whose positions never restart (one document per row) the indexer is transformers' own,
+bit-identical.
 
 Indexer gradient. The indexer only *selects* key blocks: its output is the integer ``topk`` indices,
 turned into a mask, so no gradient reaches ``indexer.{q,k}_proj`` / ``{q,k}_norm`` through the LM loss
@@ -47,11 +50,11 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
 
 from mtp_recipes.families.base import Family, KeyPrefixes, packed_mask, register
 from mtp_recipes.families.minimax_m3_attention import make_document_aware
+from mtp_recipes.hf_compat import attach_weight_conversions, checkpoint_conversions, keep_in_fp32
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.stack import BlockRunner, MTPDepth
 
@@ -67,11 +70,7 @@ def freeze_indexers(module: nn.Module) -> None:
 
 def text_weight_conversions() -> list[Any]:
     """The VL model's on-disk conversions that apply inside the language model (no root-anchored renames)."""
-    return [
-        c
-        for c in get_checkpoint_conversion_mapping("minimax_m3_vl")
-        if not any(p.startswith("^") for p in c.source_patterns)
-    ]
+    return [c for c in checkpoint_conversions("minimax_m3_vl") if not any(p.startswith("^") for p in c.source_patterns)]
 
 
 class MiniMaxM3(Family):
@@ -89,9 +88,9 @@ class MiniMaxM3(Family):
 
     def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:
         backbone = hf.MiniMaxM3VLForCausalLM(self.text_config(hf_config))
-        backbone._weight_conversions = text_weight_conversions()
+        attach_weight_conversions(backbone, text_weight_conversions())
         # The router adds this bias to float32 scores; exported new depths keep it float32 as well.
-        backbone._keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+        keep_in_fp32(backbone, ["e_score_correction_bias"])
         freeze_indexers(backbone)
         make_document_aware(backbone)
         return backbone
@@ -107,28 +106,6 @@ class MiniMaxM3(Family):
 
         return MTPDepth(hf_config.hidden_size, norm(), norm(), [block], norm())
 
-    def backbone_hidden(
-        self,
-        backbone: PreTrainedModel,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        seq_idx: torch.Tensor | None,
-    ) -> torch.Tensor:
-        text = backbone.get_decoder()
-        if seq_idx is None:  # one document per row: transformers' own forward, untouched
-            return text(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        embeds = text.embed_tokens(input_ids)
-        mask = packed_mask(text.config, embeds, position_ids)
-        # A dict mask is used as given by the text model's forward; seq_idx reaches every attention module.
-        out = text(
-            inputs_embeds=embeds,
-            attention_mask={"document_causal": mask},
-            position_ids=position_ids,
-            seq_idx=seq_idx,
-            use_cache=False,
-        )
-        return out.last_hidden_state
-
     def block_runner(
         self,
         backbone: PreTrainedModel,
@@ -139,10 +116,9 @@ class MiniMaxM3(Family):
         text = backbone.get_decoder()
         mask = packed_mask(text.config, hidden, position_ids)
         rope = text.rotary_emb(hidden, position_ids=position_ids)
-        extra = {} if seq_idx is None else {"seq_idx": seq_idx}
 
         def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            return block(x, position_embeddings=rope, attention_mask=mask, position_ids=position_ids, **extra)
+            return block(x, position_embeddings=rope, attention_mask=mask, position_ids=position_ids)
 
         return run
 

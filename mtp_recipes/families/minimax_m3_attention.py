@@ -1,4 +1,4 @@
-"""Document-aware block-sparse attention for MiniMax-M3 packed rows (``seq_idx``).
+"""Document-aware block-sparse selection for MiniMax-M3 packed rows.
 
 transformers' ``MiniMaxM3VLIndexer`` scores every (query, key) pair with a small multi-head dot product
 (RoPE on the first ``index_head_dim`` channels, float32), masks keys after the query's *position* with
@@ -9,9 +9,12 @@ ceil(S / bs))`` blocks per query and indexer head (``-inf`` ones dropped), and o
 to a per-key mask intersected with the given mask. In a packed row this ranks blocks of earlier documents
 against the query's own, and the row's block grid is not the document's when it starts mid-block.
 
-:class:`DocumentSparseAttention` (built by class swap, :func:`make_document_aware`) keeps the parent's
-parameters, state dict and, without ``seq_idx``, its forward (it calls it). With ``seq_idx`` it does for
-every query what the indexer would do for the query's document run alone:
+The attention's forward stays transformers' own: it calls ``self.indexer(hidden, rope, cache,
+position_ids)`` and, on eager/SDPA, ``self.indexer.build_block_mask(selection, mask, ...)``. Those two
+calls are the seam: :class:`DocumentIndexer` (built by class swap, :func:`make_document_aware`) keeps the
+indexer's parameters and state dict, and when ``position_ids`` restart inside a row (a packed row; the
+rule transformers' masks use to find packed documents) it does for every query what the indexer would
+do for the query's document run alone:
 
 * offsets ``r`` = slot minus the document's first slot (== the restarting ``position_ids``);
 * visibility = same document and ``r_k <= r_q``; other keys score ``-inf`` before pooling (a);
@@ -22,11 +25,12 @@ every query what the indexer would do for the query's document run alone:
   (clamped at the document's block 0); the top-k size is ``index_topk_blocks``: blocks of other documents
   sit at ``-inf`` and are never kept, and the alone run's ``min(topk, ceil(L / bs))`` only trims ``-inf``
   entries, so the kept set is the alone one (c);
-* the attention mask = selected blocks AND document-causal AND the given mask, additive with the dtype's
-  minimum like transformers' ``build_block_mask`` (d).
+* the selection is a per-key boolean mask, which ``build_block_mask`` ANDs with the given mask into an
+  additive mask with the dtype's minimum, as transformers' own does (d).
 
-Selection runs under ``no_grad`` (integer indices: no gradient flows through it in transformers either).
-Only the eager / SDPA interfaces are supported with ``seq_idx`` (the MiniMax block-sparse kernel takes
+On rows whose positions never restart (one document per row, generation) both methods are transformers'
+own, bit-identical. Selection runs under ``no_grad`` (integer indices: no gradient flows through it in
+transformers either). Packed rows need the eager / SDPA interfaces (the MiniMax block-sparse kernel takes
 slot-anchored block indices) and no KV cache (training). Ties in the top-k (equal finite scores, or more
 ``+inf`` local blocks than ``index_topk_blocks``) may be broken differently than in the alone run.
 """
@@ -36,16 +40,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
 
-
-def document_offsets(seq_idx: torch.Tensor) -> torch.Tensor:
-    """Slot minus the first slot of the slot's document (``seq_idx`` runs are documents)."""
-    slots = torch.arange(seq_idx.shape[-1], device=seq_idx.device).expand_as(seq_idx)
-    start = torch.ones_like(seq_idx, dtype=torch.bool)
-    start[..., 1:] = seq_idx[..., 1:] != seq_idx[..., :-1]
-    return slots - torch.where(start, slots, torch.zeros_like(slots)).cummax(dim=-1).values
+from mtp_recipes.hf_compat import attention_implementation, swap_class
+from mtp_recipes.packed import position_in_document, seq_idx_from_position_ids
 
 
 @torch.no_grad()
@@ -66,7 +64,7 @@ def document_block_keep(
     scores = torch.matmul(idx_q.float(), idx_k.float().transpose(-1, -2))  # [B, H_idx, S, S]
 
     seq_idx = seq_idx.to(hidden_states.device).expand(batch, -1)
-    offset = document_offsets(seq_idx)  # [B, S]
+    offset = position_in_document(seq_idx)  # [B, S]
     same_doc = seq_idx[:, :, None] == seq_idx[:, None, :]
     visible = (same_doc & (offset[:, None, :] <= offset[:, :, None]))[:, None]  # [B, 1, S_q, S_k]
     scores = scores.masked_fill(~visible, float("-inf"))
@@ -92,64 +90,55 @@ def document_block_keep(
     return key_kept & visible
 
 
-class DocumentSparseAttention(hf.MiniMaxM3VLAttention):
-    """``MiniMaxM3VLAttention`` whose sparse selection respects packed documents when given ``seq_idx``.
+class DocumentIndexer(hf.MiniMaxM3VLIndexer):
+    """``MiniMaxM3VLIndexer`` that selects per document on packed rows (``position_ids`` restarting).
 
-    Same parameters and state dict; without ``seq_idx`` (or without an indexer) the parent's forward runs
-    unchanged. Only created by class swap (:func:`make_document_aware`).
+    Same parameters and state dict; on any other row both methods are the parent's. Only created by class
+    swap (:func:`make_document_aware`). ``forward`` takes the KV cache positionally or by keyword under
+    either name transformers has used (``past_key_values``, ``cache``), as the parent accepts them.
     """
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
-        past_key_values: Any = None,
+        *args: Any,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        seq_idx = kwargs.pop("seq_idx", None)
-        if seq_idx is None or self.indexer is None:
-            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
-        if past_key_values is not None:
-            raise NotImplementedError("seq_idx with a KV cache: packed rows are a training-time layout")
-        impl = self.config._attn_implementation
+    ) -> torch.Tensor:
+        # The parent's signature is (hidden_states, position_embeddings, <cache>, position_ids): the cache
+        # is the third argument and position_ids the last, whatever the cache is called.
+        position_ids = kwargs["position_ids"] if "position_ids" in kwargs else args[-1]
+        seq_idx = seq_idx_from_position_ids(position_ids)
+        if not bool(seq_idx[:, -1].any()):  # no restart in any row: one document per row
+            return super().forward(hidden_states, position_embeddings, *args, **kwargs)
+        cache = args[0] if len(args) == 2 else kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            raise NotImplementedError("packed rows with a KV cache: packed rows are a training-time layout")
+        impl = attention_implementation(self.config)
         if impl not in ("eager", "sdpa"):
             raise NotImplementedError(f"document-aware sparse attention supports eager/sdpa, not {impl!r}")
+        return document_block_keep(self, hidden_states, position_embeddings, seq_idx, self.config.num_attention_heads)
 
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
-        key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        query_states, key_states = hf.apply_rotary_pos_emb(query_states, key_states, cos, sin)
-
-        keep = document_block_keep(
-            self.indexer, hidden_states, position_embeddings, seq_idx, self.config.num_attention_heads
-        )
+    def build_block_mask(
+        self,
+        block_indices: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        key_length: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """The parent's for block indices; for ``forward``'s per-key keep mask (bool): it AND ``attention_mask``."""
+        if block_indices.dtype != torch.bool:
+            return super().build_block_mask(block_indices, attention_mask, key_length, dtype, device, position_ids)
+        keep = block_indices
         if attention_mask is not None:
             keep = keep & (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)
-        dtype = query_states.dtype
-        mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
-
-        kwargs.pop("position_ids", None)
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, hf.eager_attention_forward)
-        attn_output, attn_weights = interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
+        return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
 
 
 def make_document_aware(module: torch.nn.Module) -> None:
-    """Swap every ``MiniMaxM3VLAttention`` in ``module`` (backbone or MTP block) to the document-aware one."""
+    """Swap every ``MiniMaxM3VLIndexer`` in ``module`` (backbone or MTP block) to the document-aware one."""
     for sub in module.modules():
-        if type(sub) is hf.MiniMaxM3VLAttention:
-            sub.__class__ = DocumentSparseAttention
+        if type(sub) is hf.MiniMaxM3VLIndexer:
+            swap_class(sub, DocumentIndexer)

@@ -13,7 +13,7 @@ from torch import nn
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
 from transformers.models.minimax_m3_vl.configuration_minimax_m3_vl import MiniMaxM3VLConfig
 
-from mtp_recipes.families.minimax_m3_attention import DocumentSparseAttention, document_block_keep
+from mtp_recipes.families.minimax_m3_attention import DocumentIndexer, document_block_keep
 from mtp_recipes.model import MTPModel
 from mtp_recipes.packed import position_in_document
 from tests.helpers import debug_model_config, packed_batch, published_round_trip
@@ -102,20 +102,21 @@ def transformers_twin(model: MTPModel) -> tuple[nn.Module, nn.Module]:
     text.load_state_dict(model.backbone.state_dict())
     block = hf.MiniMaxM3VLDecoderLayer(cfg, layer_idx=cfg.num_hidden_layers - 1).double()
     block.load_state_dict(model.mtp.depths[0].blocks[0].state_dict())
-    assert type(text.model.layers[-1].self_attn) is hf.MiniMaxM3VLAttention
-    assert type(model.backbone.model.layers[-1].self_attn) is DocumentSparseAttention
+    assert type(text.model.layers[-1].self_attn.indexer) is hf.MiniMaxM3VLIndexer
+    assert type(model.backbone.model.layers[-1].self_attn) is hf.MiniMaxM3VLAttention
+    assert type(model.backbone.model.layers[-1].self_attn.indexer) is DocumentIndexer
     return text.eval(), block.eval()
 
 
 def test_one_document_per_row_is_transformers_bit_exact():
-    """Without seq_idx the swapped attention is transformers' own: backbone and MTP block bit-identical,
+    """On unpacked rows the swapped indexer is transformers' own: backbone and MTP block bit-identical,
     on a row long enough (24 > top-2 x 4) for the sparse selection to drop blocks."""
     model = sparse_model().eval()
     text, block = transformers_twin(model)
     ids = packed_batch(model.text_config.vocab_size, [[24], [24]], seed=3)["input_ids"]
     pos = torch.arange(ids.shape[1])[None].expand_as(ids)
     with torch.no_grad():
-        ours = model.family.backbone_hidden(model.backbone, ids, pos, None)
+        ours, _ = model.family.backbone_states(model.backbone, ids, pos, None)
         theirs = text.model(input_ids=ids, position_ids=pos).last_hidden_state
         assert torch.equal(ours, theirs)
         assert torch.equal(model(input_ids=ids).hidden_states, theirs)
@@ -164,10 +165,31 @@ def test_packed_selection_is_the_alone_selection(topk, local):
     assert selective >= 2  # the top-k really drops visible blocks (top-3: the 13- and 18-token documents)
 
 
+def test_indexer_takes_the_cache_positionally_or_under_either_keyword():
+    """transformers renamed the indexer's cache argument (``past_key_values`` -> ``cache``): on a packed row
+    every spelling of the call gives the per-document selection, and a KV cache is refused in one line."""
+    model = sparse_model().eval()
+    indexer = model.backbone.model.layers[-1].self_attn.indexer
+    batch = packed_batch(model.text_config.vocab_size, ROWS, seed=2)
+    hidden = torch.randn(*batch["input_ids"].shape, model.text_config.hidden_size, dtype=torch.float64)
+    pos = position_in_document(batch["seq_idx"])
+    rope = model.backbone.model.rotary_emb(hidden, position_ids=pos)
+    expected = document_block_keep(indexer, hidden, rope, batch["seq_idx"], model.text_config.num_attention_heads)
+    for args, kwargs in [
+        ((None, pos), {}),
+        ((None,), {"position_ids": pos}),
+        ((), {"cache": None, "position_ids": pos}),
+        ((), {"past_key_values": None, "position_ids": pos}),
+    ]:
+        assert torch.equal(indexer(hidden, rope, *args, **kwargs), expected), (len(args), sorted(kwargs))
+    with pytest.raises(NotImplementedError, match="KV cache"):
+        indexer(hidden, rope, cache=object(), position_ids=pos)
+
+
 @pytest.mark.usefixtures("keep_float64")
 def test_packed_row_equals_transformers_on_each_document_alone():
     """Packed rows (several documents, mid-block starts, S > top-k x block) through the document-aware
-    attention == each document run alone by transformers' own code (seq_idx=None): backbone, MTP depth,
+    attention == each document run alone by transformers' own code (one document per row): backbone, MTP depth,
     losses and gradients, float64 1e-9."""
     model = sparse_model()
     batch = packed_batch(model.text_config.vocab_size, ROWS, seed=4)
@@ -181,7 +203,7 @@ def test_packed_row_equals_transformers_on_each_document_alone():
         for n in docs:
             span = slice(start, start + n)
             alone = {k: batch[k][row : row + 1, span] for k in ("input_ids", "labels")}
-            ref = model(**alone, num_label_tokens=1, num_depth_tokens=[1])  # no seq_idx: transformers' path
+            ref = model(**alone, num_label_tokens=1, num_depth_tokens=[1])  # positions never restart: transformers' path
             ref.loss.backward()
             torch.testing.assert_close(out.hidden_states[row : row + 1, span], ref.hidden_states, rtol=0, atol=1e-9)
             torch.testing.assert_close(
