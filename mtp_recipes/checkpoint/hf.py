@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -61,9 +61,10 @@ def resolve_model_dir(name_or_path: str) -> Path:
             )
         )
     except Exception as e:  # noqa: BLE001 - any hub failure means the same thing to the user
+        reason = " ".join(str(e).split()) or "no message"
         raise CheckpointError(
             f"model '{name_or_path}' is not a local directory and could not be fetched from the Hugging Face Hub "
-            f"({type(e).__name__}); download it first (huggingface-cli download {name_or_path} --local-dir DIR) "
+            f"({type(e).__name__}: {reason}); download it first (hf download {name_or_path} --local-dir DIR) "
             "and set model.path=DIR"
         ) from None
 
@@ -81,12 +82,14 @@ def tensor_files(model_dir: Path) -> dict[str, Path]:
     """Every tensor name in the checkpoint and the safetensors file that holds it."""
     index = model_dir / INDEX_NAME
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e}); download it again") from None
         return {k: model_dir / f for k, f in weight_map.items()}
     single = model_dir / WEIGHTS_NAME
     if single.exists():
-        with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}
+        return {k: single for k in _open(single).keys()}
     if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
         raise CheckpointError(
             f"{model_dir} holds only pickle weights (.bin/.pt), which are not loaded for safety; "
@@ -121,16 +124,36 @@ class TensorReader:
     def _handle(self, key: str) -> Any:
         path = self.files[key]
         if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
+            self._handles[path] = _open(path)
         return self._handles[path]
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handle(key).get_tensor(key)
+        try:
+            return self._handle(key).get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise _unreadable(self.files[key], e) from None
 
     def meta(self, key: str) -> torch.Tensor:
         """A meta tensor with the stored dtype and shape: validates a checkpoint without reading it."""
         view = self._handle(key).get_slice(key)
         return torch.empty(view.get_shape(), dtype=_DTYPES[view.get_dtype()], device="meta")
+
+
+def _open(path: Path) -> Any:
+    """``safe_open`` (which checks the header against the file size) with a one-line error."""
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, error: BaseException) -> CheckpointError:
+    reason = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, FileNotFoundError):
+        return CheckpointError(f"{path} is missing; download the checkpoint again")
+    return CheckpointError(
+        f"{path} is not a readable safetensors file ({reason}); it is truncated or damaged: download it again"
+    )
 
 
 def read_tensors(files: dict[str, Path], keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
