@@ -1,46 +1,15 @@
 """MiniMax-M3 (transformers ``minimax_m3_vl``), text part: MoE + block-sparse attention with an indexer.
 
-Backbone. ``AutoModelForCausalLM`` has no entry for the VL config, and MTP fine-tuning is text-only, so
-the backbone is transformers' text causal LM (``MiniMaxM3VLForCausalLM``) built from the text config:
-no vision tower in memory, no vision parameters without gradients. A VL checkpoint nests the text model
-under ``language_model.`` (``language_model.model.*``, ``language_model.lm_head``); the checkpoint layer
-strips that prefix on load (``checkpoint_prefixes``), writes it back on save and copies the tensors it
-does not model (vision tower, projector) verbatim. A checkpoint without the prefix (text only) loads and
-saves as is. transformers registers MiniMax-M3's on-disk conversions (``block_sparse_moe.experts.{e}.w1``
--> merged ``mlp.experts.gate_up_proj``, ``index_q_proj`` -> ``indexer.q_proj``, ...) only for the VL
-model type, so the text backbone gets the same list minus the renamings anchored at the checkpoint root
-(prefix moves and vision tower), which never match prefix-less text keys.
+The backbone is transformers' text causal LM (``MiniMaxM3VLForCausalLM``) built from the text config; a VL
+checkpoint's ``language_model.`` prefix is stripped on load and written back on save, and its other towers
+are copied verbatim. D = ``num_mtp_modules``; on disk ``model.mtp.layers.{d}.{enorm,hnorm,eh_proj,
+final_layernorm}`` and ``model.mtp.layers.{d}.transformer_layer.*``, the block built like the last backbone
+layer (sparse attention with an indexer, MoE). Norms are Gemma RMSNorms ``x * (1 + w)``; the head is the
+shared ``lm_head``. As vLLM drafts: depth 1 reads the final-normed backbone state, depth k hands its block
+output *before* ``final_layernorm`` to depth k+1, and depth 1's embedding is zero at position 0.
 
-MTP. D = ``num_mtp_modules`` (text config). On disk ``model.mtp.layers.{d}.{enorm,hnorm,eh_proj,
-final_layernorm}`` and ``model.mtp.layers.{d}.transformer_layer.*``, the block being a decoder layer built
-like the last backbone layer (same ``layer_types`` / ``mlp_layer_types`` entry: sparse attention with an
-indexer, MoE). All norms are transformers' Gemma RMSNorm ``x * (1 + w)`` (computed in float32), the head
-is the shared ``lm_head`` and depth k hands its final-normed state to depth k+1.
-
-Packing. transformers' indexer anchors key blocks to row slots, ranks every block of the row in its
-top-k and takes causality from ``position_ids``: on a packed row (positions restarting per document) a
-query would compete with earlier documents' blocks, see its document cut by the row's block grid, and
-could select no visible block at all. Every ``MiniMaxM3VLIndexer`` (backbone and MTP blocks) is
-therefore class-swapped to ``DocumentIndexer`` (``minimax_m3_attention.py``): same parameters and state
-dict, and transformers' attention forward runs unchanged around it. On a packed row (found from the
-restarting ``position_ids``, as transformers' packed masks find it) the indexer scores only the query's
-own document's earlier keys, pools them into document-relative blocks (block j = offsets ``[j*bs,
-(j+1)*bs)`` of the document), applies the local-block and top-k rules as for the document alone, and the
-attention mask is that selection AND the document-causal mask. The backbone is transformers' text model
-as is (without a 2D mask it builds the document-causal mask from the restarting positions); MTP blocks
-get the same mask (``packed_mask``) and the real positions for RoPE and the indexer. Each packed
-document is computed as if it were alone (tested against transformers on the lone document, float64
-1e-9). On rows whose positions never restart (one document per row) the indexer is transformers' own,
-bit-identical.
-
-Indexer gradient. The indexer only *selects* key blocks: its output is the integer ``topk`` indices,
-turned into a mask, so no gradient reaches ``indexer.{q,k}_proj`` / ``{q,k}_norm`` through the LM loss
-(DeepSeek-V3.2-style indexers are trained by a separate distillation loss against the dense attention
-distribution, which transformers does not ship and which needs the full attention map). **Decision**:
-indexers are not trained. Their weights become persistent buffers (same state-dict names) in backbone
-and MTP blocks alike, so optimizers, weight decay and DDP's unused-parameter check never see them, the
-checkpoint round trip keeps them bit-exact, and ``mtp.init=from_scratch`` still copies them from the
-last backbone layer.
+Every indexer (backbone and MTP) is the document-aware one of ``minimax_m3_attention.py``; indexer weights
+are frozen buffers (docs/decisions.md says why).
 """
 
 from __future__ import annotations
@@ -77,14 +46,20 @@ class MiniMaxM3(Family):
     name = "minimax_m3"
     model_types = ("minimax_m3_vl", "minimax_m3_vl_text")
     head = "shared"
-    passes_on = "normed"
+    passes_on = "pre_norm"
+    zero_first_embedding = True
     checkpoint_prefixes = ("language_model.",)
 
     def mtp_config(self, hf_config: PretrainedConfig, **overrides: Any) -> MTPConfig:
         return MTPConfig(num_layers=int(getattr(hf_config, "num_mtp_modules", 0) or 0)).with_overrides(**overrides)
 
     def export_mtp_fields(self, mtp: MTPConfig) -> dict[str, Any]:
-        return {"num_mtp_modules": mtp.num_physical_layers}
+        # vLLM builds num_mtp_modules depths but picks one per draft step only when num_nextn_predict_layers
+        # is > 1; without it every step would run module 0.
+        return {"num_mtp_modules": mtp.num_physical_layers, "num_nextn_predict_layers": mtp.num_physical_layers}
+
+    def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[str]:
+        return ["SGLang skips MiniMax-M3's MTP weights (serve MTP drafting with vLLM)"] if mtp.num_layers else []
 
     def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:
         backbone = hf.MiniMaxM3VLForCausalLM(self.text_config(hf_config))

@@ -68,7 +68,10 @@ def test_published_layout_round_trip_and_training(prefix, tmp_path):
     # AdamW steps (with weight decay) and a save keep keys, shapes and dtypes; indexers stay frozen.
     model, trained = published_round_trip(tmp_path / "pub", published, tmp_path, lr=1e-2, weight_decay=0.1)
     assert model.mtp_config.num_layers == 2
-    assert json.loads((tmp_path / "same" / "config.json").read_text()) == published_cfg
+    exported_cfg = json.loads((tmp_path / "same" / "config.json").read_text())
+    # The one field added: vLLM drafts with every module only when num_nextn_predict_layers > 1.
+    assert mtp_section(exported_cfg).pop("num_nextn_predict_layers") == mtp_section(published_cfg)["num_mtp_modules"]
+    assert exported_cfg == published_cfg
     assert not any("indexer" in n for n, _ in model.named_parameters())
     for k, v in published.items():
         if "index_" in k or not k.startswith(prefix) or k.endswith("e_score_correction_bias"):
@@ -219,7 +222,8 @@ def test_packed_row_equals_transformers_on_each_document_alone():
 
 def test_mtp_forward_matches_a_plain_pytorch_reference():
     """Depth k: cat[enorm(emb(x_{t+k})), hnorm(h_{k-1})] -> eh_proj -> decoder layer -> final_layernorm,
-    norms Gemma-style ``x * (1 + w)``, the normed state passed on, logits through the shared lm_head."""
+    norms Gemma-style ``x * (1 + w)``, the block output *before* final_layernorm passed on, depth 1's
+    embedding zero at position 0 (vLLM's drafter), logits through the shared lm_head."""
     torch.manual_seed(0)
     model = MTPModel.from_config(
         debug_model_config("minimax_m3_debug"), num_layers=2, experts_implementation="eager"
@@ -247,12 +251,14 @@ def test_mtp_forward_matches_a_plain_pytorch_reference():
     h = out.hidden_states
     for k, depth in enumerate(model.mtp.depths, start=1):
         shifted = torch.cat([ids[:, k:], torch.zeros_like(ids[:, :k])], dim=1)
-        x = torch.cat([rms(emb[shifted], depth.enorm.weight), rms(h, depth.hnorm.weight)], -1) @ depth.eh_proj.weight.T
+        e = emb[shifted].masked_fill((pos == 0)[..., None], 0.0) if k == 1 else emb[shifted]
+        x = torch.cat([rms(e, depth.enorm.weight), rms(h, depth.hnorm.weight)], -1) @ depth.eh_proj.weight.T
         # The block is transformers' decoder layer (sparse attention + MoE) run as for one unpacked document.
         x = depth.blocks[0](x, position_embeddings=rope, attention_mask=None, position_ids=pos)
-        h = rms(x, depth.final_norm.weight)
+        normed = rms(x, depth.final_norm.weight)
         # transformers' Gemma RMSNorm rounds through float32 even for float64 inputs, hence 1e-6.
-        torch.testing.assert_close(out.mtp_hidden_states[k - 1], h, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out.mtp_hidden_states[k - 1], normed, rtol=1e-6, atol=1e-6)
+        h = x
         target = batch["labels"][0, k:]
-        ce = F.cross_entropy((h[0, : s - k] @ head.T), target, ignore_index=-100)
+        ce = F.cross_entropy((normed[0, : s - k] @ head.T), target, ignore_index=-100)
         torch.testing.assert_close(out.mtp_losses[k - 1], ce, rtol=1e-6, atol=1e-6)
