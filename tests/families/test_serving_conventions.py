@@ -122,3 +122,27 @@ def test_final_norm_weight_reaches_depth_one_only_through_a_normed_h0(name):
         assert moved > 1e-3
     else:
         assert moved < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "engines"),
+    [
+        ("nemotron_h_debug", {"num_layers": 1}, []),
+        ("nemotron_h_debug", {"num_layers": 2}, ["vLLM and SGLang"]),
+        ("nemotron_h_debug", {"num_layers": 2, "use_repeated_layer": True}, []),
+        ("nemotron_h_debug", {"num_layers": 1, "block_types": "*-"}, ["vLLM and SGLang"]),
+        ("deepseek_v3_debug", {"num_layers": 1}, []),
+        ("deepseek_v3_debug", {"num_layers": 2}, ["SGLang"]),
+        ("step3p5_debug", {"num_layers": 1}, ["SGLang"]),  # 45 backbone layers only
+        ("minimax_m3_debug", {"num_layers": 1}, ["SGLang"]),
+    ],
+)
+def test_unservable_layouts_are_named_at_export(name, overrides, engines, tmp_path, caplog):
+    model = MTPModel.from_config(debug_model_config(name), **overrides)
+    limits = model.serving_limits()
+    assert [line.split(" ")[0] for line in limits] == [e.split(" ")[0] for e in engines]
+    assert all(line.startswith(engine) for line, engine in zip(limits, engines))
+    with caplog.at_level("WARNING", logger="mtp_recipes"):
+        model.save_pretrained(tmp_path / "export")
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("export to")]
+    assert [m.split(": ", 1)[1] for m in logged] == limits

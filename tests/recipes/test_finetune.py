@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +71,7 @@ def test_overrides_reach_the_schema():
     ],
 )
 def test_bad_values_are_rejected_before_work(override, needle):
-    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")) as err:
+    with pytest.raises(ConfigError, match=re.escape(needle)) as err:
         FinetuneRecipe(composed(override), "/nonexistent/never-created")
     assert "\n" not in str(err.value)
     assert not Path("/nonexistent/never-created").exists()
@@ -168,16 +169,20 @@ RECIPE_FAMILIES = [
 
 
 @pytest.mark.parametrize("recipe, debug_model", RECIPE_FAMILIES)
-def test_every_published_recipe_runs_with_its_debug_model(recipe, debug_model, tmp_path):
+def test_every_published_recipe_runs_with_its_debug_model(recipe, debug_model, tmp_path, caplog):
     """``--config-name <recipe> model=<family>_debug trainer.max_steps=3`` (composition as on the CLI)."""
     cfg = composed(f"model={debug_model}", "trainer.max_steps=3", "trainer.progress_bar=false", name=recipe)
-    FinetuneRecipe(cfg, tmp_path).run()
+    with caplog.at_level("WARNING", logger="mtp_recipes"):
+        FinetuneRecipe(cfg, tmp_path).run()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and r["mtp_ce_1"] > 0 for r in records)
     assert records[0]["lambda"] == 0.1
     reloaded = MTPModel.from_pretrained(tmp_path / "final")
     assert reloaded.mtp_config.num_layers >= 1
+    # Setup names each engine that cannot serve the layout, once (docs/serving.md)
+    serving = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving: ")]
+    assert serving == [f"serving: {line}" for line in reloaded.serving_limits()]
 
 
 def test_wandb_mirrors_the_metrics(tmp_path, monkeypatch):
