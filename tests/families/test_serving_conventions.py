@@ -146,3 +146,19 @@ def test_unservable_layouts_are_named_at_export(name, overrides, engines, tmp_pa
         model.save_pretrained(tmp_path / "export")
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("export to")]
     assert [m.split(": ", 1)[1] for m in logged] == limits
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3_debug", "nemotron_h_debug"])
+def test_zero_first_embedding_override(name):
+    """``mtp.zero_first_embedding`` overrides the family's default; only depth 1's input changes."""
+    ids = torch.randint(3, 64, (1, 12), generator=torch.Generator().manual_seed(3))
+    outputs = {}
+    for zero in (None, True, False):
+        torch.manual_seed(0)
+        model = MTPModel.from_config(
+            debug_model_config(name), num_layers=1, zero_first_embedding=zero, experts_implementation="eager"
+        ).double()
+        outputs[zero] = model(input_ids=ids).mtp_hidden_states[0]
+    default = ENGINE[name].zero_first
+    assert torch.equal(outputs[None], outputs[default])
+    assert (outputs[True] - outputs[False]).abs().max() > 1e-3
