@@ -7,6 +7,7 @@ so a rename or a change of meaning in a new release fails here, not deep inside 
 import importlib.metadata
 import logging
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,3 +203,24 @@ def test_warning_outside_the_tested_range(monkeypatch, caplog):
         assert hf_compat.warn_if_untested_transformers()
     (record,) = caplog.records
     assert "99.0.0" in record.getMessage() and tested in record.getMessage()
+
+
+FENCED = (
+    "_attn_implementation", "_experts_implementation", "_init_weights", "_keys_to_ignore_on_load",
+    "_keep_in_fp32", "_weight_conversions", "_gradient_checkpointing_func", "_non_persistent_buffers_set",
+    "_decode_special_floats", "core_model_loading", "conversion_mapping", "__class__ =",
+)
+
+
+def test_no_touch_point_outside_the_fence():
+    """Every use of these internals goes through hf_compat, so a release that moves one fails one test above."""
+    package = Path(hf_compat.__file__).parent
+    found = [
+        f"{path.relative_to(package)}:{number}: {name}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "hf_compat.py"
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        for name in FENCED
+        if re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}", line)
+    ]
+    assert found == []

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
+from mtp_recipes import hf_compat
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.stack import BlockRunner, MTPDepth, PassesOn
@@ -225,7 +226,7 @@ def ignore_trailing_layers(backbone: PreTrainedModel, num_hidden_layers: int, pr
     """
     below = "|".join(str(i) for i in range(num_hidden_layers)) or "(?!)"
     pattern = rf"^{re.escape(prefix)}(?!(?:{below})\.)\d+\."
-    backbone._keys_to_ignore_on_load_unexpected = [*(backbone._keys_to_ignore_on_load_unexpected or []), pattern]
+    hf_compat.ignore_unexpected_keys(backbone, pattern)
 
 
 _REGISTRY: dict[str, Family] = {}
