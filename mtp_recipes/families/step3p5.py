@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_sliding_window_causal_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.step3p7 import Step3p7TextConfig
 from transformers.models.step3p7 import modeling_step3p7 as hf
 
@@ -77,6 +78,17 @@ class Step3p5TextForCausalLM(hf.Step3p7PreTrainedModel, GenerationMixin):
         self.model = hf.Step3p7TextModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def forward(
+        self, input_ids: torch.Tensor | None = None, logits_to_keep: int = 0, **kwargs: Any
+    ) -> CausalLMOutputWithPast:
+        """The text model, then ``lm_head`` on the last ``logits_to_keep`` positions (0: all), as ``generate`` needs."""
+        outputs = self.model(input_ids=input_ids, **kwargs)
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        carried = {k: v for k, v in outputs.items() if k in CausalLMOutputWithPast.__dataclass_fields__}
+        return CausalLMOutputWithPast(logits=self.lm_head(hidden), **carried)
 
 
 def _text_conversions() -> list:
