@@ -11,9 +11,8 @@ import copy
 import json
 import logging
 import os
-import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,10 +113,11 @@ class MTPModel(nn.Module):
         **mtp_overrides: Any,
     ) -> MTPModel:
         """A randomly initialised model (debug sizes, tests); MTP settings from the config + overrides."""
-        if isinstance(hf_config, dict):
-            hf_config = config_from_dict(hf_config)
+        source = hf_config if isinstance(hf_config, dict) else None
+        if source is not None:
+            hf_config = config_from_dict(source)
         family = get_family(hf_config.model_type)
-        mtp = family.mtp_config(family.text_config(hf_config), **mtp_overrides)
+        mtp = family_mtp_config(family, hf_config, source, mtp_overrides)
         with _default_dtype(_as_dtype(dtype) or torch.get_default_dtype()):
             return cls(
                 hf_config,
@@ -157,7 +157,7 @@ class MTPModel(nn.Module):
             )
         hf_config = config_from_dict(raw)
         family = get_family(hf_config.model_type)
-        mtp = family.mtp_config(family.text_config(hf_config), **mtp_overrides)
+        mtp = family_mtp_config(family, hf_config, raw, mtp_overrides)
         dtype = _as_dtype(dtype) or torch.float32
         on_meta = shard is not None or device is not None
         with _default_dtype(dtype), torch.device("meta") if on_meta else contextlib.nullcontext():
@@ -345,29 +345,23 @@ def config_from_dict(raw: dict[str, Any]) -> PretrainedConfig:
     if model_type is None:
         raise ConfigError("the model config has no model_type; set model.config.model_type (e.g. nemotron_h)")
     get_family(model_type)
-    source = copy.deepcopy(raw)
     raw = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
     try:
         config = CONFIG_MAPPING[model_type].from_dict(hf_compat.decode_special_floats(raw))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid {model_type} config: {str(e).splitlines()[0]}") from None
-    _SOURCE_DICTS[id(config)] = source
-    weakref.finalize(config, _SOURCE_DICTS.pop, id(config), None)
     return config
 
 
-# The config.json dicts behind configs built by config_from_dict, by id(config) (an entry leaves with
-# its config). Kept beside the config, not on it, so it is never serialized into an exported config.json.
-_SOURCE_DICTS: dict[int, dict[str, Any]] = {}
-
-
-def source_config_dict(config: PretrainedConfig) -> dict[str, Any] | None:
-    """The config.json dict ``config`` was built from by :func:`config_from_dict` (else None).
-
-    transformers drops or trims some fields on load (e.g. Step-3.5's per-layer list entries of the MTP
-    layers); a family that needs them reads them here. Copies of ``config`` have no entry.
-    """
-    return _SOURCE_DICTS.get(id(config))
+def family_mtp_config(
+    family: Family, hf_config: PretrainedConfig, source: dict[str, Any] | None, overrides: dict[str, Any]
+) -> MTPConfig:
+    """The MTP settings: the family's reading of the config, the user's overrides, and what the family
+    needs from the config.json dict ``source`` that transformers' config object no longer holds."""
+    text = family.text_config(hf_config)
+    mtp = family.mtp_config(text, **overrides)
+    options = family.source_options(text, source) if source is not None else {}
+    return replace(mtp, family_options={**mtp.family_options, **options}) if options else mtp
 
 
 def _count(labels: torch.Tensor) -> int:

@@ -54,6 +54,10 @@ class Family(ABC):
     def mtp_config(self, hf_config: PretrainedConfig, **overrides: Any) -> MTPConfig:
         """Read D and the depth layout from the checkpoint's config, then apply user overrides."""
 
+    def source_options(self, hf_config: PretrainedConfig, source: dict[str, Any]) -> dict[str, Any]:
+        """``MTPConfig.family_options`` read from the config.json dict ``source`` (fields transformers drops)."""
+        return {}
+
     @abstractmethod
     def export_mtp_fields(self, mtp: MTPConfig) -> dict[str, Any]:
         """The config.json fields (of the text config) that describe ``mtp`` for serving engines.

@@ -1,46 +1,17 @@
 """Step-3.5 (model_type ``step3p5``, transformers package ``step3p7``): sliding/full GQA attention with
 head-wise gates, (1 + w) RMSNorms, MoE with a shared expert, D MTP layers with their own output heads.
 
-Backbone: transformers 5.23 has only the text *model* (``Step3p7TextModel``) and the vision-language
-``Step3p7ForConditionalGeneration``; ``AutoModelForCausalLM`` knows no ``step3p5``. The causal LM is
-therefore :class:`Step3p5TextForCausalLM` below: transformers' text model + ``lm_head``, with
-transformers' own ``step3p7`` weight conversions minus the VL-only prefix moves, so a text checkpoint
-reads and writes the published names (``moe.{gate,up,down}_proj.weight`` stacked over experts,
-``moe.gate.weight``, ``moe.router_bias``, ``share_expert.*``).
-
-MTP: depth d is decoder layer ``model.layers.{N+d}`` (N = ``num_hidden_layers``) with a dense MLP,
-attention type ``mtp_layer_types[d]``. **Decision on keys**: the block's own keys sit directly under
-``model.layers.{N+d}.`` (``self_attn.*``, ``mlp.*``, ``input_layernorm``, ...), beside ``enorm``,
-``hnorm``, ``eh_proj``; only the head lives under ``.transformer.``:
-``model.layers.{N+d}.transformer.shared_head.{norm,output}.weight``. vLLM's ``step3p5_mtp`` loader maps
-undecorated block keys to its ``mtp_block`` and strips ``.transformer.`` (SGLang does the same), so it
-loads this layout; transformers' own ``MtpModel`` also expects the block directly at ``layers.{N+d}.``.
-The head is per depth (``shared_head.output``, trained, not tied to ``lm_head``) behind
-``shared_head.norm``; depth k hands its block output before that norm to depth k+1.
-
-Per-layer config lists: hub configs pad ``layer_types``, ``swiglu_limits``, ``swiglu_limits_shared``,
-``rope_theta`` and ``partial_rotary_factors`` (per layer, not per type) with entries N..N+D-1 for the MTP
-layers, which vLLM's ``step3p5_mtp`` reads at layer index N+d. transformers 5.23's ``Step3p7TextConfig``
-moves the ``layer_types``/``mlp_layer_types`` tails to ``mtp_layer_types``/``mtp_mlp_layer_types``,
-truncates ``swiglu_limits*`` to N entries, and drops the ``rope_theta``/``partial_rotary_factors`` lists
-after resolving one rope per layer *type* from the first layer of that type; ``sliding_window`` is one
-integer (a list is rejected). So depth d reads its values from the config.json dict the config was built
-from (:func:`mtp_recipes.model.source_config_dict`): entry N+d of each list that has N+D entries (a depth
-beyond the checkpoint's D reuses the last MTP entry, as for its attention type). The dense MTP MLP clamps
-with ``swiglu_limits_shared[N+d]`` (vLLM's and transformers' dense MLP read the *shared* list;
-``swiglu_limits[N+d]`` would only matter for an MoE block), 0/None meaning no clamp; attention uses
-``rope_theta[N+d]`` and ``partial_rotary_factors[N+d]``, running its own rotary table when they differ
-from the backbone's rope of that type. **Fallback**: a list with only N entries (or a config object not
-built from a dict, whose lists transformers already trimmed) gives the depth the entry of the *last
-backbone layer of the same attention type*; with no list at all, the backbone's rope of that type and no
-clamp. On export the padded lists (and ``mtp_*layer_types``) are rewritten to N + D_physical entries,
-identical to the source when D is unchanged; lists with N entries are left as they are.
+The causal LM is :class:`Step3p5TextForCausalLM` (transformers ships the text model and the VL model
+only), loading and saving the published names through transformers' ``step3p7`` conversions. Depth d is
+decoder layer ``model.layers.{N+d}`` with a dense MLP and attention type ``mtp_layer_types[d]``; its
+fusion sits beside the block's keys, its head under ``.transformer.shared_head.{norm,output}``. Each depth
+takes its own per-layer entries (rope, SwiGLU limits) from the source config.json's lists, which
+transformers trims (:class:`SourceLists`). docs/decisions.md records the key layout and the fallbacks.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -114,10 +85,11 @@ class Step3p5(Family):
     passes_on = "pre_norm"
 
     def mtp_config(self, hf_config: PretrainedConfig, **overrides: Any) -> MTPConfig:
-        mtp = MTPConfig(num_layers=num_nextn_layers(hf_config)).with_overrides(**overrides)
-        # What export_mtp_fields needs to rewrite the per-layer lists for this D (it sees only ``mtp``).
-        lists = _PaddedLists.of(hf_config, mtp.num_physical_layers)
-        return replace(mtp, family_options={**mtp.family_options, _LISTS: lists}) if lists else mtp
+        return MTPConfig(num_layers=num_nextn_layers(hf_config)).with_overrides(**overrides)
+
+    def source_options(self, hf_config: PretrainedConfig, source: dict[str, Any]) -> dict[str, Any]:
+        # The per-layer lists give each depth its own entries and are resized on export.
+        return {_LISTS: SourceLists.of(hf_config, source)}
 
     def export_mtp_fields(self, mtp: MTPConfig) -> dict[str, Any]:
         fields: dict[str, Any] = {"num_nextn_predict_layers": mtp.num_physical_layers}
@@ -149,10 +121,14 @@ class Step3p5(Family):
         return types[min(index, len(types) - 1)]
 
     @classmethod
-    def layer_entries(cls, hf_config: PretrainedConfig, index: int) -> dict[str, Any]:
-        """The per-layer config values of physical depth ``index`` (layer N+index; see the module docstring)."""
+    def layer_entries(cls, hf_config: PretrainedConfig, index: int, source: SourceLists | None) -> dict[str, Any]:
+        """The per-layer config values of physical depth ``index`` (layer N+index; see docs/families.md).
+
+        Entry N+index of each source list with N+D entries; else the last backbone layer of the same
+        attention type (``source`` is None when the config was not read from a dict).
+        """
         n, d_src = hf_config.num_hidden_layers, num_nextn_layers(hf_config)
-        raw = _source_lists(hf_config)
+        raw = source.lists if source is not None else {}
         kind = cls.attention_type(hf_config, index)
         donor = next((i for i in reversed(range(n)) if hf_config.layer_types[i] == kind), None)
         rope = (hf_config.rope_parameters or {}).get(kind) or {}
@@ -177,7 +153,7 @@ class Step3p5(Family):
         # Step3p7DecoderLayer reads its attention type, MLP type, clamps and head count at layer_idx, so
         # the block is built as layer 0 of a one-layer copy of the config holding the MTP entries; its
         # rope (the backbone's of that type with this layer's theta and partial factor) rides on that copy.
-        entries = self.layer_entries(hf_config, index)
+        entries = self.layer_entries(hf_config, index, mtp.family_options.get(_LISTS))
         kind = entries["layer_type"]
         rope = dict((hf_config.rope_parameters or {}).get(kind) or {"rope_type": "default"})
         if entries["rope_theta"] is not None:
@@ -259,7 +235,7 @@ class Step3p5(Family):
         return pairs
 
 
-_LISTS = "step3p5_per_layer_lists"
+_LISTS = "step3p5_source_lists"
 # config.json lists with one entry per decoder layer that hub configs pad with the MTP layers' entries.
 _PER_LAYER = (
     "layer_types",
@@ -273,40 +249,39 @@ _PER_LAYER = (
 _PER_MTP_LAYER = ("mtp_layer_types", "mtp_mlp_layer_types")
 
 
-def _source_lists(hf_config: PretrainedConfig) -> dict[str, Any]:
-    """The per-layer fields of the config.json ``hf_config`` was built from ({} when unknown)."""
-    from mtp_recipes.model import source_config_dict  # mtp_recipes.model imports the families
+class SourceLists:
+    """The per-layer lists of the config.json a config was read from (transformers trims or drops them)."""
 
-    raw = source_config_dict(hf_config) or {}
-    return {k: raw[k] for k in (*_PER_LAYER, *_PER_MTP_LAYER) if k in raw}
-
-
-class _PaddedLists:
-    """The source's per-layer lists that carry MTP entries, to be rewritten for the exported D."""
-
-    def __init__(self, n: int, d_src: int, lists: dict[str, list]) -> None:
+    def __init__(self, n: int, d_src: int, lists: dict[str, Any]) -> None:
         self.n, self.d_src, self.lists = n, d_src, lists
 
     @classmethod
-    def of(cls, hf_config: PretrainedConfig, d: int) -> _PaddedLists | None:
-        n, d_src = hf_config.num_hidden_layers, num_nextn_layers(hf_config)
-        raw = _source_lists(hf_config)
-        lists = {k: v for k, v in raw.items() if k in _PER_LAYER and isinstance(v, list) and len(v) == n + d_src}
-        lists |= {k: v for k, v in raw.items() if k in _PER_MTP_LAYER and isinstance(v, list) and len(v) == d_src}
-        # Nothing to rewrite without MTP entries, or when D is unchanged (the source is kept as it is).
-        return cls(n, d_src, lists) if d_src and lists and d != d_src else None
+    def of(cls, hf_config: PretrainedConfig, source: dict[str, Any]) -> SourceLists:
+        lists = {k: source[k] for k in (*_PER_LAYER, *_PER_MTP_LAYER) if k in source}
+        return cls(hf_config.num_hidden_layers, num_nextn_layers(hf_config), lists)
+
+    def padded(self) -> dict[str, list]:
+        """The lists that carry MTP entries: N + D entries per layer, or D entries for ``mtp_*`` lists."""
+        n, d = self.n, self.d_src
+        return {
+            k: v
+            for k, v in self.lists.items()
+            if isinstance(v, list) and len(v) == (n + d if k in _PER_LAYER else d) and d
+        }
 
     def resized(self, d: int) -> dict[str, list]:
-        """Each list with N + d entries (``mtp_*`` ones with d): depth k keeps its own entry, and depths
-        beyond the source's D repeat the last one, as :meth:`Step3p5.layer_entries` builds them."""
+        """Each padded list for ``d`` depths (unchanged when ``d`` is the source's): depth k keeps its own
+        entry, and depths beyond the source's D repeat the last one, as :meth:`Step3p5.layer_entries` does."""
+        if d == self.d_src:
+            return {}
         out = {}
-        for key, value in self.lists.items():
+        for key, value in self.padded().items():
             head, tail = (value[: self.n], value[self.n :]) if key in _PER_LAYER else ([], value)
             out[key] = head + [tail[min(k, self.d_src - 1)] for k in range(d)]
         return out
 
     def __repr__(self) -> str:  # MTPConfig is logged: keep it short
-        return f"PaddedLists(N={self.n}, D={self.d_src}, {sorted(self.lists)})"
+        return f"SourceLists(N={self.n}, D={self.d_src}, {sorted(self.lists)})"
 
 
 register(Step3p5())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import torch
@@ -10,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers.models.step3p7 import Step3p7TextConfig
 from transformers.models.step3p7 import modeling_step3p7 as hf
 
-from mtp_recipes.families.step3p5 import Step3p5, Step3p5TextForCausalLM
+from mtp_recipes.families.step3p5 import SourceLists, Step3p5, Step3p5TextForCausalLM
 from mtp_recipes.model import MTPModel, config_from_dict
 from mtp_recipes.packed import position_in_document
 from tests.helpers import debug_model_config, packed_batch, published_round_trip
@@ -221,8 +220,8 @@ def test_lists_without_mtp_entries_fall_back_to_the_last_backbone_layer_of_the_t
         "partial_rotary_factor": 1.0,
     }
     config = config_from_dict(short)
-    assert Step3p5.layer_entries(config, 0) == expected
-    assert Step3p5.layer_entries(copy.deepcopy(config), 0) == expected  # no source dict: the trimmed lists
+    assert Step3p5.layer_entries(config, 0, SourceLists.of(config, short)) == expected
+    assert Step3p5.layer_entries(config, 0, None) == expected  # no source dict: the trimmed lists
     (block,) = MTPModel.from_config(short).mtp.depths[0].blocks
     assert block.mlp.limit == 16.0
 
