@@ -83,7 +83,6 @@ class Family(ABC):
     def build_depth(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> MTPDepth:
         """Physical depth ``index`` built from the backbone's own block and norm classes."""
 
-    @abstractmethod
     def block_runner(
         self,
         backbone: PreTrainedModel,
@@ -91,7 +90,19 @@ class Family(ABC):
         position_ids: torch.Tensor,
         seq_idx: torch.Tensor | None,
     ) -> BlockRunner:
-        """A function that runs one MTP block with the masks/rotary inputs the backbone would use."""
+        """A function that runs one MTP block with the masks/rotary inputs the backbone would use.
+
+        By default what a transformers decoder hands its layers: one causal mask (block-diagonal when
+        ``position_ids`` restart per document) and one ``(cos, sin)`` pair for the unrolled positions.
+        """
+        decoder = backbone.get_decoder()
+        mask = packed_mask(decoder.config, hidden, position_ids)
+        rotary = decoder.rotary_emb(hidden, position_ids)
+
+        def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return block(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary)
+
+        return run
 
     def backbone_states(
         self,

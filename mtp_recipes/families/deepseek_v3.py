@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
@@ -28,12 +27,11 @@ from mtp_recipes.families.base import (
     KeyPrefixes,
     ignore_trailing_layers,
     num_nextn_layers,
-    packed_mask,
     register,
     sub_config,
 )
 from mtp_recipes.mtp.config import MTPConfig
-from mtp_recipes.mtp.stack import BlockRunner, MTPDepth
+from mtp_recipes.mtp.stack import MTPDepth
 
 
 class DeepseekV3(Family):
@@ -68,24 +66,6 @@ class DeepseekV3(Family):
             return hf.DeepseekV3RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
 
         return MTPDepth(hf_config.hidden_size, norm(), norm(), [block], norm())
-
-    def block_runner(
-        self,
-        backbone: PreTrainedModel,
-        hidden: torch.Tensor,
-        position_ids: torch.Tensor,
-        seq_idx: torch.Tensor | None,
-    ) -> BlockRunner:
-        # Exactly what DeepseekV3Model.forward hands its layers: one causal mask (block-diagonal when
-        # position_ids restart per document) and one (cos, sin) pair for the unrolled positions.
-        decoder = backbone.get_decoder()
-        mask = packed_mask(backbone.config, hidden, position_ids)
-        rotary = decoder.rotary_emb(hidden, position_ids)
-
-        def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            return block(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary)
-
-        return run
 
     def key_prefixes(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> KeyPrefixes:
         layer = f"model.layers.{hf_config.num_hidden_layers + index}."

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
 
-from mtp_recipes.families.base import Family, KeyPrefixes, packed_mask, register
+from mtp_recipes.families.base import Family, KeyPrefixes, register
 from mtp_recipes.families.minimax_m3_attention import make_document_aware
 from mtp_recipes.hf_compat import attach_weight_conversions, checkpoint_conversions, keep_in_fp32
 from mtp_recipes.mtp.config import MTPConfig
-from mtp_recipes.mtp.stack import BlockRunner, MTPDepth
+from mtp_recipes.mtp.stack import MTPDepth
 
 
 def freeze_indexers(module: nn.Module) -> None:
@@ -80,22 +79,6 @@ class MiniMaxM3(Family):
             return hf.MiniMaxM3VLRMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
 
         return MTPDepth(hf_config.hidden_size, norm(), norm(), [block], norm())
-
-    def block_runner(
-        self,
-        backbone: PreTrainedModel,
-        hidden: torch.Tensor,
-        position_ids: torch.Tensor,
-        seq_idx: torch.Tensor | None,
-    ) -> BlockRunner:
-        text = backbone.get_decoder()
-        mask = packed_mask(text.config, hidden, position_ids)
-        rope = text.rotary_emb(hidden, position_ids=position_ids)
-
-        def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            return block(x, position_embeddings=rope, attention_mask=mask, position_ids=position_ids)
-
-        return run
 
     def key_prefixes(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> KeyPrefixes:
         base = f"model.mtp.layers.{index}."
