@@ -32,10 +32,6 @@ _PEAK_BF16: tuple[tuple[str, float], ...] = (
 )
 
 
-def _routed_top_k(config: object) -> int | None:
-    return getattr(config, "num_experts_per_tok", None) or getattr(config, "moe_topk", None)
-
-
 def _active_params(modules: list[nn.Module], top_k: int | None, skip: set[int]) -> float:
     """Parameters of ``modules`` not in ``skip`` (ids), routed-expert stacks scaled by ``top_k / n_experts``.
 
@@ -75,7 +71,8 @@ def _attention_flops(modules: list[nn.Module], seq_len: int) -> float:
 def flops_per_token(model: nn.Module, seq_len: int | None = None) -> float:
     """Training FLOPs per token of ``model`` (module docstring for what counts).
 
-    ``model`` is an :class:`~mtp_recipes.model.MTPModel` or a plain transformers ``*ForCausalLM``.
+    ``model`` is an :class:`~mtp_recipes.model.MTPModel` or a plain transformers ``*ForCausalLM`` (whose
+    config names its routed top-k ``num_experts_per_tok``).
     With ``seq_len`` the causal attention-score FLOPs at that length are added.
     """
     mtp = getattr(model, "mtp", None)
@@ -89,7 +86,7 @@ def flops_per_token(model: nn.Module, seq_len: int | None = None) -> float:
         head_uses = [main_head, *(model.mtp_heads() if depths else [])]
     skip = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     skip |= {id(w) for w in head_uses}
-    top_k = _routed_top_k(config)
+    top_k = model.family.routed_top_k(config) if mtp is not None else getattr(config, "num_experts_per_tok", None)
     active = _active_params([backbone], top_k, skip)
     active += sum(_active_params([depth], top_k, skip) for depth in depths)
     active += sum(w.numel() for w in head_uses)

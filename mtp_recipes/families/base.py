@@ -139,6 +139,10 @@ class Family(ABC):
         """Extra forward kwargs that carry document boundaries to layers masks cannot reach (none by default)."""
         return {}
 
+    def routed_top_k(self, hf_config: PretrainedConfig) -> int | None:
+        """Experts each token is routed to (FLOP counting); ``None`` for a dense model."""
+        return getattr(hf_config, "num_experts_per_tok", None)
+
     def block_kind(self, block: nn.Module) -> Any:
         """What makes two blocks interchangeable when a new depth is initialised from the backbone."""
         return type(block)
