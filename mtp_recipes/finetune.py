@@ -1,35 +1,134 @@
 """``python -m mtp_recipes.finetune [--config-name RECIPE] [key=value ...]``: run a fine-tuning recipe.
 
 Configs live in ``configs/`` (shipped inside the package as ``mtp_recipes/configs``), so the command
-works from any directory. Errors caused by input print one line and exit with status 2.
+works from any directory. Errors caused by input print one line and exit with status 2; the config is
+checked before torch and transformers load, so a bad value is reported within a second or two. In a
+multirun sweep a job with a bad value is reported in one line and the other jobs still run (exit status
+2 at the end). During training the first Ctrl-C stops at the next step boundary with a resume checkpoint
+(see ``recipe.py``); a second one, or one before training starts, aborts at once with one line and exit
+status 130.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from mtp_recipes.config import to_schema
 from mtp_recipes.errors import MTPRecipesError
-from mtp_recipes.recipe import FinetuneRecipe
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
+# What Hydra itself writes into a job's directory before our code runs.
+HYDRA_FILES = {".hydra", "finetune.log"}
+
+_failed_jobs: list[str] = []
+
+
+class RunDirCheck(Callback):
+    """Refuse, in one line, a run (or sweep) directory that cannot be created or written.
+
+    Hydra creates the directory itself and would otherwise fail with a traceback (a file in the way, no
+    permission). Registered in ``configs/finetune.yaml`` under ``hydra.callbacks``.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(Path(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+
+def _check_writable(directory: Path, key: str) -> None:
+    blocker = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
+    try:
+        if blocker is not None:
+            raise NotADirectoryError(f"{blocker} is a file")
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or str(e)
+        print(f"error: {key}={directory} cannot be used ({reason}); set {key} to a writable directory", file=sys.stderr)
+        sys.exit(2)
+
+
+def _discard_if_unused(run_dir: Path) -> None:
+    """Remove a run dir holding only what Hydra wrote: a rejected config leaves nothing behind."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= HYDRA_FILES:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+class _CtrlC:
+    """Ctrl-C before training starts: remember it, then raise KeyboardInterrupt as Python would.
+
+    Libraries may turn the KeyboardInterrupt into another error (an import interrupted inside transformers'
+    lazy loader becomes ModuleNotFoundError), so the flag, not the exception type, says it was Ctrl-C.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self.previous)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="finetune")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("mtp_recipes").setLevel(logging.INFO)
-    run_dir = HydraConfig.get().runtime.output_dir
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    ctrl_c = _CtrlC()
     try:
-        FinetuneRecipe(cfg, run_dir).run()
+        schema = to_schema(cfg)
+        from mtp_recipes.recipe import FinetuneRecipe  # torch and transformers load only for a valid config
+
+        interrupted = FinetuneRecipe(schema, run_dir).run()
     except MTPRecipesError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _discard_if_unused(run_dir)
+        if not multirun:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        job = f"job {hydra_cfg.job.num} ({hydra_cfg.job.override_dirname})"
+        print(f"error: {job}: {e}", file=sys.stderr)
+        _failed_jobs.append(job)
+        return
+    except BaseException as e:
+        if not (isinstance(e, KeyboardInterrupt) or ctrl_c.pressed):
+            raise
+        _discard_if_unused(run_dir)
+        print(
+            "error: interrupted (Ctrl-C): stopped at once, without a checkpoint of the current step; continue from "
+            f"the newest one in {run_dir / 'resume'} (if any) with trainer.resume=auto",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    finally:
+        ctrl_c.restore()
+    if interrupted and multirun:
+        print(f"sweep stopped after job {hydra_cfg.job.num} (interrupted)", file=sys.stderr)
+        sys.exit(0)
 
 
 if __name__ == "__main__":
     main()
+    if _failed_jobs:
+        print(f"error: {len(_failed_jobs)} sweep job(s) failed: {', '.join(_failed_jobs)}", file=sys.stderr)
+        sys.exit(2)

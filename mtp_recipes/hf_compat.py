@@ -210,4 +210,6 @@ def revert_conversions(model: PreTrainedModel, state_dict: dict[str, torch.Tenso
     return revert_weight_conversion(model, state_dict)
 
 
+warn_if_untested_transformers()  # once, when the package first loads transformers
+
 __all__ = ["WeightConverter", "WeightRenaming", "dot_natural_key"]

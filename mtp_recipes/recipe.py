@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -20,19 +21,36 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from mtp_recipes.checkpoint.atomic import recover_interrupted_writes
 from mtp_recipes.checkpoint.hf import resolve_model_dir
-from mtp_recipes.checkpoint.resume import find_resume, load_resume, save_resume
+from mtp_recipes.checkpoint.resume import (
+    find_resume,
+    load_resume,
+    read_trainer_state,
+    remove_unfinished,
+    save_resume,
+)
 from mtp_recipes.config import lambda_at, to_schema
 from mtp_recipes.data import build_data, load_tokenizer
-from mtp_recipes.distributed.mesh import World, all_reduce_sum, broadcast_object, init_world, shutdown
+from mtp_recipes.distributed.mesh import World, all_reduce_sum, barrier, broadcast_object, init_world, shutdown
 from mtp_recipes.distributed.parallelize import apply_activation_checkpointing, apply_compile, apply_fsdp
 from mtp_recipes.errors import ConfigError, TrainingError
-from mtp_recipes.mamba.kernels import scan_backend
+from mtp_recipes.mamba.kernels import describe_scan, scan_backend
+from mtp_recipes.mamba.mixer import BoundaryAwareMamba2Mixer
 from mtp_recipes.metrics import flops_per_token, mfu, peak_flops
 from mtp_recipes.model import MTPModel
 from mtp_recipes.mtp.roll import count_depth_targets
 
 log = logging.getLogger("mtp_recipes")
+
+# What a run writes into its directory; a directory holding any of them holds a previous run.
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "resume")
+# Data settings that fix the packed rows and their order: a resume must see the same ones.
+DATA_POSITION_FIELDS = (
+    "source", "split", "format", "text_field", "messages_field", "text_sample_by", "max_documents",
+    "seq_len", "packing", "packing_buffer", "shuffle", "seed",
+)
+OPTIM_FIELDS = ("lr", "betas", "eps", "weight_decay", "warmup_steps", "min_lr_ratio")
 
 
 class FinetuneRecipe:
@@ -51,16 +69,17 @@ class FinetuneRecipe:
         self._share_run_dir()
         if not self.world.is_main:
             log.setLevel(logging.WARNING)
+        resume = self._prepare_run_dir()
         torch.manual_seed(cfg.trainer.seed)
         self.device = self.world.device
         self.autocast_dtype = _autocast_dtype(cfg.trainer.precision, self.device)
         scan_backend(torch.empty(0, device=self.device))  # a bad MTP_RECIPES_MAMBA_SCAN stops the run here
-        if self.world.is_main:
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
         self.model = self._build_model()
         for limit in self.model.serving_limits():
             log.warning("serving: %s", limit)
+        if any(isinstance(m, BoundaryAwareMamba2Mixer) for m in self.model.modules()):
+            log.info(describe_scan(torch.empty(0, device=self.device)))
         if self.world.distributed:
             self.autocast_dtype = None  # FSDP's mixed-precision policy casts the gathered parameters
         self.tokenizer = self._build_tokenizer()
@@ -73,6 +92,11 @@ class FinetuneRecipe:
         self.data = build_data(cfg.data, self.tokenizer, self.world.rank, self.world.world_size)
 
         trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ConfigError(
+                "nothing to train: mtp.train_only=true freezes the backbone and the model has no MTP depth; "
+                "set mtp.num_layers >= 1 or mtp.train_only=false"
+            )
         self.optimizer = torch.optim.AdamW(
             trainable,
             lr=cfg.optim.lr,
@@ -81,27 +105,143 @@ class FinetuneRecipe:
             weight_decay=cfg.optim.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        resume = find_resume(cfg.trainer.resume, self.run_dir / "resume", self.world)
         if resume is not None:
-            state = load_resume(resume, self.model, self.optimizer, self.world)
-            self.step = state["step"]
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.data.load_state_dict(state["data"])
-            log.info("resumed from %s at step %d", resume, self.step)
+            self._resume(resume)
         self.flops_per_token = flops_per_token(self.model, cfg.data.seq_len)
         peak = peak_flops(self.device)
         self.peak_flops = peak * self.world.world_size if peak else None
-        self.metrics_file = (self.run_dir / "metrics.jsonl").open("a") if self.world.is_main else None
+        if self.world.is_main:
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        self.metrics_file = self._open_metrics() if self.world.is_main else None
         self.wandb = _start_wandb(cfg, self.run_dir) if self.world.is_main else None
-        n_params = sum(p.numel() for p in trainable)
+        log.info("run dir %s", self.run_dir)
+        m = self.model.mtp_config
         log.info(
-            "run dir %s | %s x%d | %.2fM trainable parameters | MTP %s",
-            self.run_dir,
+            "%s x%d | %.2fM trainable parameters | MTP D=%d %s λ=%g",
             self.device,
             self.world.world_size,
-            n_params / 1e6,
-            self.model.mtp_config,
+            sum(p.numel() for p in trainable) / 1e6,
+            m.num_layers,
+            "/".join(m.block_types),
+            m.loss_scaling_factor,
         )
+
+    def _prepare_run_dir(self) -> Path | None:
+        """Undo unfinished writes, pick the resume checkpoint, and refuse to clobber a previous run.
+
+        Returns the checkpoint to resume from (or None). Rank 0 decides; every rank raises the same error.
+        """
+        if self.world.is_main:
+            undone = recover_interrupted_writes(self.run_dir) + recover_interrupted_writes(self.run_dir / "checkpoints")
+            undone += [f"removed the unfinished write {p}" for p in remove_unfinished(self.run_dir / "resume")]
+            for line in undone:
+                log.warning("%s (left by an interrupted run)", line)
+        barrier(self.world)
+        resume = find_resume(self.cfg.trainer.resume, self.run_dir / "resume", self.world)
+        error = self._refuse_clobbering(resume) if self.world.is_main else None
+        error = broadcast_object(error, self.world)
+        if error is not None:
+            raise ConfigError(error)
+        return resume
+
+    def _refuse_clobbering(self, resume: Path | None) -> str | None:
+        """Why this run must not start in its run dir, or None (after ``trainer.overwrite`` cleared it)."""
+        t, run_dir = self.cfg.trainer, self.run_dir
+        previous = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+        if not previous:
+            return None
+        if t.overwrite:
+            for name in previous:
+                path = run_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            log.warning("trainer.overwrite=true: deleted the previous run's %s in %s", ", ".join(previous), run_dir)
+            return None
+        final = run_dir / "final"
+        if resume is not None:
+            step = read_trainer_state(resume)["step"]
+            if step > t.max_steps or (step == t.max_steps and final.exists()):
+                return (
+                    f"trainer.max_steps={t.max_steps} but {resume} is at step {step}: nothing to train, "
+                    f"{final} is left as it is; raise trainer.max_steps to train on"
+                )
+            return None
+        if t.resume == "auto":
+            if final.exists():
+                return (
+                    f"trainer.resume=auto: {run_dir} holds a finished run (final/) and no resume checkpoint to "
+                    "continue from; set trainer.overwrite=true to run it again, or choose another hydra.run.dir"
+                )
+            return None  # killed before its first checkpoint: it starts again from step 0
+        return (
+            f"{run_dir} already holds a run ({', '.join(previous)}): continue it with trainer.resume=auto, "
+            "start afresh with trainer.overwrite=true (deletes it), or choose another hydra.run.dir"
+        )
+
+    def _resume(self, path: Path) -> None:
+        """Load a resume checkpoint made by the same run settings; the config's optimizer settings win."""
+        saved = read_trainer_state(path)
+        self._check_same_data_position(saved, path)
+        state = load_resume(path, self.model, self.optimizer, self.world)
+        self.step = state["step"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data.load_state_dict(state["data"])
+        old = state.get("optim", {})
+        now = self._optim_settings()
+        changed = [f"optim.{k} {old[k]} -> {now[k]}" for k in now if k in old and old[k] != now[k]]
+        if state.get("max_steps", self.cfg.trainer.max_steps) != self.cfg.trainer.max_steps:
+            changed.append(f"trainer.max_steps {state['max_steps']} -> {self.cfg.trainer.max_steps}")
+        # The schedule is always this config's: base LR, betas, eps, weight decay, and the factor for the next step.
+        o = self.cfg.optim
+        factor = self._lr_factor(self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group.update(
+                initial_lr=o.lr, lr=o.lr * factor, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+            )
+        self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        log.info("resumed from %s at step %d", path, self.step)
+        if changed:
+            log.warning("resume: %s since the checkpoint; applied from step %d on", ", ".join(changed), self.step + 1)
+
+    def _data_position(self) -> dict[str, Any]:
+        """What fixes the order of the batches: data settings, packed rows, ranks and batch split."""
+        d, t = self.cfg.data, self.cfg.trainer
+        return {
+            **{f"data.{k}": d[k] for k in DATA_POSITION_FIELDS},
+            "packed rows": len(self.data.dataset),
+            "world size": self.world.world_size,
+            "data.batch_size": d.batch_size,
+            "trainer.grad_accum_steps": t.grad_accum_steps,
+        }
+
+    def _check_same_data_position(self, saved: dict[str, Any], path: Path) -> None:
+        old = saved.get("data_position")
+        if old is None:  # written before checkpoints recorded it
+            return
+        now = self._data_position()
+        diffs = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in now.items() if old.get(k) != v]
+        if diffs:
+            raise ConfigError(
+                f"cannot resume {path}: {'; '.join(diffs)}; the data position would not carry over: resume with "
+                "the checkpoint's settings, or start afresh (trainer.overwrite=true or another hydra.run.dir)"
+            )
+
+    def _optim_settings(self) -> dict[str, Any]:
+        o = self.cfg.optim
+        return {k: list(o[k]) if k == "betas" else o[k] for k in OPTIM_FIELDS}
+
+    def _open_metrics(self):
+        """metrics.jsonl for appending, holding no record past the current step (a resumed run recomputes them)."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            lines = path.read_text().splitlines()
+            kept = [line for line in lines if _record_step(line) <= self.step]
+            if len(kept) < len(lines):
+                tmp = path.with_name(".metrics.jsonl.tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, path)
+                log.info("metrics.jsonl: dropped %d records after step %d", len(lines) - len(kept), self.step)
+        return path.open("a")
 
     def _share_run_dir(self) -> None:
         """Every rank uses rank 0's run directory (Hydra gives each process its own timestamp)."""
@@ -146,88 +286,117 @@ class FinetuneRecipe:
         return load_tokenizer(name)
 
     def _lr_factor(self, step: int) -> float:
-        """Linear warmup, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+        """Linear warmup, then cosine decay reaching ``min_lr_ratio`` on the last step (0-based ``max_steps - 1``)."""
         o, total = self.cfg.optim, self.cfg.trainer.max_steps
         if step < o.warmup_steps:
             return (step + 1) / (o.warmup_steps + 1)
-        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - 1 - o.warmup_steps))
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     # ---- train ------------------------------------------------------------------------------------
-    def train(self) -> None:
+    def train(self) -> bool:
+        """Train to ``trainer.max_steps`` and export ``final/``; True when SIGTERM or Ctrl-C stopped it early.
+
+        A stop request is honoured at the next step boundary: a resume checkpoint is written (unless one was
+        just written for that step) and training returns. A request during the last step or the final export
+        lets it finish.
+        """
         cfg = self.cfg.trainer
-        depths = self.model.mtp.num_depths
-        data = iter(self.data)
-        stop = _StopOnSigterm()
+        self._batches = iter(self.data)
+        stop = _GracefulStop(announce=self.world.is_main)
         bar = tqdm(
             total=cfg.max_steps, initial=self.step, disable=not (cfg.progress_bar and self.world.is_main), desc="train"
         )
-        while self.step < cfg.max_steps:
-            self.model.mtp_config = replace(self.model.mtp_config, loss_scaling_factor=lambda_at(self.cfg, self.step))
-            start = time.perf_counter()
-            micro = [_to(next(data), self.device) for _ in range(cfg.grad_accum_steps)]
-            # Exact global normalisation: every micro-batch on every rank is divided by the step's
-            # total target counts (main and per depth), so gradients add up to the global mean's.
-            counts = sum(count_depth_targets(b["labels"], depths, b["seq_idx"]) for b in micro)
-            counts = all_reduce_sum(counts.to(self.device), self.world).cpu()
-            # loss, main CE, CE_1..CE_D, then per depth: hits, valid, cumulative hits, cumulative valid, agreement
-            totals = torch.zeros(2 + 6 * depths, dtype=torch.float64)
-            for batch in micro:
-                with self._autocast():
-                    out = self.model(
-                        **batch, num_label_tokens=counts[0], num_depth_tokens=counts[1:], return_accuracy=depths > 0
+        try:
+            if self.step == cfg.max_steps:
+                log.info("the checkpoint is at trainer.max_steps=%d: nothing to train", self.step)
+            while self.step < cfg.max_steps:
+                checkpointed = self._train_step(bar)
+                if self.step < cfg.max_steps and stop.requested(self.world):
+                    path = self.last_checkpoint if checkpointed else self.save_resume_checkpoint()
+                    log.warning(
+                        "%s: stopped after step %d with a resume checkpoint in %s; continue with trainer.resume=auto "
+                        "and the same hydra.run.dir",
+                        stop.received,
+                        self.step,
+                        path,
                     )
-                out.loss.backward()
-                totals += torch.cat(
-                    [
-                        torch.tensor([out.loss.item(), out.main_loss.item(), *(c.item() for c in out.mtp_losses)]),
-                        *(
-                            (
-                                s.cpu()
-                                for s in (
-                                    out.acceptance.correct,
-                                    out.acceptance.valid,
-                                    out.acceptance.cum_correct,
-                                    out.acceptance.cum_valid,
-                                    out.agreement,
-                                )
-                            )
-                            if depths
-                            else ()
-                        ),
-                    ]
-                ).to(torch.float64)
-            totals = all_reduce_sum(totals.to(self.device), self.world).cpu()
-            if not math.isfinite(totals[0]):
-                self.optimizer.zero_grad(set_to_none=True)
-                kept = self.last_checkpoint or "none written yet"
-                raise TrainingError(
-                    f"non-finite loss at step {self.step + 1} (main CE {totals[1]:.4g}, MTP CE "
-                    f"{[round(float(x), 4) for x in totals[2 : 2 + depths]]}): lower optim.lr or check the data; "
-                    f"last good checkpoint: {kept}"
+                    return True
+            if cfg.save_final:
+                self.save_checkpoint(self.run_dir / "final")
+            return False
+        finally:
+            bar.close()
+            stop.restore()
+
+    def _train_step(self, bar: tqdm) -> bool:
+        """One optimizer step, its metrics record and the checkpoints due; True if a resume checkpoint was written."""
+        cfg = self.cfg.trainer
+        depths = self.model.mtp.num_depths
+        self.model.mtp_config = replace(self.model.mtp_config, loss_scaling_factor=lambda_at(self.cfg, self.step))
+        start = time.perf_counter()
+        micro = [_to(next(self._batches), self.device) for _ in range(cfg.grad_accum_steps)]
+        # Exact global normalisation: every micro-batch on every rank is divided by the step's
+        # total target counts (main and per depth), so gradients add up to the global mean's.
+        counts = sum(count_depth_targets(b["labels"], depths, b["seq_idx"]) for b in micro)
+        counts = all_reduce_sum(counts.to(self.device), self.world).cpu()
+        # loss, main CE, CE_1..CE_D, then per depth: hits, valid, cumulative hits, cumulative valid, agreement
+        totals = torch.zeros(2 + 6 * depths, dtype=torch.float64)
+        for batch in micro:
+            with self._autocast():
+                out = self.model(
+                    **batch, num_label_tokens=counts[0], num_depth_tokens=counts[1:], return_accuracy=depths > 0
                 )
-            grad_norm = self._clip()
-            lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
-            self.optimizer.step()
-            self.scheduler.step()
+            out.loss.backward()
+            totals += torch.cat(
+                [
+                    torch.tensor([out.loss.item(), out.main_loss.item(), *(c.item() for c in out.mtp_losses)]),
+                    *(
+                        (
+                            s.cpu()
+                            for s in (
+                                out.acceptance.correct,
+                                out.acceptance.valid,
+                                out.acceptance.cum_correct,
+                                out.acceptance.cum_valid,
+                                out.agreement,
+                            )
+                        )
+                        if depths
+                        else ()
+                    ),
+                ]
+            ).to(torch.float64)
+        totals = all_reduce_sum(totals.to(self.device), self.world).cpu()
+        if not math.isfinite(totals[0]):
             self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            tokens = sum(b["input_ids"].numel() for b in micro) * self.world.world_size
-            self._log(totals, grad_norm, lr, tokens / (time.perf_counter() - start), bar)
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save_resume_checkpoint()
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
-                self.save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step:06d}")
-            if stop.requested(self.world):
-                path = self.save_resume_checkpoint()
-                log.warning("SIGTERM: wrote %s; continue with trainer.resume=auto", path)
-                bar.close()
-                stop.restore()
-                return
-        bar.close()
-        stop.restore()
-        if cfg.save_final:
-            self.save_checkpoint(self.run_dir / "final")
+            kept = self.last_checkpoint or "none written yet"
+            raise TrainingError(
+                f"non-finite loss at step {self.step + 1} (main CE {totals[1]:.4g}, MTP CE "
+                f"{[round(float(x), 4) for x in totals[2 : 2 + depths]]}): lower optim.lr or check the data; "
+                f"last good checkpoint: {kept}"
+            )
+        grad_norm = self._clip()
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(
+                f"non-finite gradient norm at step {self.step + 1} (loss {totals[0]:.4g} is finite); nothing was "
+                "applied: lower optim.lr, check the data, or train in fp32 (trainer.precision=fp32); "
+                f"last good checkpoint: {self.last_checkpoint or 'none written yet'}"
+            )
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        tokens = sum(b["input_ids"].numel() for b in micro) * self.world.world_size
+        self._log(totals, grad_norm, lr, tokens / (time.perf_counter() - start), bar)
+        checkpointed = bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
+        if checkpointed:
+            self.save_resume_checkpoint()
+        if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+            self.save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step:06d}")
+        return checkpointed
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -292,8 +461,20 @@ class FinetuneRecipe:
         return directory
 
     def save_resume_checkpoint(self) -> Path:
-        """An exact-resume checkpoint (sharded model + optimizer, schedule, data position, RNG)."""
-        trainer_state = {"scheduler": self.scheduler.state_dict(), "data": self.data.state_dict()}
+        """An exact-resume checkpoint (sharded model + optimizer, schedule, data position, RNG).
+
+        It also records the settings that fix the data position and the optimizer's, so a resume can refuse
+        the former when they changed and say which of the latter it applies anew. Its duration is logged: a
+        launcher's grace period after SIGTERM must cover a step plus this.
+        """
+        start = time.perf_counter()
+        trainer_state = {
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.data.state_dict(),
+            "data_position": self._data_position(),
+            "optim": self._optim_settings(),
+            "max_steps": self.cfg.trainer.max_steps,
+        }
         path = save_resume(
             self.run_dir / "resume",
             self.step,
@@ -304,6 +485,7 @@ class FinetuneRecipe:
             self.cfg.trainer.keep_last,
         )
         self.last_checkpoint = path
+        log.info("wrote resume checkpoint %s in %.1f s", path, time.perf_counter() - start)
         return path
 
     def cleanup(self, finished: bool = True) -> None:
@@ -314,32 +496,57 @@ class FinetuneRecipe:
         if getattr(self, "world", None) is not None:
             shutdown(self.world, wait=finished)
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """setup, train, cleanup; True when a signal stopped training early (a resume checkpoint was written)."""
         finished = False
         try:
             self.setup()
-            self.train()
+            interrupted = self.train()
             finished = True
         finally:
             self.cleanup(finished)
+        return interrupted
 
 
-class _StopOnSigterm:
-    """Turn SIGTERM into a flag checked at step boundaries, so the run can checkpoint before exiting."""
+class _GracefulStop:
+    """SIGTERM and Ctrl-C (SIGINT) become a flag read at step boundaries, so the run can checkpoint and exit 0.
 
-    def __init__(self) -> None:
-        self.flag = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+    A second Ctrl-C raises KeyboardInterrupt at once (the command line prints one line for it); a repeated
+    SIGTERM changes nothing (a launcher's final word is SIGKILL anyway).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, announce: bool) -> None:
+        self.received: str | None = None
+        self.announce = announce
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.flag = True
+        if self.received is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.received = signal.Signals(signum).name
+        if self.announce:  # os.write: safe inside a signal handler, unlike logging or print
+            hint = " (Ctrl-C again aborts at once)" if signum == signal.SIGINT else ""
+            os.write(2, f"\n{self.received}: stopping after this step with a resume checkpoint{hint}\n".encode())
 
     def requested(self, world: World) -> bool:
-        """True on every rank as soon as any rank got SIGTERM (all ranks must stop at the same step)."""
-        return bool(all_reduce_sum(torch.tensor([float(self.flag)], device=world.device), world).item())
+        """True on every rank as soon as any rank got a signal (all ranks must stop at the same step)."""
+        return bool(all_reduce_sum(torch.tensor([float(self.received is not None)], device=world.device), world).item())
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a damaged line (a write cut by a kill) counts as past every step."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _start_wandb(cfg: DictConfig, run_dir: Path) -> Any:

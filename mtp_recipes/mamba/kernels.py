@@ -130,6 +130,27 @@ def scan_backend(hidden_states: torch.Tensor, stateful: bool = False) -> str:
     raise ConfigError(f"{SCAN_ENV}={choice} but that scan does not import here; install it or unset {SCAN_ENV}")
 
 
+def describe_scan(hidden_states: torch.Tensor) -> str:
+    """One line naming the scan and conv that Mamba2 layers run on ``hidden_states``' device, and why.
+
+    The recipe logs it once at setup, so a run on a GPU says whether it got a fused kernel or the torch scan.
+    """
+    backend = scan_backend(hidden_states)
+    choice = _forced_choice()
+    if choice != "auto":
+        reason = f"forced by {SCAN_ENV}={choice}"
+    elif not on_cuda(hidden_states):
+        reason = "CPU tensors always take the torch scan"
+    elif backend == "mamba_ssm-triton":
+        reason = "mamba_ssm imports"
+    elif backend == "triton":
+        reason = "mamba_ssm does not import, Triton does"
+    else:
+        reason = "neither mamba_ssm nor Triton imports"
+    conv = "causal_conv1d's kernel" if on_cuda(hidden_states) and causal_conv1d_kernel() is not None else "torch"
+    return f"Mamba2 scan: {backend} ({reason}); conv: {conv}"
+
+
 def mamba2_chunk_scan(
     hidden_states: torch.Tensor,
     dt: torch.Tensor,

@@ -68,6 +68,8 @@ def test_overrides_reach_the_schema():
         ("mtp.num_layers=-1", "mtp.num_layers must be >= 0"),
         ("optim.lr=fast", "optim.lr"),
         ("trainer.max_steps=0", "trainer.max_steps"),
+        ("optim.betas=[0.9]", "optim.betas must be two values in [0, 1), e.g. [0.9, 0.95]; got [0.9]"),
+        ("optim.betas=[0.9,1.0]", "optim.betas must be two values"),
     ],
 )
 def test_bad_values_are_rejected_before_work(override, needle):
@@ -130,6 +132,7 @@ def test_cli_override_and_error_lines(tmp_path):
     bad = run_cli("mtp.loss_scaling_factor=-1", f"hydra.run.dir={tmp_path}/bad", cwd=tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == "error: mtp.loss_scaling_factor must be >= 0, got -1.0"
+    assert not (tmp_path / "bad").exists()  # a rejected config leaves no run dir behind
 
     unknown = run_cli("optim.lrr=1", f"hydra.run.dir={tmp_path}/unknown", cwd=tmp_path)
     assert unknown.returncode != 0 and "lrr" in unknown.stderr and "Traceback" not in unknown.stderr
@@ -150,9 +153,17 @@ def test_a_bad_mamba_scan_choice_stops_before_any_work(tmp_path):
 
 
 def test_multirun_sweep_writes_one_run_per_value(tmp_path):
-    result = run_cli("-m", *FAST, "trainer.max_steps=2", "mtp.loss_scaling_factor=0.05,0.3",
+    """One run dir per valid value; a bad value is one line naming its job, and the other jobs still run."""
+    result = run_cli("-m", *FAST, "trainer.max_steps=2", "mtp.loss_scaling_factor=0.05,-1,0.3",
                      f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "Traceback" not in result.stderr
+    job, message = errors[0].split("): ", 1)  # the job is named like its run dir: number_overrides
+    assert job.startswith("error: job 1 (") and "mtp.loss_scaling_factor=-1" in job
+    assert message == "mtp.loss_scaling_factor must be >= 0, got -1.0"
+    assert errors[1].startswith("error: 1 sweep job(s) failed: job 1 (")
+    assert sorted(p.name[:2] for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0_", "2_"]
     runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
     assert len(runs) == 2
     lambdas = sorted(json.loads((r / "metrics.jsonl").read_text().splitlines()[0])["lambda"] for r in runs)
