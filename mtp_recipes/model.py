@@ -29,7 +29,12 @@ from mtp_recipes.loss import AcceptanceStats, acceptance_length, main_loss, mtp_
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.roll import roll_ids
 from mtp_recipes.mtp.stack import MTPStack
-from mtp_recipes.packed import position_in_document, seq_idx_from_position_ids
+from mtp_recipes.packed import (
+    check_positions_match,
+    document_ids,
+    position_in_document,
+    seq_idx_from_position_ids,
+)
 
 logger = logging.getLogger("mtp_recipes")
 
@@ -38,13 +43,12 @@ logger = logging.getLogger("mtp_recipes")
 class MTPOutput:
     """What one forward pass returns. Losses are means over the (global, when given) target counts.
 
-    Backpropagate ``loss``; ``main_loss``, ``mtp_loss`` and ``mtp_losses`` are its parts for logging
+    Backpropagate ``loss``; ``main_loss`` and ``mtp_losses`` (each depth's CE, unscaled) are its parts for logging
     (detached when the shared head computes them in one call).
     """
 
     loss: torch.Tensor | None
     main_loss: torch.Tensor | None
-    mtp_loss: torch.Tensor | None
     mtp_losses: list[torch.Tensor] = field(default_factory=list)
     logits: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
@@ -191,9 +195,15 @@ class MTPModel(nn.Module):
     ) -> MTPOutput:
         """Run backbone and MTP depths; compute the losses when ``labels`` (already shifted) are given.
 
-        ``num_label_tokens`` / ``num_depth_tokens`` are the main and per-depth target counts summed over
-        all micro-batches and ranks of the optimizer step; without them each loss is a local mean.
+        Packed rows: a new document starts wherever ``seq_idx`` changes (ids may be reused along a row:
+        ``[0, 0, 1, 1, 0, 0]`` is three documents), and ``position_ids`` restart at 0 exactly there. Given
+        both, they must agree, else one ValueError names the first slot that does not; given one, the other
+        is derived from it. ``num_label_tokens`` / ``num_depth_tokens`` are the main and per-depth target
+        counts summed over all micro-batches and ranks of the optimizer step; without them each loss is a
+        local mean.
         """
+        if seq_idx is not None and position_ids is not None:
+            check_positions_match(position_ids, seq_idx)
         if seq_idx is None and position_ids is not None:
             seq_idx = seq_idx_from_position_ids(position_ids)
         if position_ids is None:
@@ -201,6 +211,8 @@ class MTPModel(nn.Module):
                 position_ids = position_in_document(seq_idx)
             else:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if seq_idx is not None:
+            seq_idx = document_ids(seq_idx)  # from here on, equal ids <=> same document
 
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.mtp_config.train_only):
             hidden, h0 = self.family.backbone_states(self.backbone, input_ids, position_ids, seq_idx)
@@ -213,7 +225,7 @@ class MTPModel(nn.Module):
 
         head = self.backbone.get_output_embeddings().weight
         logits = hidden @ head.T if return_logits else None
-        out = MTPOutput(None, None, None, logits=logits, hidden_states=hidden, mtp_hidden_states=mtp_hidden)
+        out = MTPOutput(None, None, logits=logits, hidden_states=hidden, mtp_hidden_states=mtp_hidden)
         if labels is None:
             return out
 
@@ -240,9 +252,7 @@ class MTPModel(nn.Module):
             out.mtp_losses = list(result.per_depth)
             if joint:
                 out.loss, out.main_loss, main_argmax = result.loss, result.main_loss, result.main_argmax
-                out.mtp_loss = self.mtp_config.loss_scaling_factor / len(mtp_hidden) * torch.stack(out.mtp_losses).sum()
             else:
-                out.mtp_loss = result.loss
                 out.loss = out.main_loss + result.loss
             if return_accuracy:
                 out.acceptance = acceptance_length(result.correct, result.valid)

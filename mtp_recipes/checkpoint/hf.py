@@ -156,11 +156,6 @@ def _unreadable(path: Path, error: BaseException) -> CheckpointError:
     )
 
 
-def read_tensors(files: dict[str, Path], keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    reader = TensorReader(files)
-    return {key: reader.get(key) for key in (files if keys is None else keys)}
-
-
 @dataclass
 class CheckpointLayout:
     """Where a loaded model's tensors sat in its checkpoint, so that a save writes the same layout.
