@@ -12,7 +12,7 @@ plus D MTP depths would each need them. Two implementations walk over token chun
   away and consumed by the two gradient GEMMs, so backward only rescales stored gradients: three
   GEMMs per token instead of four, and ``grad_weight`` accumulated in fp32 across chunks. This
   needs the weight of every token in the final loss up front, so it computes ``Σ_i w_i CE_i``
-  (:func:`weighted_linear_cross_entropy`). ``"compiled"`` runs the per-chunk softmax-gradient
+  (:func:`_weighted_linear_cross_entropy`). ``"compiled"`` runs the per-chunk softmax-gradient
   step through ``torch.compile``, which fuses its elementwise passes over ``[chunk, V]``; on an
   H100 that took the loss from 1.8x to 1.2x the three-GEMM floor (T=8192, H=4096, V=131072, bf16).
 
@@ -281,8 +281,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 # ---- public API --------------------------------------------------------------------------------
-class WeightedCE(NamedTuple):
-    """Result of :func:`weighted_linear_cross_entropy`."""
+class _WeightedCE(NamedTuple):
+    """Result of :func:`_weighted_linear_cross_entropy`."""
 
     loss: Tensor
     """``Σ_i w_i CE_i``, differentiable."""
@@ -305,7 +305,7 @@ def _needs_grad(hidden: Tensor, weight: Tensor) -> bool:
     return torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
 
 
-def weighted_linear_cross_entropy(
+def _weighted_linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
@@ -315,7 +315,7 @@ def weighted_linear_cross_entropy(
     chunk_size: int | None = None,
     impl: Impl = "auto",
     return_argmax: bool = False,
-) -> WeightedCE:
+) -> _WeightedCE:
     """``Σ_i token_weight_i · CE(hidden_i @ weight.T, targets_i)``, chunked, plus the per-token CE.
 
     This is the form the one-pass path needs: the gradient of each token is formed in the forward
@@ -341,7 +341,7 @@ def weighted_linear_cross_entropy(
         loss, per_token, argmax = _FusedLinearCrossEntropy.apply(
             hidden, weight, targets, token_weight, ignore_index, chunk, return_argmax, step
         )
-    return WeightedCE(loss, per_token, argmax if return_argmax else None)
+    return _WeightedCE(loss, per_token, argmax if return_argmax else None)
 
 
 class SegmentedCE(NamedTuple):
@@ -379,7 +379,7 @@ def segmented_linear_cross_entropy(
     flat_t = [t.reshape(-1) for t in targets]
     sizes = [t.numel() for t in flat_t]
     token_weight = scales.detach().repeat_interleave(torch.tensor(sizes, device=scales.device))
-    out = weighted_linear_cross_entropy(
+    out = _weighted_linear_cross_entropy(
         flat_h[0] if len(flat_h) == 1 else torch.cat(flat_h),
         weight,
         flat_t[0] if len(flat_t) == 1 else torch.cat(flat_t),
@@ -435,7 +435,7 @@ def linear_cross_entropy(
     scale = 1.0 if reduction == "sum" else 1.0 / valid.sum()  # 1/0 = inf: NaN loss, as F.cross_entropy
     dtype = loss_dtype(hidden, weight)
     token_weight = torch.as_tensor(scale, dtype=dtype, device=hidden.device).expand(targets.shape)
-    out = weighted_linear_cross_entropy(
+    out = _weighted_linear_cross_entropy(
         hidden,
         weight,
         targets,
