@@ -13,15 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Union
 
 import torch
 from torch import Tensor
 
 from mtp_recipes.loss.linear_ce import Impl, loss_dtype, segmented_linear_cross_entropy
+from mtp_recipes.mtp.config import Normalization
 from mtp_recipes.mtp.roll import roll_targets
 
-Normalization = Literal["depth_tokens", "main_tokens"]
 Count = Union[int, Tensor]
 
 
