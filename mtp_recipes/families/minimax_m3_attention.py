@@ -43,7 +43,7 @@ import torch
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
 
 from mtp_recipes.hf_compat import attention_implementation, swap_class
-from mtp_recipes.packed import position_in_document, seq_idx_from_position_ids
+from mtp_recipes.packed import document_ids, position_in_document, seq_idx_from_position_ids
 
 
 @torch.no_grad()
@@ -63,7 +63,7 @@ def document_block_keep(
     idx_q, idx_k = hf.apply_rotary_pos_emb(idx_q, idx_k, cos[..., :dim], sin[..., :dim])
     scores = torch.matmul(idx_q.float(), idx_k.float().transpose(-1, -2))  # [B, H_idx, S, S]
 
-    seq_idx = seq_idx.to(hidden_states.device).expand(batch, -1)
+    seq_idx = document_ids(seq_idx.to(hidden_states.device).expand(batch, -1))  # equal ids <=> same document
     offset = position_in_document(seq_idx)  # [B, S]
     same_doc = seq_idx[:, :, None] == seq_idx[:, None, :]
     visible = (same_doc & (offset[:, None, :] <= offset[:, :, None]))[:, None]  # [B, 1, S_q, S_k]

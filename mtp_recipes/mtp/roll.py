@@ -2,7 +2,8 @@
 
 A plain ``torch.roll`` would wrap the row around and, in packed rows, let depth k at the end of one
 document see (and be trained on) tokens of the next. These helpers shift left by k along the last
-dimension and blank every slot whose source ``t+k`` is past the row end or in another document.
+dimension and blank every slot whose source ``t+k`` is past the row end or in another document (a new
+document starts wherever ``seq_idx`` changes).
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mtp_recipes.packed import document_ids
+
 
 def _shifted_valid(like: Tensor, k: int, seq_idx: Tensor | None) -> Tensor:
     """Bool mask over ``like[..., :S-k]``: True where slot ``t+k`` is in the document of ``t``."""
     size = like.shape[-1]
     if seq_idx is None:
         return torch.ones(like.shape[:-1] + (size - k,), dtype=torch.bool, device=like.device)
-    return seq_idx[..., k:] == seq_idx[..., : size - k]
+    doc = document_ids(seq_idx)  # a reused id (e.g. [0, 0, 1, 1, 0, 0]) is still another document
+    return doc[..., k:] == doc[..., : size - k]
 
 
 def roll_ids(input_ids: Tensor, k: int, seq_idx: Tensor | None = None, fill: int = 0) -> Tensor:
