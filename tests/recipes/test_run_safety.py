@@ -88,6 +88,14 @@ def test_a_checkpoint_at_max_steps_without_final_only_exports(run_copy):
 
 
 # ---- resume ------------------------------------------------------------------------------------------------
+def test_resume_auto_without_a_checkpoint_starts_again_from_step_0(run_copy):
+    # Killed before its first checkpoint (and so before final/): resume=auto, as Slurm scripts always pass.
+    shutil.rmtree(run_copy / "final")
+    shutil.rmtree(run_copy / "resume")
+    FinetuneRecipe(composed(*RUN, "trainer.max_steps=2", "trainer.resume=auto"), run_copy).run()
+    assert [r["step"] for r in records(run_copy)] == [1, 2]
+
+
 def test_metrics_continue_from_the_resumed_step_without_duplicates(finished, run_copy):
     # Killed after step 4 was logged but before its checkpoint and export: steps 3-4 are trained again.
     shutil.rmtree(run_copy / "final")
