@@ -1,8 +1,8 @@
-"""Forward+backward time of the Mamba2 mixer's conv + chunked scan: mtp_recipes.mamba vs transformers' fallback.
+"""Forward+backward time of the Mamba2 mixer's conv + chunked scan: ours vs transformers' fallback.
 
 Both run on the same unpacked input (no ``seq_idx``, the only thing transformers' torch path supports), so the
 ratio is the price of the boundary-aware implementation; ours is also timed on a packed row for reference.
-On CUDA our Triton kernels (:mod:`mtp_recipes.mamba.triton_ssd`) and, when it imports, mamba_ssm's Triton scan
+On CUDA our Triton kernels (``triton_ssd.py``) and, when it imports, mamba_ssm's Triton scan
 are timed too, unpacked and packed (the anchor's 1.2B mixer: ``--seq 4096 --heads 64 --head-dim 64 --state 128
 --groups 8 --dtype bfloat16``).
 Memory: on CUDA the peak allocated bytes; on CPU the bytes autograd saves for backward (deduplicated by storage),
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
-from mtp_recipes.mamba.conv import causal_conv1d_varlen
-from mtp_recipes.mamba.kernels import mamba_ssm_chunk_scan, our_triton_scan
-from mtp_recipes.mamba.ssd import mamba2_chunk_scan
+from mtp_recipes.families.nemotron_h_mamba.conv import causal_conv1d_varlen
+from mtp_recipes.families.nemotron_h_mamba.kernels import mamba_ssm_chunk_scan, our_triton_scan
+from mtp_recipes.families.nemotron_h_mamba.ssd import ssd_chunk_scan
 
 ConvFn = Callable[..., torch.Tensor]
 ScanFn = Callable[..., torch.Tensor]
@@ -198,8 +198,8 @@ def main() -> None:
     seq_idx = packed_seq_idx(args)
     variants = {
         "theirs_unpacked": Variant(hf.causal_conv1d_fn, hf.mamba2_chunk_scan, args),
-        "ours_unpacked": Variant(our_conv, mamba2_chunk_scan, args),
-        "ours_packed": Variant(our_conv, mamba2_chunk_scan, args, seq_idx=seq_idx),
+        "ours_unpacked": Variant(our_conv, ssd_chunk_scan, args),
+        "ours_packed": Variant(our_conv, ssd_chunk_scan, args, seq_idx=seq_idx),
     }
     for name, scan in kernel_scans(args.device).items():
         variants[f"{name}_unpacked"] = Variant(our_conv, scan, args)

@@ -28,7 +28,7 @@ import torch
 from bench_loss import peak_gb_above, time_ms, write_report
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
-from mtp_recipes.mamba.kernels import scan_backend
+from mtp_recipes.families.nemotron_h_mamba.kernels import scan_backend
 from mtp_recipes.metrics import flops_per_token, mfu, peak_flops
 from mtp_recipes.model import MTPModel
 

@@ -35,8 +35,6 @@ from mtp_recipes.data import build_data, load_tokenizer
 from mtp_recipes.distributed.mesh import World, all_reduce_sum, barrier, broadcast_object, init_world, shutdown
 from mtp_recipes.distributed.parallelize import apply_activation_checkpointing, apply_compile, apply_fsdp
 from mtp_recipes.errors import ConfigError, TrainingError
-from mtp_recipes.mamba.kernels import describe_scan, scan_backend
-from mtp_recipes.mamba.mixer import BoundaryAwareMamba2Mixer
 from mtp_recipes.metrics import flops_per_token, mfu, peak_flops
 from mtp_recipes.model import MTPModel
 from mtp_recipes.mtp.roll import count_depth_targets
@@ -73,13 +71,13 @@ class FinetuneRecipe:
         torch.manual_seed(cfg.trainer.seed)
         self.device = self.world.device
         self.autocast_dtype = _autocast_dtype(cfg.trainer.precision, self.device)
-        scan_backend(torch.empty(0, device=self.device))  # a bad MTP_RECIPES_MAMBA_SCAN stops the run here
 
         self.model = self._build_model()
+        backend = self.model.family.describe_backend(self.device)  # a kernel choice that cannot run stops here
+        if backend is not None:
+            log.info(backend)
         for limit in self.model.serving_limits():
             log.warning("serving: %s", limit)
-        if any(isinstance(m, BoundaryAwareMamba2Mixer) for m in self.model.modules()):
-            log.info(describe_scan(torch.empty(0, device=self.device)))
         if self.world.distributed:
             self.autocast_dtype = None  # FSDP's mixed-precision policy casts the gathered parameters
         self.tokenizer = self._build_tokenizer()

@@ -26,13 +26,13 @@ for name in ("transformers", "triton", "mamba_ssm", "causal_conv1d", "flash_attn
         print(name, getattr(importlib.import_module(name), "__version__", "?"))
     except Exception as exc:  # noqa: BLE001
         print(name, "unavailable:", type(exc).__name__)
-from mtp_recipes.mamba.kernels import scan_backend
+from mtp_recipes.families.nemotron_h_mamba.kernels import scan_backend
 print("mamba scan on cuda:", scan_backend(torch.empty(0, device="cuda")))
 EOF
     ;;
   tests)
     { timeout 200 python -m pytest -q -p no:cacheprovider -m gpu tests
-      timeout 360 python -m pytest -q -p no:cacheprovider tests/mamba/test_triton_ssd.py \
+      timeout 360 python -m pytest -q -p no:cacheprovider tests/families/nemotron_h_mamba/test_triton_ssd.py \
         tests/mtp/test_packed_equivalence.py tests/loss; } 2>&1 | tee "$out/gpu_tests.txt"
     ;;
   mamba)

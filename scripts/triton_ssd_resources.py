@@ -2,7 +2,7 @@
 
 Why: CI and most dev machines have no GPU, and Triton's interpreter (which the tests use for numerics) never
 runs the GPU compiler. This runs the real pipeline (TTIR -> PTX -> cubin with the ``ptxas`` the Triton wheel
-ships) at the launch shape ``mtp_recipes.mamba.triton_ssd`` uses, so a kernel that does not compile for the
+ships) at the launch shape ``families/nemotron_h_mamba/triton_ssd.py`` uses, so a kernel that does not compile for the
 target, or that spills registers to local memory, is caught on a CPU. It is also how that launch shape was
 chosen (``--sweep``).
 
@@ -32,7 +32,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from mtp_recipes.mamba import triton_ssd  # noqa: E402
+from mtp_recipes.families.nemotron_h_mamba import triton_ssd  # noqa: E402
 
 KERNELS = {
     "forward": (triton_ssd._ssd_fwd_kernel, triton_ssd.CHUNK_TOKENS),

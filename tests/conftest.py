@@ -8,7 +8,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 if not torch.cuda.is_available():
     # Our Triton kernels then run in Triton's interpreter (numpy) on the CPU. Read when a kernel is decorated,
-    # so it must be set before any test imports mtp_recipes.mamba.triton_ssd.
+    # so it must be set before any test imports mtp_recipes.families.nemotron_h_mamba.triton_ssd.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

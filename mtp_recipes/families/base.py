@@ -131,6 +131,13 @@ class Family(ABC):
         """The backbone's final norm (read when ``h0 == "pre_norm"``)."""
         return backbone.get_decoder().norm
 
+    def describe_backend(self, device: torch.device) -> str | None:
+        """One line naming the family's own kernels chosen for ``device`` and why (``None``: nothing to say).
+
+        Raises ConfigError for a kernel choice that cannot run here, so the recipe stops at setup.
+        """
+        return None
+
     def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[str]:
         """One line per serving engine that cannot draft with this MTP layout (none by default)."""
         return []

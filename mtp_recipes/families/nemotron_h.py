@@ -6,7 +6,7 @@ disk the depths are flattened: ``mtp.layers.{d*P + i}``, with ``enorm/hnorm/eh_p
 final-normed state to depth k+1.
 
 Packed rows: every Mamba2 mixer (backbone and MTP) is switched to the boundary-aware conv + scan of
-:mod:`mtp_recipes.mamba`, and ``seq_idx`` is passed down with every forward, so no conv window or SSM
+``families/nemotron_h_mamba/``, and ``seq_idx`` is passed down with every forward, so no conv window or SSM
 state crosses a document start; attention is block-diagonal from the per-document ``position_ids``.
 """
 
@@ -22,7 +22,7 @@ from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.families.base import Family, KeyPrefixes, packed_mask, register, sub_config
-from mtp_recipes.mamba import use_boundary_aware_mamba
+from mtp_recipes.families.nemotron_h_mamba import kernels, use_boundary_aware_mamba
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.stack import BlockRunner, MTPDepth
 
@@ -109,6 +109,9 @@ class NemotronH(Family):
         backbone = super().build_backbone(hf_config)
         use_boundary_aware_mamba(backbone)
         return backbone
+
+    def describe_backend(self, device: torch.device) -> str | None:
+        return kernels.describe_scan(torch.empty(0, device=device))
 
     def packing_kwargs(self, seq_idx: torch.Tensor | None) -> dict[str, Any]:
         # The boundary-aware Mamba2 mixers read seq_idx from the forward kwargs.

@@ -1,6 +1,6 @@
 """Naive, obviously-correct references for the boundary-aware Mamba2 pieces (float64, loops over time).
 
-They share no code with ``mtp_recipes.mamba``: documents are found by comparing each token's id with the
+They share no code with ``mtp_recipes.families.nemotron_h_mamba``: documents are found by comparing each token's id with the
 previous token's, the conv is a loop over taps and positions, the scan a per-timestep recurrence.
 """
 

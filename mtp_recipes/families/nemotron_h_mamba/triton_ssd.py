@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mtp_recipes.mamba.ssd import discretized_dt, skip_and_gate
+from mtp_recipes.families.nemotron_h_mamba.ssd import discretized_dt, skip_and_gate
 from mtp_recipes.packed import document_starts
 
 # Launch shape, chosen from sm_90 builds of these kernels (`python scripts/triton_ssd_resources.py`): at
@@ -295,7 +295,7 @@ def ssd_chunk_scan_triton(
     seq_idx: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The Mamba2 scan of :func:`mtp_recipes.mamba.ssd.ssd_chunk_scan` (same arguments and result, no initial or
+    """The Mamba2 scan of :func:`.ssd.ssd_chunk_scan` (same arguments and result, no initial or
     final states) on these kernels: ``x [b, S, h, p]``, ``dt [b, S, h]``, ``A [h]``, ``B``/``C [b, S, g, n]``.
 
     ``dt``, the decay and the epilogue are computed in fp32; ``dt * x``, ``B`` and ``C`` enter the kernels in

@@ -6,9 +6,9 @@ Three scans compute the same thing and reset their state at every document start
   H100 (a 1.2B mixer, S=4096, bf16) it ran fwd+bwd 40x faster than transformers' torch fallback with 115x less
   memory.
   Needs the ``mamba_ssm`` package, which is hard to build.
-* ``triton``: our kernels (:mod:`mtp_recipes.mamba.triton_ssd`), which need only ``triton`` (it ships with CUDA
+* ``triton``: our kernels (``triton_ssd.py``), which need only ``triton`` (it ships with CUDA
   builds of torch). No initial or final states, which training never uses.
-* ``torch``: our bounded-memory chunked scan (:mod:`mtp_recipes.mamba.ssd`), for CPU and everything else.
+* ``torch``: our bounded-memory chunked scan (``ssd.py``), for CPU and everything else.
 
 ``auto`` (the default) picks, for CUDA inputs, mamba_ssm's kernel when it imports, else ours when Triton
 imports, else the torch scan; CPU inputs always take the torch scan. Imports are guarded and cached: a
@@ -17,7 +17,7 @@ missing or broken package means "not available", never a failed run. The environ
 needs ``TRITON_INTERPRET=1``).
 
 The conv before the scan is the ``causal_conv1d`` package's kernel for CUDA inputs when it imports (it
-honours ``seq_idx``), else our boundary-aware torch conv (:mod:`mtp_recipes.mamba.conv`, a width-4
+honours ``seq_idx``), else our boundary-aware torch conv (:mod:`~mtp_recipes.families.nemotron_h_mamba.conv`, a width-4
 depthwise conv, cheap next to the scan). When the scan is mamba_ssm's and ``causal_conv1d`` imports too,
 the mixer runs mamba_ssm's fused conv + scan + norm + out_proj kernel instead.
 
@@ -40,14 +40,14 @@ from typing import Any
 import torch
 
 from mtp_recipes.errors import ConfigError
-from mtp_recipes.mamba.conv import causal_conv1d_varlen
-from mtp_recipes.mamba.ssd import mamba2_chunk_scan as torch_chunk_scan
+from mtp_recipes.families.nemotron_h_mamba.conv import causal_conv1d_varlen
+from mtp_recipes.families.nemotron_h_mamba.ssd import ssd_chunk_scan
 
 logger = logging.getLogger(__name__)
 
 MAMBA_SSM_SCAN_MODULE = "mamba_ssm.ops.triton.ssd_combined"
 CAUSAL_CONV1D_MODULE = "causal_conv1d"
-OUR_SCAN_MODULE = "mtp_recipes.mamba.triton_ssd"
+OUR_SCAN_MODULE = "mtp_recipes.families.nemotron_h_mamba.triton_ssd"
 SCAN_ENV = "MTP_RECIPES_MAMBA_SCAN"
 SCAN_CHOICES = ("auto", "torch", "triton", "mamba_ssm")
 
@@ -89,7 +89,7 @@ def causal_conv1d_kernel() -> Callable[..., Any] | None:
 @torch.compiler.assume_constant_result
 @functools.cache
 def our_triton_scan() -> Callable[..., Any] | None:
-    """:func:`mtp_recipes.mamba.triton_ssd.ssd_chunk_scan_triton`, or ``None`` when Triton does not import."""
+    """:func:`.triton_ssd.ssd_chunk_scan_triton`, or ``None`` when Triton does not import."""
     return _import_attribute(OUR_SCAN_MODULE, "ssd_chunk_scan_triton")
 
 
@@ -164,21 +164,21 @@ def mamba2_chunk_scan(
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = (0.0, math.inf),
     return_final_states: bool = False,
-    **kwargs: Any,
+    seq_idx: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Drop-in for transformers' ``mamba2_chunk_scan`` (``seq_idx`` and ``z`` come in ``kwargs``).
+    """The Mamba2 SSD scan (arguments as :func:`~.ssd.ssd_chunk_scan`) on :func:`scan_backend`'s choice.
 
-    The backend is :func:`scan_backend`'s choice; every backend resets the state at each document start in
-    ``seq_idx``.
+    Every backend resets the state at each document start in ``seq_idx``.
     """
     backend = scan_backend(hidden_states, stateful=initial_states is not None or return_final_states)
     if backend == "triton":
         return _our_triton_scan(
             hidden_states, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-            seq_idx=kwargs.get("seq_idx"), z=kwargs.get("z"),
+            seq_idx=seq_idx, z=z,
         )
     if backend == "torch":
-        return torch_chunk_scan(
+        return ssd_chunk_scan(
             hidden_states,
             dt,
             A,
@@ -191,7 +191,8 @@ def mamba2_chunk_scan(
             dt_softplus=dt_softplus,
             dt_limit=dt_limit,
             return_final_states=return_final_states,
-            **kwargs,
+            seq_idx=seq_idx,
+            z=z,
         )
     kernel = mamba_ssm_chunk_scan()
     return kernel(
@@ -202,10 +203,10 @@ def mamba2_chunk_scan(
         C,
         chunk_size,
         D=None if D is None else D.float(),
-        z=kwargs.get("z"),
+        z=z,
         dt_bias=None if dt_bias is None else dt_bias.float(),
         initial_states=initial_states,
-        seq_idx=_int32(kwargs.get("seq_idx"), hidden_states),
+        seq_idx=_int32(seq_idx, hidden_states),
         dt_softplus=dt_softplus,
         dt_limit=dt_limit,
         return_final_states=return_final_states,

@@ -23,7 +23,7 @@ from transformers import PretrainedConfig
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 
 from mtp_recipes import hf_compat
-from mtp_recipes.mamba import kernels
+from mtp_recipes.families.nemotron_h_mamba import kernels
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
-from mtp_recipes.mamba import kernels, mamba2_mixer_forward, ssd, use_boundary_aware_mamba
-from tests.mamba._mamba_reference import conv_reference
-from tests.mamba.test_mamba_mixer import LENGTHS, tiny_config
+from mtp_recipes.families.nemotron_h_mamba import kernels, mamba2_mixer_forward, ssd, use_boundary_aware_mamba
+from tests.families.nemotron_h_mamba._mamba_reference import conv_reference
+from tests.families.nemotron_h_mamba.test_mamba_mixer import LENGTHS, tiny_config
 
 HEADS, HEAD_DIM, GROUPS, STATE, SEQ = 4, 8, 2, 8, sum(LENGTHS)
 
@@ -58,7 +58,7 @@ def test_without_mamba_ssm_the_torch_scan_runs(fresh_selection):
     x, dt, A, B, C = scan_inputs()
     seq_idx = torch.repeat_interleave(torch.arange(3), torch.tensor(LENGTHS))[None]
     got = kernels.mamba2_chunk_scan(x, dt, A, B, C, 8, dt_softplus=True, seq_idx=seq_idx)
-    assert torch.equal(got, ssd.mamba2_chunk_scan(x, dt, A, B, C, 8, dt_softplus=True, seq_idx=seq_idx))
+    assert torch.equal(got, ssd.ssd_chunk_scan(x, dt, A, B, C, 8, dt_softplus=True, seq_idx=seq_idx))
     assert kernels.scan_backend(x) == "torch"
 
 
@@ -90,7 +90,7 @@ def test_cuda_tensors_call_the_kernel_with_seq_idx(fake_kernel, monkeypatch):
     assert kw["seq_idx"].dtype == torch.int32 and torch.equal(kw["seq_idx"], seq_idx.int())
     assert kw["D"].dtype == kw["dt_bias"].dtype == torch.float32  # one autotune key for every layer
     assert kw["dt_softplus"] and kw["dt_limit"] == (0.001, float("inf")) and kw["z"] is None
-    ref = ssd.mamba2_chunk_scan(
+    ref = ssd.ssd_chunk_scan(
         x, dt, A, B, C, 8, D=D, dt_bias=dt_bias, dt_softplus=True, seq_idx=seq_idx, dt_limit=(0.001, float("inf"))
     )
     torch.testing.assert_close(out, ref)

@@ -1,8 +1,7 @@
 """Chunked Mamba2 SSD scan in plain PyTorch that resets its state at every document start.
 
-transformers' torch fallback ``mamba2_chunk_scan`` has no ``seq_idx``: in a packed row the SSM state of one
-document flows into the next. This scan is a drop-in for it that takes ``seq_idx`` (from ``kwargs``, as the
-Nemotron-H mixer forwards them) with the semantics of ``mamba_ssm.mamba_chunk_scan_combined``:
+transformers' torch fallback scan has no ``seq_idx``: in a packed row the SSM state of one document flows
+into the next. This scan takes ``seq_idx`` with the semantics of ``mamba_ssm.mamba_chunk_scan_combined``:
 
 * within a chunk the decay matrix is masked to "same document", so ``exp(-inf) = 0`` across boundaries;
 * a chunk's carried-in state reaches position ``l`` only if ``l`` is in the document that was running at the
@@ -17,7 +16,6 @@ recurrence is a loop over chunks instead of transformers' ``[chunks, chunks]`` d
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -155,40 +153,3 @@ def ssd_chunk_scan(
     y = skip_and_gate(y.reshape(batch, n_chunks * chunk_size, n_heads, head_dim)[:, :seq_len], x, D, z)
     return (y, state) if return_final_states else y
 
-
-def mamba2_chunk_scan(
-    hidden_states: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    chunk_size: int,
-    D: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    initial_states: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = (0.0, math.inf),
-    return_final_states: bool = False,
-    **kwargs: Any,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Drop-in for transformers' ``mamba2_chunk_scan`` that reads ``seq_idx`` (and ``z``) from ``kwargs``.
-
-    The Nemotron-H mixer passes its forward ``**kwargs`` (where a model-level ``seq_idx`` lands) straight into
-    the scan; other entries there (``cu_seqlens``, attention flags) have no meaning for the scan and are ignored.
-    """
-    return ssd_chunk_scan(
-        hidden_states,
-        dt,
-        A,
-        B,
-        C,
-        chunk_size,
-        D=D,
-        dt_bias=dt_bias,
-        initial_states=initial_states,
-        dt_softplus=dt_softplus,
-        dt_limit=dt_limit,
-        seq_idx=kwargs.get("seq_idx"),
-        z=kwargs.get("z"),
-        return_final_states=return_final_states,
-    )

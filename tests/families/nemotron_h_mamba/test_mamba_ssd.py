@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
-from mtp_recipes.mamba import mamba2_chunk_scan, ssd_chunk_scan
-from tests.mamba._mamba_reference import random_seq_idx, scan_reference
+from mtp_recipes.families.nemotron_h_mamba import ssd_chunk_scan
+from tests.families.nemotron_h_mamba._mamba_reference import random_seq_idx, scan_reference
 
 HEADS, HEAD_DIM, GROUPS, STATE = 4, 3, 2, 5
 
@@ -78,11 +78,11 @@ def test_single_document_equals_transformers_fallback():
     kwargs = dict(D=t["D"], dt_bias=t["dt_bias"], dt_softplus=True, dt_limit=(0.01, float("inf")),
                   initial_states=init, return_final_states=True, z=None)
     y_theirs, final_theirs = hf.mamba2_chunk_scan(*args, **kwargs)
-    y_ours, final_ours = mamba2_chunk_scan(*args, **kwargs)
+    y_ours, final_ours = ssd_chunk_scan(*args, **kwargs)
     assert (y_ours - y_theirs).abs().max() < 1e-4
     assert (final_ours - final_theirs).abs().max() < 1e-4
     constant = torch.full((2, 37), 5)
-    y_const, _ = mamba2_chunk_scan(*args, **kwargs, seq_idx=constant)
+    y_const, _ = ssd_chunk_scan(*args, **kwargs, seq_idx=constant)
     assert torch.equal(y_const, y_ours)
 
 
@@ -101,5 +101,5 @@ def test_gradients_match_reference():
 
 def test_low_precision_input_returns_input_dtype():
     t = make_inputs(37, torch.bfloat16)
-    y = mamba2_chunk_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], 8, D=t["D"], seq_idx=packed_rows())
+    y = ssd_chunk_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], 8, D=t["D"], seq_idx=packed_rows())
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
