@@ -24,7 +24,7 @@ from mtp_recipes import hf_compat
 from mtp_recipes.checkpoint.hf import load_model_state, read_config_dict, resolve_model_dir, save_model_state
 from mtp_recipes.checkpoint.keymap import KeyMap
 from mtp_recipes.errors import CheckpointError, ConfigError
-from mtp_recipes.families.base import Family, get_family
+from mtp_recipes.families.base import Family, get_family, registered_model_types
 from mtp_recipes.loss import AcceptanceStats, acceptance_length, main_loss, mtp_loss
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.roll import roll_ids
@@ -353,7 +353,9 @@ def config_from_dict(raw: dict[str, Any]) -> PretrainedConfig:
     """A transformers config from a config.json dict, without remote code."""
     model_type = raw.get("model_type")
     if model_type is None:
-        raise ConfigError("the model config has no model_type; set model.config.model_type (e.g. nemotron_h)")
+        raise ConfigError(
+            f"the model config has no model_type; set model.config.model_type to one of {registered_model_types()}"
+        )
     get_family(model_type)
     raw = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
     try:
