@@ -40,6 +40,9 @@ class DataConfig:
     packing_buffer: int = 8192
     shuffle: bool = True
     seed: int = 0
+    eval_fraction: float = 0.0  # share of the source's documents held out of training (validation, evaluate)
+    eval_source: Optional[str] = None  # a separate held-out source instead (all its rows)
+    eval_split: str = "train"  # the split of eval_source
 
 
 @dataclass
@@ -94,12 +97,24 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    num_prompts: int = 16  # held-out prompts python -m mtp_recipes.evaluate generates from
+    max_new_tokens: int = 64  # greedy tokens per prompt
+    prompt_tokens: int = 64  # text rows: prompt length in tokens (chat rows: up to the last assistant turn)
+    temperature: float = 0.0  # > 0: also the expected acceptance of speculative sampling
+    verify: bool = False  # also run a real speculative decoding loop and check it
+    verify_prompts: int = 2
+    output: Optional[str] = None  # eval.json path; None: the Hydra run directory
+
+
+@dataclass
 class FinetuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mtp: MTPSection = field(default_factory=MTPSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def to_schema(cfg: DictConfig | dict[str, Any]) -> DictConfig:
@@ -166,6 +181,12 @@ def validate(cfg: DictConfig) -> None:
         (cfg.trainer.precision in ("auto", "bf16", "fp32"), "trainer.precision must be auto, bf16 or fp32"),
         (cfg.data.seq_len >= 2, "data.seq_len must be >= 2"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
+        (0 <= cfg.data.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}"),
+        (
+            min(cfg.eval.num_prompts, cfg.eval.max_new_tokens, cfg.eval.prompt_tokens, cfg.eval.verify_prompts) >= 1,
+            "eval.num_prompts, eval.max_new_tokens, eval.prompt_tokens and eval.verify_prompts must be >= 1",
+        ),
+        (cfg.eval.temperature >= 0, f"eval.temperature must be >= 0, got {cfg.eval.temperature}"),
         (
             cfg.model.path is not None or cfg.model.config is not None,
             "set model.path (a checkpoint) or model.config (a model built from scratch)",

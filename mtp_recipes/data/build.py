@@ -8,10 +8,9 @@ from typing import Any
 from transformers import PreTrainedTokenizerFast
 
 from ..errors import DataError
-from .formats import tokenize_dataset
+from .heldout import load_documents
 from .loader import PackedDataLoader, build_dataloader
 from .packing import pack_documents
-from .sources import load_source
 
 DATA_DEFAULTS: dict[str, Any] = {
     "source": None,
@@ -27,6 +26,9 @@ DATA_DEFAULTS: dict[str, Any] = {
     "packing_buffer": 8192,
     "shuffle": True,
     "seed": 0,
+    "eval_fraction": 0.0,
+    "eval_source": None,
+    "eval_split": "train",
 }
 
 
@@ -49,6 +51,8 @@ def build_data(
     - ``packing`` [first_fit]: ``greedy`` or ``first_fit``; ``packing_buffer`` [8192]
       segments per first-fit buffer.
     - ``shuffle`` [true], ``seed`` [0]: deterministic per-epoch shuffle of packed rows.
+    - ``eval_fraction`` [0], ``eval_source`` [None], ``eval_split`` [train]: held-out documents, never trained
+      on (see :mod:`.heldout`).
     """
     unknown = sorted(set(cfg) - set(DATA_DEFAULTS))
     if unknown:
@@ -56,18 +60,7 @@ def build_data(
     c = {**DATA_DEFAULTS, **{key: cfg[key] for key in cfg}}
     if not c["source"]:
         raise DataError("data.source is required (e.g. data.source=builtin:pydoc)")
-    where = f"data.source={c['source']!r}"
-    dataset = load_source(c["source"], split=c["split"], text_sample_by=c["text_sample_by"])
-    if c["max_documents"] is not None:
-        dataset = dataset.select(range(min(int(c["max_documents"]), len(dataset))))
-    documents = tokenize_dataset(
-        dataset,
-        tokenizer,
-        fmt=c["format"],
-        text_field=c["text_field"],
-        messages_field=c["messages_field"],
-        where=where,
-    )
+    documents, _ = load_documents(c, tokenizer)
     packed = pack_documents(
         documents, int(c["seq_len"]), tokenizer.pad_token_id, c["packing"], int(c["packing_buffer"])
     )
