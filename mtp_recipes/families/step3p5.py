@@ -109,9 +109,6 @@ class Step3p5(Family):
             ]
         return []
 
-    def routed_top_k(self, hf_config: PretrainedConfig) -> int | None:
-        return hf_config.moe_topk
-
     def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:
         backbone = Step3p5TextForCausalLM(hf_config)
         ignore_trailing_layers(backbone, hf_config.num_hidden_layers)
