@@ -119,7 +119,12 @@ def main(cfg: DictConfig) -> None:
             f"the newest one in {run_dir / 'resume'} (if any) with trainer.resume=auto",
             file=sys.stderr,
         )
-        sys.exit(130)
+        # Not sys.exit: once a KeyboardInterrupt has passed through code that C evaluated (pybind11's exec
+        # during an import), CPython re-sends SIGINT to itself at exit and the status becomes -2.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     finally:
         ctrl_c.restore()
     if interrupted and multirun:
