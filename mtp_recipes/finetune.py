@@ -119,8 +119,8 @@ def main(cfg: DictConfig) -> None:
             f"the newest one in {run_dir / 'resume'} (if any) with trainer.resume=auto",
             file=sys.stderr,
         )
-        # Not sys.exit: once a KeyboardInterrupt has passed through code that C evaluated (pybind11's exec
-        # during an import), CPython re-sends SIGINT to itself at exit and the status becomes -2.
+        # Not sys.exit: CPython re-sends SIGINT to itself at exit when it saw a KeyboardInterrupt leave code
+        # that C evaluated, even one caught since (observed: an import interrupted midway, status -2).
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
