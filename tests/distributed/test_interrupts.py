@@ -11,7 +11,7 @@ import time
 
 from mtp_recipes.checkpoint.resume import checkpoint_problem, latest_resume
 
-COMMON = ["trainer.progress_bar=false", "data.seq_len=64", "data.max_documents=24", "data.batch_size=2"]
+COMMON = ["trainer.progress_bar=false", "trainer.device=cpu", "data.seq_len=64", "data.max_documents=24", "data.batch_size=2"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 

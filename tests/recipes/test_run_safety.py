@@ -25,8 +25,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from mtp_recipes.checkpoint.resume import latest_resume
 from mtp_recipes.errors import CheckpointError, ConfigError, TrainingError
 from mtp_recipes.recipe import FinetuneRecipe
-from tests.recipes.test_finetune import FAST, composed, run_cli
+from tests.recipes.test_finetune import FAST as FAST_ANY_DEVICE
+from tests.recipes.test_finetune import composed, run_cli
 
+FAST = [*FAST_ANY_DEVICE, "trainer.device=cpu"]  # run semantics, and log lines that name the device's scan
 RUN = [*FAST, "optim.warmup_steps=1", "trainer.checkpoint_every=2", "trainer.keep_last=2"]
 
 
