@@ -113,3 +113,21 @@ def test_command_line(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: eval.num_prompts, eval.max_new_tokens, eval.prompt_tokens and eval.verify_prompts must be >= 1"
     ]
+
+
+def test_a_model_built_from_the_config_is_the_runs_initial_model(tmp_path):
+    """model.path=null: evaluate measures the model a training run with the same config starts from."""
+    from mtp_recipes.recipe import FinetuneRecipe
+
+    cfg = schema("data.max_documents=20", "data.seq_len=64", "data.batch_size=4", "trainer.seed=3")
+    recipe = FinetuneRecipe(cfg, tmp_path / "run")
+    try:
+        recipe.setup()
+        initial = recipe.model.state_dict()
+    finally:
+        recipe.cleanup()
+    ours = load_model(cfg, torch.device("cpu")).state_dict()
+    assert initial.keys() == ours.keys()
+    assert all(torch.equal(initial[k], ours[k]) for k in initial)
+    other = load_model(schema("trainer.seed=4"), torch.device("cpu")).state_dict()
+    assert not all(torch.equal(initial[k], other[k]) for k in initial)
