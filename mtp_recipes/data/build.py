@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from torch import Tensor
 from transformers import PreTrainedTokenizerFast
 
 from ..errors import DataError
 from .heldout import load_documents
-from .loader import PackedDataLoader, build_dataloader
+from .loader import PackedDataLoader, build_dataloader, eval_batches
 from .packing import pack_documents
 
 DATA_DEFAULTS: dict[str, Any] = {
@@ -35,7 +36,17 @@ DATA_DEFAULTS: dict[str, Any] = {
 def build_data(
     cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast, rank: int = 0, world_size: int = 1
 ) -> PackedDataLoader:
-    """Load, tokenise and pack the data described by ``cfg`` into this rank's loader.
+    """This rank's training loader (see :func:`build_train_and_eval` for the fields of ``cfg``)."""
+    return build_train_and_eval(cfg, tokenizer, rank, world_size)[0]
+
+
+def build_train_and_eval(
+    cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast, rank: int = 0, world_size: int = 1
+) -> tuple[PackedDataLoader, list[dict[str, Tensor]] | None]:
+    """Load, tokenise and pack the data described by ``cfg`` into this rank's loader and held-out batches.
+
+    The held-out documents (none without ``eval_fraction``/``eval_source``) are packed the same way as the
+    training ones, into this rank's share of ``batch_size`` rows (:func:`.loader.eval_batches`).
 
     ``cfg`` is a dict or an OmegaConf ``DictConfig`` (the ``data`` group); unknown keys
     are rejected so typos fail loudly. Fields (default in brackets):
@@ -60,8 +71,11 @@ def build_data(
     c = {**DATA_DEFAULTS, **{key: cfg[key] for key in cfg}}
     if not c["source"]:
         raise DataError("data.source is required (e.g. data.source=builtin:pydoc)")
-    documents, _ = load_documents(c, tokenizer)
-    packed = pack_documents(
-        documents, int(c["seq_len"]), tokenizer.pad_token_id, c["packing"], int(c["packing_buffer"])
-    )
-    return build_dataloader(packed, int(c["batch_size"]), int(c["seed"]), rank, world_size, bool(c["shuffle"]))
+    documents, heldout = load_documents(c, tokenizer)
+    seq_len, pad, batch = int(c["seq_len"]), tokenizer.pad_token_id, int(c["batch_size"])
+    packed = pack_documents(documents, seq_len, pad, c["packing"], int(c["packing_buffer"]))
+    loader = build_dataloader(packed, batch, int(c["seed"]), rank, world_size, bool(c["shuffle"]))
+    if heldout is None:
+        return loader, None
+    held = pack_documents(heldout, seq_len, pad, c["packing"], int(c["packing_buffer"]))
+    return loader, eval_batches(held, batch, pad, rank, world_size)

@@ -14,13 +14,14 @@ number of batches consumed — so a resumed run continues with exactly the next 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from ..errors import DataError
-from .packing import PackedRows, PackingStats
+from .packing import IGNORE_INDEX, PackedRows, PackingStats
 
 BATCH_KEYS = ("input_ids", "labels", "position_ids", "seq_idx")
 
@@ -112,6 +113,33 @@ class PackedDataLoader:
             order = torch.arange(n)
         used = self.batches_per_epoch * self.batch_size * self.world_size
         return order[:used][self.rank :: self.world_size]
+
+
+def eval_batches(
+    packed: PackedRows, batch_size: int, pad_id: int, rank: int = 0, world_size: int = 1
+) -> list[dict[str, torch.Tensor]]:
+    """This rank's batches of held-out rows ``rank, rank + world_size, ...``, in order, every row once overall.
+
+    Every rank gets the same number of batches (collectives under FSDP need that): the last ones are filled
+    with rows of padding (label -100 everywhere), which add nothing to any loss or count.
+    """
+    dataset = PackedDataset(packed)
+    n = len(dataset)
+    per_rank = math.ceil(n / world_size)
+    padded = math.ceil(per_rank / batch_size) * batch_size * world_size
+    rows = [min(i, n) for i in range(rank, padded, world_size)]  # index n: the padding row
+    seq_len = packed.input_ids.shape[1]
+    padding = {
+        "input_ids": torch.full((1, seq_len), pad_id, dtype=torch.long),
+        "labels": torch.full((1, seq_len), IGNORE_INDEX, dtype=torch.long),
+        "position_ids": torch.arange(seq_len)[None],
+        "seq_idx": torch.zeros(1, seq_len, dtype=torch.int32),
+    }
+    tensors = {key: torch.cat([dataset.tensors[key], padding[key]]) for key in BATCH_KEYS}
+    return [
+        {key: tensor[torch.tensor(rows[i : i + batch_size])] for key, tensor in tensors.items()}
+        for i in range(0, len(rows), batch_size)
+    ]
 
 
 def build_dataloader(
