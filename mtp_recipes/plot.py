@@ -1,8 +1,8 @@
 """``python -m mtp_recipes.plot RUN_DIR``: loss curves and the MTP metrics that predict serving speed.
 
 Reads ``RUN_DIR/metrics.jsonl`` and writes ``RUN_DIR/metrics.png``: main CE and each depth's CE, then
-per-depth accuracy and the expected acceptance length (1 + Σ_k c_k). Needs the ``plot`` extra
-(``pip install 'mtp_recipes[plot]'``).
+per-depth accuracy and the expected acceptance length (1 + Σ_k c_k); validation records (``split: eval``),
+when there are any, as markers. Needs the ``plot`` extra (``pip install 'mtp_recipes[plot]'``).
 """
 
 from __future__ import annotations
@@ -26,13 +26,18 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         raise SystemExit(f"error: {metrics} does not exist; pass a run directory of mtp_recipes.finetune")
-    records = {r["step"]: r for r in map(json.loads, metrics.read_text().splitlines())}  # last one per step
+    records, validation = {}, {}
+    for r in map(json.loads, metrics.read_text().splitlines()):  # the last record per step and split
+        (validation if r.get("split") == "eval" else records)[r["step"]] = r
     steps = sorted(records)
     rows = [records[s] for s in steps]
+    held = [validation[s] for s in sorted(validation)]
     depths = sorted(int(k.rsplit("_", 1)[1]) for k in rows[0] if k.startswith("mtp_ce_"))
 
     fig, (losses, speed) = plt.subplots(1, 2, figsize=(11, 4))
     losses.plot(steps, [r["main_ce"] for r in rows], label="main CE")
+    if held:
+        losses.plot([r["step"] for r in held], [r["main_ce"] for r in held], "ko", label="held-out main CE")
     for k in depths:
         losses.plot(steps, [r[f"mtp_ce_{k}"] for r in rows], label=f"MTP depth {k} CE")
     losses.set_xlabel("step")
@@ -43,6 +48,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if depths:
         twin = speed.twinx()
         twin.plot(steps, [r["acceptance_length"] for r in rows], "k--", label="acceptance length")
+        if held:
+            twin.plot([r["step"] for r in held], [r["acceptance_length"] for r in held], "ko", label="held-out")
         twin.set_ylabel("expected acceptance length")
         twin.legend(loc="lower right")
     speed.set_xlabel("step")

@@ -24,3 +24,11 @@ def test_plot_writes_a_png_with_every_depth(tmp_path):
 def test_plot_without_metrics_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         plot_run(tmp_path)
+
+
+def test_plot_keeps_validation_records_apart(tmp_path):
+    train = [{"step": s, "split": "train", "main_ce": 5 - 0.1 * s, "mtp_ce_1": 6 - 0.1 * s, "mtp_acc_1": 0.01 * s,
+              "acceptance_length": 1 + 0.01 * s} for s in range(1, 11)]  # fmt: skip
+    held = [{"step": s, "split": "eval", "main_ce": 5.2 - 0.1 * s, "acceptance_length": 1 + 0.009 * s} for s in (5, 10)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, train[:5] + held[:1] + train[5:] + held[1:])))
+    assert plot_run(tmp_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
