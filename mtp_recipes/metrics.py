@@ -18,6 +18,10 @@ Convention (the common ``6 N`` one, so MFU figures compare with other trainers')
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -119,3 +123,72 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None) -> floa
     if peak is None or peak <= 0:
         return None
     return tokens_per_s * flops_per_token / peak
+
+
+@dataclass
+class StepTotals:
+    """Sums over one optimizer step's micro-batches, kept on the device until the step's one host copy.
+
+    ``loss`` / ``main_ce`` / ``mtp_ce`` are sums of the (globally normalised) micro-batch losses; the
+    per-depth counts are top-1 hits, valid slots, cumulative hits and slots, and agreement with the
+    backbone's own argmax. ``stop`` counts ranks that were asked to stop, so that a stop request travels in
+    the same collective as the metrics.
+    """
+
+    loss: torch.Tensor
+    main_ce: torch.Tensor
+    mtp_ce: torch.Tensor
+    correct: torch.Tensor
+    valid: torch.Tensor
+    cum_correct: torch.Tensor
+    cum_valid: torch.Tensor
+    agree: torch.Tensor
+    stop: torch.Tensor
+
+    @classmethod
+    def zeros(cls, depths: int, device: torch.device) -> StepTotals:
+        def z(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.float64, device=device)
+
+        return cls(z(), z(), z(depths), z(depths), z(depths), z(depths), z(depths), z(depths), z())
+
+    def add(self, out: Any) -> None:
+        """Accumulate one micro-batch's :class:`~mtp_recipes.model.MTPOutput` (no host sync)."""
+        self.loss += out.loss.detach()
+        self.main_ce += out.main_loss.detach()
+        if out.mtp_losses:
+            self.mtp_ce += torch.stack([c.detach() for c in out.mtp_losses]).to(torch.float64)
+            acc = out.acceptance
+            for total, part in zip(
+                (self.correct, self.valid, self.cum_correct, self.cum_valid, self.agree),
+                (acc.correct, acc.valid, acc.cum_correct, acc.cum_valid, out.agreement),
+                strict=True,
+            ):
+                total += part.to(total.device, torch.float64)
+
+    def all_reduce(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> StepTotals:
+        """The sums over every rank, through one collective ``reduce`` of a flat tensor."""
+        parts = [getattr(self, f.name) for f in fields(self)]
+        flat = reduce(torch.cat([p.reshape(-1) for p in parts]))
+        sizes = [p.numel() for p in parts]
+        return StepTotals(*(c.view_as(p) for c, p in zip(flat.split(sizes), parts, strict=True)))
+
+    def record(self, grad_norm: torch.Tensor) -> dict[str, float]:
+        """The step's numbers on the host (one device-to-host copy): what metrics.jsonl records per step."""
+        parts = [getattr(self, f.name) for f in fields(self)]
+        host = torch.cat([*(p.reshape(-1) for p in parts), grad_norm.reshape(1).to(self.loss)]).cpu().tolist()
+        d = self.mtp_ce.numel()
+        loss, main_ce, ce = host[0], host[1], host[2 : 2 + d]
+        correct, valid, cum_correct, cum_valid, agree = (host[2 + d * (i + 1) : 2 + d * (i + 2)] for i in range(5))
+        cumulative = [c / max(v, 1) for c, v in zip(cum_correct, cum_valid, strict=True)]
+        return {
+            "loss": loss,
+            "main_ce": main_ce,
+            **{f"mtp_ce_{k}": v for k, v in enumerate(ce, start=1)},
+            **{f"mtp_acc_{k}": c / max(v, 1) for k, (c, v) in enumerate(zip(correct, valid, strict=True), start=1)},
+            **{f"mtp_cum_acc_{k}": v for k, v in enumerate(cumulative, start=1)},
+            **{f"mtp_agree_{k}": a / max(v, 1) for k, (a, v) in enumerate(zip(agree, valid, strict=True), start=1)},
+            "acceptance_length": 1 + sum(cumulative),
+            "stop": host[-2],
+            "grad_norm": host[-1],
+        }

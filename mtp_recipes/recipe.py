@@ -32,10 +32,10 @@ from mtp_recipes.checkpoint.resume import (
 )
 from mtp_recipes.config import lambda_at, to_schema
 from mtp_recipes.data import build_data, load_tokenizer
-from mtp_recipes.distributed.mesh import World, all_reduce_sum, barrier, broadcast_object, init_world, shutdown
+from mtp_recipes.distributed.mesh import all_reduce_sum, barrier, broadcast_object, init_world, shutdown
 from mtp_recipes.distributed.parallelize import apply_activation_checkpointing, apply_compile, apply_fsdp
 from mtp_recipes.errors import ConfigError, TrainingError
-from mtp_recipes.metrics import flops_per_token, mfu, peak_flops
+from mtp_recipes.metrics import StepTotals, flops_per_token, mfu, peak_flops
 from mtp_recipes.model import MTPModel
 from mtp_recipes.mtp.roll import count_depth_targets
 
@@ -309,8 +309,8 @@ class FinetuneRecipe:
             if self.step == cfg.max_steps:
                 log.info("the checkpoint is at trainer.max_steps=%d: nothing to train", self.step)
             while self.step < cfg.max_steps:
-                checkpointed = self._train_step(bar)
-                if self.step < cfg.max_steps and stop.requested(self.world):
+                checkpointed, stop_requested = self._train_step(bar, stop)
+                if self.step < cfg.max_steps and stop_requested:
                     path = self.last_checkpoint if checkpointed else self.save_resume_checkpoint()
                     log.warning(
                         "%s: stopped after step %d with a resume checkpoint in %s; continue with trainer.resume=auto "
@@ -327,8 +327,13 @@ class FinetuneRecipe:
             bar.close()
             stop.restore()
 
-    def _train_step(self, bar: tqdm) -> bool:
-        """One optimizer step, its metrics record and the checkpoints due; True if a resume checkpoint was written."""
+    def _train_step(self, bar: tqdm, stop: _GracefulStop) -> tuple[bool, bool]:
+        """One optimizer step, its metrics record and the checkpoints due.
+
+        Returns ``(checkpointed, stop_requested)``: whether a resume checkpoint was written, and whether any
+        rank was asked to stop (the request travels in the metrics' collective). Metrics stay on the device
+        until one host copy per step.
+        """
         cfg = self.cfg.trainer
         depths = self.model.mtp.num_depths
         self.model.mtp_config = replace(self.model.mtp_config, loss_scaling_factor=lambda_at(self.cfg, self.step))
@@ -336,98 +341,88 @@ class FinetuneRecipe:
         micro = [_to(next(self._batches), self.device) for _ in range(cfg.grad_accum_steps)]
         # Exact global normalisation: every micro-batch on every rank is divided by the step's
         # total target counts (main and per depth), so gradients add up to the global mean's.
-        counts = sum(count_depth_targets(b["labels"], depths, b["seq_idx"]) for b in micro)
-        counts = all_reduce_sum(counts.to(self.device), self.world).cpu()
-        # loss, main CE, CE_1..CE_D, then per depth: hits, valid, cumulative hits, cumulative valid, agreement
-        totals = torch.zeros(2 + 6 * depths, dtype=torch.float64)
-        for batch in micro:
+        counts = sum(count_depth_targets(b["labels"], depths, b["seq_idx"]).to(self.device) for b in micro)
+        counts = all_reduce_sum(counts, self.world)
+        totals = StepTotals.zeros(depths, self.device)
+        for i, batch in enumerate(micro):
+            self._sync_gradients(last=i == len(micro) - 1)
             with self._autocast():
+                # Positions come from seq_idx inside the model (the packer's own rule), so no per-micro-batch
+                # host check of user-given positions runs here.
                 out = self.model(
-                    **batch, num_label_tokens=counts[0], num_depth_tokens=counts[1:], return_accuracy=depths > 0
+                    batch["input_ids"],
+                    batch["labels"],
+                    seq_idx=batch["seq_idx"],
+                    num_label_tokens=counts[0],
+                    num_depth_tokens=counts[1:],
+                    return_accuracy=depths > 0,
                 )
             out.loss.backward()
-            totals += torch.cat(
-                [
-                    torch.tensor([out.loss.item(), out.main_loss.item(), *(c.item() for c in out.mtp_losses)]),
-                    *(
-                        (
-                            s.cpu()
-                            for s in (
-                                out.acceptance.correct,
-                                out.acceptance.valid,
-                                out.acceptance.cum_correct,
-                                out.acceptance.cum_valid,
-                                out.agreement,
-                            )
-                        )
-                        if depths
-                        else ()
-                    ),
-                ]
-            ).to(torch.float64)
-        totals = all_reduce_sum(totals.to(self.device), self.world).cpu()
-        if not math.isfinite(totals[0]):
-            self.optimizer.zero_grad(set_to_none=True)
-            kept = self.last_checkpoint or "none written yet"
-            raise TrainingError(
-                f"non-finite loss at step {self.step + 1} (main CE {totals[1]:.4g}, MTP CE "
-                f"{[round(float(x), 4) for x in totals[2 : 2 + depths]]}): lower optim.lr or check the data; "
-                f"last good checkpoint: {kept}"
-            )
-        grad_norm = self._clip()
-        if not math.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingError(
-                f"non-finite gradient norm at step {self.step + 1} (loss {totals[0]:.4g} is finite); nothing was "
-                "applied: lower optim.lr, check the data, or train in fp32 (trainer.precision=fp32); "
-                f"last good checkpoint: {self.last_checkpoint or 'none written yet'}"
-            )
+            totals.add(out)
+        totals.stop += float(stop.received is not None)
+        totals = totals.all_reduce(lambda t: all_reduce_sum(t, self.world))
+        record = totals.record(self._clip())
+        stop_requested = record.pop("stop") > 0
+        self._check_finite(record)
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         tokens = sum(b["input_ids"].numel() for b in micro) * self.world.world_size
-        self._log(totals, grad_norm, lr, tokens / (time.perf_counter() - start), bar)
+        self._log(record, lr, tokens / (time.perf_counter() - start), bar)
         checkpointed = bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
         if checkpointed:
             self.save_resume_checkpoint()
         if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
             self.save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step:06d}")
-        return checkpointed
+        return checkpointed, stop_requested
+
+    def _sync_gradients(self, last: bool) -> None:
+        """Under FSDP2, reduce-scatter gradients only after the step's last micro-batch."""
+        if self.world.distributed and self.cfg.trainer.grad_accum_steps > 1:
+            self.model.set_requires_gradient_sync(last)
+
+    def _check_finite(self, record: dict[str, float]) -> None:
+        """A non-finite loss or gradient norm stops the run before the optimizer applies anything."""
+        if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        kept = self.last_checkpoint or "none written yet"
+        if not math.isfinite(record["loss"]):
+            mtp = [round(v, 4) for k, v in record.items() if k.startswith("mtp_ce_")]
+            raise TrainingError(
+                f"non-finite loss at step {self.step + 1} (main CE {record['main_ce']:.4g}, MTP CE {mtp}): "
+                f"lower optim.lr or check the data; last good checkpoint: {kept}"
+            )
+        raise TrainingError(
+            f"non-finite gradient norm at step {self.step + 1} (loss {record['loss']:.4g} is finite); nothing was "
+            "applied: lower optim.lr, check the data, or train in fp32 (trainer.precision=fp32); "
+            f"last good checkpoint: {kept}"
+        )
 
     def _autocast(self):
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _clip(self) -> float:
+    def _clip(self) -> torch.Tensor:
+        """Clip to ``optim.max_grad_norm`` (0: measure only); the global norm, on the device."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.optim.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    def _log(self, totals: torch.Tensor, grad_norm: float, lr: float, tokens_per_s: float, bar: tqdm) -> None:
+    def _log(self, step: dict[str, float], lr: float, tokens_per_s: float, bar: tqdm) -> None:
         """One metrics.jsonl record per step (rank 0): total, main CE, each depth's unscaled CE, λ, lr,
         per-depth top-1 accuracy, cumulative accuracy, expected acceptance length and self-agreement."""
         if not self.world.is_main:
             return
-        d = self.model.mtp.num_depths
-        ce = totals[2 : 2 + d]
-        correct, valid, cum_correct, cum_valid, agree = totals[2 + d :].view(5, d) if d else [torch.zeros(0)] * 5
-        cumulative = cum_correct / cum_valid.clamp_min(1)
         record = {
             "step": self.step,
-            "loss": float(totals[0]),
-            "main_ce": float(totals[1]),
-            **{f"mtp_ce_{k}": float(v) for k, v in enumerate(ce, start=1)},
-            **{f"mtp_acc_{k}": float(v) for k, v in enumerate(correct / valid.clamp_min(1), start=1)},
-            **{f"mtp_cum_acc_{k}": float(v) for k, v in enumerate(cumulative, start=1)},
-            **{f"mtp_agree_{k}": float(v) for k, v in enumerate(agree / valid.clamp_min(1), start=1)},
-            "acceptance_length": 1 + float(cumulative.sum()),
+            **step,
             "lambda": self.model.mtp_config.loss_scaling_factor,
             "lr": lr,
-            "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
             "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_flops),  # null without a known GPU
         }
@@ -437,7 +432,8 @@ class FinetuneRecipe:
             self.wandb.log(record, step=self.step)
         bar.update(1)
         if self.step % self.cfg.trainer.log_every == 0:
-            mtp = " ".join(f"ce{k}={float(v):.3f}" for k, v in enumerate(ce, start=1))
+            ce = [v for k, v in record.items() if k.startswith("mtp_ce_")]
+            mtp = " ".join(f"ce{k}={v:.3f}" for k, v in enumerate(ce, start=1))
             bar.set_postfix_str(f"loss={record['loss']:.3f} main={record['main_ce']:.3f} {mtp}".strip())
             log.info(
                 "step %d loss %.4f main %.4f %s accept %.3f lr %.2e %.0f tok/s",
@@ -529,10 +525,6 @@ class _GracefulStop:
         if self.announce:  # os.write: safe inside a signal handler, unlike logging or print
             hint = " (Ctrl-C again aborts at once)" if signum == signal.SIGINT else ""
             os.write(2, f"\n{self.received}: stopping after this step with a resume checkpoint{hint}\n".encode())
-
-    def requested(self, world: World) -> bool:
-        """True on every rank as soon as any rank got a signal (all ranks must stop at the same step)."""
-        return bool(all_reduce_sum(torch.tensor([float(self.received is not None)], device=world.device), world).item())
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
