@@ -21,9 +21,15 @@ from torch import nn
 from transformers import CONFIG_MAPPING, PretrainedConfig
 
 from mtp_recipes import hf_compat
-from mtp_recipes.checkpoint.hf import load_model_state, read_config_dict, resolve_model_dir, save_model_state
+from mtp_recipes.checkpoint.hf import (
+    fp8_block_size,
+    load_model_state,
+    read_config_dict,
+    resolve_model_dir,
+    save_model_state,
+)
 from mtp_recipes.checkpoint.keymap import KeyMap
-from mtp_recipes.errors import CheckpointError, ConfigError
+from mtp_recipes.errors import ConfigError
 from mtp_recipes.families.base import Family, get_family, registered_model_types
 from mtp_recipes.loss import AcceptanceStats, acceptance_length, main_loss, mtp_loss
 from mtp_recipes.mtp.config import MTPConfig
@@ -104,6 +110,7 @@ class MTPModel(nn.Module):
         self.source_dir: Path | None = None
         self.source_config: dict[str, Any] | None = None
         self.disk_dtypes: dict[str, torch.dtype] = {}
+        self.dequantized = False  # loaded from block-scaled FP8: exported in bfloat16
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
@@ -153,12 +160,9 @@ class MTPModel(nn.Module):
         """
         model_dir = resolve_model_dir(str(name_or_path))
         raw = read_config_dict(model_dir)
-        if "quantization_config" in raw:
-            method = raw["quantization_config"].get("quant_method", "quantized")
-            raise CheckpointError(
-                f"{model_dir} is a {method} checkpoint; fine-tuning needs full-precision weights: "
-                "use a BF16 copy of the model (e.g. dequantise it first) and point model.path at it"
-            )
+        fp8_block = fp8_block_size(raw, model_dir)
+        # The export is dequantised (bfloat16): its config must not announce a quantisation.
+        raw = {k: v for k, v in raw.items() if k != "quantization_config"}
         hf_config = config_from_dict(raw)
         family = get_family(hf_config.model_type)
         mtp = family_mtp_config(family, hf_config, raw, mtp_overrides)
@@ -176,8 +180,11 @@ class MTPModel(nn.Module):
             if shard is not None:
                 shard(model)
             model._materialize(torch.device(device or "cpu"))
-        model.disk_dtypes = load_model_state(model, model_dir)
+        model.disk_dtypes = load_model_state(model, model_dir, fp8_block)
         model.source_dir, model.source_config = model_dir, raw
+        model.dequantized = fp8_block is not None
+        if model.dequantized:
+            logger.info("%s: block-scaled FP8 weights dequantised to %s on load", model_dir, dtype)
         return model
 
     # ---- forward ------------------------------------------------------------------------------
@@ -336,6 +343,8 @@ class MTPModel(nn.Module):
         if writer:
             for limit in self.serving_limits():
                 logger.warning("export to %s: %s", save_directory, limit)
+            if self.dequantized:
+                logger.info("export to %s: FP8 source weights are written in BF16, not re-quantised", save_directory)
         return save_model_state(
             self,
             save_directory,

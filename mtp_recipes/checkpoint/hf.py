@@ -114,12 +114,47 @@ _DTYPES = {
 }
 
 
-class TensorReader:
-    """Reads checkpoint tensors one at a time, keeping each file open once (memory: one tensor)."""
+SCALE_SUFFIX = "_scale_inv"
 
-    def __init__(self, files: dict[str, Path]) -> None:
+
+def fp8_block_size(config_dict: dict[str, Any], model_dir: Path) -> tuple[int, int] | None:
+    """The weight block of a block-scaled FP8 checkpoint (DeepSeek-V3's release), ``None`` when unquantised.
+
+    Any other quantisation is refused: its weights cannot be turned back into trainable values here.
+    """
+    quant = config_dict.get("quantization_config")
+    if quant is None:
+        return None
+    method = quant.get("quant_method", "quantized")
+    block = quant.get("weight_block_size")
+    if method == "fp8" and isinstance(block, list) and len(block) == 2:
+        return int(block[0]), int(block[1])
+    raise CheckpointError(
+        f"{model_dir} is a {method} checkpoint without a 2-D weight_block_size; only block-scaled FP8 "
+        "is dequantised on load: use a BF16 copy of the model and point model.path at it"
+    )
+
+
+class TensorReader:
+    """Reads checkpoint tensors one at a time (or a range of rows), keeping each file open once.
+
+    With ``fp8_block`` every FP8 weight that has a ``<name>_scale_inv`` companion is dequantised on read,
+    in float32, as ``weight * scale`` per block; the scale tensors themselves are not listed in ``keys``.
+    """
+
+    def __init__(self, files: dict[str, Path], fp8_block: tuple[int, int] | None = None) -> None:
         self.files = files
+        self.fp8_block = fp8_block
         self._handles: dict[Path, Any] = {}
+        self.scales: dict[str, str] = {}
+        if fp8_block is not None:
+            self.scales = {k[: -len(SCALE_SUFFIX)]: k for k in files if k.endswith(SCALE_SUFFIX)}
+            self.scales = {w: s for w, s in self.scales.items() if w in files}
+
+    def keys(self) -> list[str]:
+        """Every tensor name but the FP8 scales (which are part of their weight)."""
+        scales = set(self.scales.values())
+        return [k for k in self.files if k not in scales]
 
     def _handle(self, key: str) -> Any:
         path = self.files[key]
@@ -127,16 +162,34 @@ class TensorReader:
             self._handles[path] = _open(path)
         return self._handles[path]
 
-    def get(self, key: str) -> torch.Tensor:
+    def _rows(self, key: str, rows: tuple[int, int] | None) -> torch.Tensor:
         try:
-            return self._handle(key).get_tensor(key)
+            if rows is None:
+                return self._handle(key).get_tensor(key)
+            return self._handle(key).get_slice(key)[rows[0] : rows[1]]
         except (SafetensorError, OSError, RuntimeError) as e:
             raise _unreadable(self.files[key], e) from None
 
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor ``key`` (rows ``[a, b)`` of its first dimension only, when given), dequantised if FP8."""
+        value = self._rows(key, rows)
+        if key not in self.scales:
+            return value
+        (b0, b1), start = self.fp8_block, rows[0] if rows else 0
+        first = start // b0
+        scale = self._rows(self.scales[key], (first, -(-(start + value.shape[0]) // b0)))
+        scale = scale.float().repeat_interleave(b0, 0).repeat_interleave(b1, 1)
+        offset = start - first * b0
+        return value.float() * scale[offset : offset + value.shape[0], : value.shape[1]]
+
     def meta(self, key: str) -> torch.Tensor:
-        """A meta tensor with the stored dtype and shape: validates a checkpoint without reading it."""
+        """A meta tensor with the stored dtype and shape: validates a checkpoint without reading it.
+
+        A dequantised FP8 weight reports bfloat16: the dtype it is exported in.
+        """
         view = self._handle(key).get_slice(key)
-        return torch.empty(view.get_shape(), dtype=_DTYPES[view.get_dtype()], device="meta")
+        dtype = torch.bfloat16 if key in self.scales else _DTYPES[view.get_dtype()]
+        return torch.empty(view.get_shape(), dtype=dtype, device="meta")
 
 
 def _open(path: Path) -> Any:
@@ -175,7 +228,9 @@ def _examples(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def load_model_state(model: MTPModel, model_dir: Path) -> dict[str, torch.dtype]:
+def load_model_state(
+    model: MTPModel, model_dir: Path, fp8_block: tuple[int, int] | None = None
+) -> dict[str, torch.dtype]:
     """Fill ``model`` from a checkpoint; return the on-disk dtype of every tensor (kept on save).
 
     The checkpoint is validated from its metadata first: missing, unexpected or mis-shaped MTP tensors
@@ -183,12 +238,14 @@ def load_model_state(model: MTPModel, model_dir: Path) -> dict[str, torch.dtype]
     tensor at a time and copied into the parameters; a sharded (FSDP2) parameter takes only its local
     shard, so no process ever holds the whole model. With ``mtp.init=from_scratch`` the checkpoint's
     MTP tensors (if any) are ignored and new depths are initialised from the backbone instead.
+    ``fp8_block`` (:func:`fp8_block_size`) dequantises a block-scaled FP8 checkpoint on read; its weights
+    are then exported in bfloat16.
     """
     files = tensor_files(model_dir)
+    reader = TensorReader(files, fp8_block)
     prefix = next((p for p in model.family.checkpoint_prefixes if any(k.startswith(p) for k in files)), "")
     model.checkpoint_layout = CheckpointLayout(prefix, {k: f for k, f in files.items() if not k.startswith(prefix)})
-    reader = TensorReader(files)
-    meta = {k[len(prefix) :]: reader.meta(k) for k in files if k.startswith(prefix)}
+    meta = {k[len(prefix) :]: reader.meta(k) for k in reader.keys() if k.startswith(prefix)}
     dtypes = {k: t.dtype for k, t in meta.items()}
     hf_meta = from_disk(model.backbone, meta)
 
