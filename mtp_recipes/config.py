@@ -63,6 +63,8 @@ class MTPSection:
     detach_backbone: bool = False
     train_only: bool = False
     zero_first_embedding: Optional[bool] = None  # None: what vLLM does for the family
+    depth_weights: Optional[list[float]] = None  # relative weight of each depth's CE; None: equal
+    depth_decay: Optional[float] = None  # β: depth k weighs β^(k-1) (instead of depth_weights)
 
 
 @dataclass
@@ -156,6 +158,23 @@ def validate(cfg: DictConfig) -> None:
             not (cfg.mtp.train_only and cfg.mtp.num_layers == 0),
             "mtp.train_only=true freezes the backbone and mtp.num_layers=0 leaves no MTP depth: nothing would train",
         ),
+        (
+            cfg.mtp.depth_weights is None or cfg.mtp.depth_decay is None,
+            "set mtp.depth_weights or mtp.depth_decay, not both",
+        ),
+        (
+            cfg.mtp.depth_weights is None
+            or (all(w >= 0 for w in cfg.mtp.depth_weights) and sum(cfg.mtp.depth_weights) > 0),
+            f"mtp.depth_weights must be >= 0 with a positive sum, got {cfg.mtp.depth_weights}",
+        ),
+        (
+            cfg.mtp.depth_weights is None
+            or cfg.mtp.num_layers is None
+            or len(cfg.mtp.depth_weights) == cfg.mtp.num_layers,
+            f"mtp.depth_weights needs one weight per MTP depth (mtp.num_layers={cfg.mtp.num_layers}), "
+            f"got {cfg.mtp.depth_weights}",
+        ),
+        (cfg.mtp.depth_decay is None or cfg.mtp.depth_decay > 0, f"mtp.depth_decay must be > 0, got {cfg.mtp.depth_decay}"),
         (cfg.trainer.max_steps > 0, f"trainer.max_steps must be > 0, got {cfg.trainer.max_steps}"),
         (cfg.trainer.grad_accum_steps >= 1, "trainer.grad_accum_steps must be >= 1"),
         (cfg.trainer.checkpoint_every >= 0 and cfg.trainer.save_every >= 0, "checkpoint/save intervals must be >= 0"),

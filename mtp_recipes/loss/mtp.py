@@ -1,6 +1,7 @@
 """Main and MTP losses over one chunked cross-entropy, and acceptance metrics.
 
-``mtp_loss`` returns ``(λ / D) · Σ_k CE_k``; the caller adds it to ``main_loss``. Normalisers are
+``mtp_loss`` returns ``λ · Σ_k w_k CE_k`` with depth shares ``w_k`` summing to 1 (``1/D`` each by
+default, i.e. ``(λ / D) · Σ_k CE_k``); the caller adds it to ``main_loss``. Normalisers are
 passed in rather than computed here whenever the trainer has global counts, because a per
 micro-batch mean weights short and long micro-batches alike (Megatron issue #7452).
 
@@ -29,7 +30,7 @@ Count = Union[int, Tensor]
 class MTPLossOutput:
     """What one MTP loss call produces.
 
-    ``loss`` is already scaled by ``λ / D``; ``per_depth`` holds the unscaled ``CE_k`` for logging,
+    ``loss`` is already scaled by ``λ · w_k``; ``per_depth`` holds the unscaled ``CE_k`` for logging,
     detached: the one-pass loss forms gradients for ``loss`` only (its per-token weights are fixed).
     ``num_targets`` are the local valid-target counts per depth. With ``return_accuracy`` the
     per-depth ``predictions`` (argmax ids), ``correct`` and ``valid`` (bool) are ``[B,S]`` tensors,
@@ -194,13 +195,17 @@ def mtp_loss(
     return_accuracy: bool = False,
     impl: Impl = "auto",
     main_hidden: Tensor | None = None,
+    depth_weights: Sequence[float] | None = None,
 ) -> MTPLossOutput:
-    """``(λ / D) · Σ_k CE_k`` over D depths; depth k's targets are ``labels[t+k]`` in-document.
+    """``λ · Σ_k w_k CE_k`` over D depths; depth k's targets are ``labels[t+k]`` in-document.
+
+    ``depth_weights`` are the relative weights ``w_k`` (normalised here to sum 1); ``None`` weighs every
+    depth ``1/D``, which makes the loss ``(λ / D) · Σ_k CE_k``.
 
     With ``main_hidden`` (the backbone's final-normed ``[B,S,H]``) and a shared head, the main
     next-token CE (divided by ``num_label_tokens``, else the local count) joins the same chunked call,
     so the head is cast and its gradient accumulated once for main + all depths: ``.loss`` is then
-    ``CE_main + (λ / D) · Σ_k CE_k``, and ``.main_loss`` (detached) and ``.main_argmax`` report the main
+    ``CE_main + λ · Σ_k w_k CE_k``, and ``.main_loss`` (detached) and ``.main_argmax`` report the main
     part.
 
     ``per_depth_hidden[k-1]`` is depth k's ``[B,S,H]`` state as its head takes it (already normed).
@@ -240,7 +245,7 @@ def mtp_loss(
     # A zero count only happens with a zero sum: report CE_k = 0 rather than NaN.
     heads = [head_weight] if isinstance(head_weight, Tensor) else list(head_weight)
     counts = counts.to(loss_dtype(per_depth_hidden[0], heads[0])).clamp_min(1)
-    scales = loss_scaling_factor / depths / counts
+    scales = loss_scaling_factor * _depth_shares(depth_weights, depths, counts) / counts
     kwargs = dict(ignore_index=ignore_index, chunk_size=chunk_size, impl=impl, return_argmax=return_accuracy)
     main = None
     if main_hidden is not None:
@@ -278,6 +283,16 @@ def mtp_loss(
         out.valid = valid
         out.correct = [(p == t) & v for p, t, v in zip(out.predictions, targets, valid, strict=True)]
     return out
+
+
+def _depth_shares(depth_weights: Sequence[float] | None, depths: int, like: Tensor) -> Tensor:
+    """``w_k / Σ_j w_j`` as a tensor like ``like`` (``1/D`` each without weights)."""
+    if depth_weights is None:
+        return torch.full((depths,), 1 / depths, dtype=like.dtype, device=like.device)
+    weights = torch.as_tensor(list(depth_weights), dtype=like.dtype, device=like.device)
+    if weights.shape != (depths,) or bool((weights < 0).any()) or not bool(weights.sum() > 0):
+        raise ValueError(f"depth_weights must be {depths} values >= 0 with a positive sum, got {list(depth_weights)}")
+    return weights / weights.sum()
 
 
 def _as_count_tensor(counts: Sequence[Count] | Tensor, device: torch.device) -> Tensor:

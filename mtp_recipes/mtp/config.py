@@ -30,6 +30,9 @@ class MTPConfig:
     # Zero depth 1's input embedding at a document's first position, as vLLM does for some families;
     # ``None``: the family's serving default.
     zero_first_embedding: bool | None = None
+    # Relative weight of each depth's CE (normalised to sum 1); ``depth_decay`` β gives β^(k-1). Neither: equal.
+    depth_weights: tuple[float, ...] | None = None
+    depth_decay: float | None = None
     family_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -42,6 +45,27 @@ class MTPConfig:
         if self.init not in ("from_checkpoint", "from_scratch", "extend"):
             raise ConfigError(f"mtp.init must be from_checkpoint, from_scratch or extend, got {self.init!r}")
         object.__setattr__(self, "block_types", tuple(self.block_types))
+        if self.depth_weights is not None:
+            object.__setattr__(self, "depth_weights", tuple(float(w) for w in self.depth_weights))
+        self.depth_shares()  # weights that do not fit D fail here, not at the first loss
+
+    def depth_shares(self) -> tuple[float, ...]:
+        """``w_k / Σ_j w_j`` for k = 1..D: the share of λ each depth's CE gets (``1/D`` each by default)."""
+        d, weights, beta = self.num_layers, self.depth_weights, self.depth_decay
+        if weights is not None and beta is not None:
+            raise ConfigError("set mtp.depth_weights or mtp.depth_decay, not both")
+        if beta is not None:
+            if beta <= 0:
+                raise ConfigError(f"mtp.depth_decay must be > 0, got {beta}")
+            weights = tuple(beta**k for k in range(d))
+        if weights is None:
+            return tuple(1 / d for _ in range(d))
+        if len(weights) != d:
+            raise ConfigError(f"mtp.depth_weights has {len(weights)} entries for {d} MTP depths (mtp.num_layers)")
+        if any(w < 0 for w in weights) or (d and sum(weights) <= 0):
+            raise ConfigError(f"mtp.depth_weights must be >= 0 with a positive sum, got {list(weights)}")
+        total = sum(weights)
+        return tuple(w / total for w in weights)
 
     @property
     def num_physical_layers(self) -> int:

@@ -25,8 +25,8 @@ def _batch(seed=0, shared=True, depths=D):
     return hiddens, heads, labels, seq_idx
 
 
-def _reference(hiddens, heads, labels, lam, seq_idx, normalization, num_label_tokens=None):
-    """Float64 loop over (k, b, t), targets straight from spec §3 (no roll helpers)."""
+def _reference(hiddens, heads, labels, lam, seq_idx, normalization, num_label_tokens=None, weights=None):
+    """Float64 loop over (k, b, t), targets straight from spec §3 (no roll helpers); ``weights``: w_k."""
     depths = len(hiddens)
     hs = [h.detach().double().requires_grad_() for h in hiddens]
     shared = isinstance(heads, torch.Tensor)
@@ -52,7 +52,8 @@ def _reference(hiddens, heads, labels, lam, seq_idx, normalization, num_label_to
         per_depth.append(total / max(denom, 1))
         counts.append(count)
         correct.append(hits)
-    loss = lam / depths * sum(per_depth)
+    weights = [1.0] * depths if weights is None else weights
+    loss = lam * sum(w * p for w, p in zip(weights, per_depth)) / sum(weights)
     loss.backward()
     grads_w = ws.grad if shared else [w.grad for w in ws]
     per_depth = [p.detach() for p in per_depth]
@@ -99,6 +100,33 @@ def test_matches_loop_reference(normalization, shared, use_seq_idx):
     for k in range(D):
         assert torch.equal(out.correct[k], ref_correct[k])
         assert int(out.valid[k].sum()) == ref_counts[k]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_depth_weights_match_the_weighted_loop_reference(shared):
+    hiddens, heads, labels, seq_idx = _batch(seed=12 + int(shared), shared=shared)
+    weights = [3.0, 1.0, 0.5]
+    out, gh, gw = _run(hiddens, heads, labels, loss_scaling_factor=0.3, seq_idx=seq_idx, chunk_size=5,
+                       depth_weights=weights)
+    ref_loss, ref_pd, _, ref_gh, ref_gw, _ = _reference(hiddens, heads, labels, 0.3, seq_idx, "depth_tokens",
+                                                        weights=weights)
+    assert _rel_err(out.loss, ref_loss) < 1e-5
+    for got, ref in zip(out.per_depth, ref_pd):  # logged CE_k stay unweighted
+        assert _rel_err(got, ref) < 1e-5
+    for got, ref in zip([*gh, *([gw] if shared else gw)], [*ref_gh, *([ref_gw] if shared else ref_gw)]):
+        assert _rel_err(got, ref) < 1e-5
+    equal = mtp_loss(hiddens, labels, heads, seq_idx=seq_idx, loss_scaling_factor=0.3)
+    assert not torch.allclose(out.loss, equal.loss)  # the weights matter
+
+
+def test_equal_depth_weights_are_the_depth_mean():
+    hiddens, heads, labels, seq_idx = _batch(seed=14)
+    plain, gh, gw = _run(hiddens, heads, labels, loss_scaling_factor=0.3, seq_idx=seq_idx)
+    same, gh2, gw2 = _run(hiddens, heads, labels, loss_scaling_factor=0.3, seq_idx=seq_idx, depth_weights=[2.0] * D)
+    assert torch.allclose(same.loss, 0.3 / D * torch.stack(plain.per_depth).sum(), rtol=1e-6)
+    assert torch.allclose(same.loss, plain.loss, rtol=1e-6)
+    for a, b in zip([*gh, gw], [*gh2, gw2]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
 def test_seq_idx_changes_the_loss():
@@ -197,6 +225,8 @@ def test_errors():
         (dict(normalization="main_tokens"), "needs num_label_tokens"),
         (dict(loss_scaling_factor=-0.1), "loss_scaling_factor"),
         (dict(num_depth_tokens=[1, 2]), "num_depth_tokens has 2"),
+        (dict(depth_weights=[1.0, 2.0]), "depth_weights must be 3 values"),
+        (dict(depth_weights=[1.0, -1.0, 1.0]), "depth_weights must be 3 values"),
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -56,3 +57,42 @@ def test_lambda_schedule_switches_at_its_step(tmp_path):
     assert [r["lambda"] for r in records] == [0.3, 0.3, 0.1, 0.1]  # steps 1-2 then 3-4 (step index 2 on)
     for r in records:
         assert r["loss"] == pytest.approx(r["main_ce"] + r["lambda"] * r["mtp_ce_1"], rel=1e-5)
+
+
+def test_depth_decay_weighs_depth_k_by_beta_to_the_k_minus_1():
+    torch.manual_seed(0)
+    config = debug_model_config("nemotron_h_debug")
+    model = MTPModel.from_config(config, num_layers=3, depth_decay=0.6, loss_scaling_factor=0.3)
+    assert model.mtp_config.depth_shares() == pytest.approx([1 / 1.96, 0.6 / 1.96, 0.36 / 1.96])
+    out = model(**packed_batch(model.text_config.vocab_size, [[10, 14], [24]]))
+    expected = out.main_loss + 0.3 * (out.mtp_losses[0] + 0.6 * out.mtp_losses[1] + 0.36 * out.mtp_losses[2]) / 1.96
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=0)
+    equal = MTPModel.from_config(config, num_layers=3, depth_weights=[1, 1, 1], loss_scaling_factor=0.3)
+    equal.load_state_dict(model.state_dict())
+    same = equal(**packed_batch(model.text_config.vocab_size, [[10, 14], [24]]))
+    torch.testing.assert_close(same.loss, same.main_loss + 0.3 / 3 * sum(same.mtp_losses), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["mtp.num_layers=2", "mtp.depth_weights=[1.0]"], "mtp.depth_weights needs one weight per MTP depth"),
+        (["mtp.depth_weights=[1.0, -2.0]"], "mtp.depth_weights must be >= 0"),
+        (["mtp.depth_weights=[1.0]", "mtp.depth_decay=0.5"], "not both"),
+        (["mtp.depth_decay=0"], "mtp.depth_decay must be > 0"),
+    ],
+)
+def test_bad_depth_weights_are_one_line_before_work(overrides, needle):
+    from mtp_recipes.config import to_schema
+    from mtp_recipes.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        to_schema(composed(*overrides))
+
+
+def test_depth_weights_that_do_not_fit_the_checkpoints_depth_count_are_refused():
+    from mtp_recipes.errors import ConfigError
+
+    # num_layers null in the config: D comes from the model, so the check happens when the model is built
+    with pytest.raises(ConfigError, match=re.escape("mtp.depth_weights has 2 entries for 1 MTP depths")):
+        MTPModel.from_config(debug_model_config("nemotron_h_debug"), depth_weights=[1.0, 1.0])
