@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, GenerationConfig
 
-from mtp_recipes.loss import AcceptanceStats, acceptance_length
+from mtp_recipes.loss import AcceptanceStats, acceptance_stats
 from mtp_recipes.model import MTPModel
 
 Step = tuple[int, int]  # (position of the last committed token when the step starts, drafts accepted)
@@ -140,7 +140,7 @@ class DraftTable:
             target = tokens[(slots + k + 1).clamp(max=length - 1)]
             correct.append((self.drafts[k - 1].cpu() == target) & ok)
             valid.append(ok)
-        return acceptance_length(correct, valid)
+        return acceptance_stats(correct, valid)
 
     def sampling(self, num_drafts: int) -> SamplingAcceptance:
         """Expected acceptance under speculative sampling at the table's temperature, over continuation slots."""

@@ -4,7 +4,7 @@ from mtp_recipes.loss.linear_ce import linear_cross_entropy
 from mtp_recipes.loss.mtp import (
     AcceptanceStats,
     MTPLossOutput,
-    acceptance_length,
+    acceptance_stats,
     main_loss,
     mtp_loss,
 )
@@ -12,7 +12,7 @@ from mtp_recipes.loss.mtp import (
 __all__ = [
     "AcceptanceStats",
     "MTPLossOutput",
-    "acceptance_length",
+    "acceptance_stats",
     "linear_cross_entropy",
     "main_loss",
     "mtp_loss",
