@@ -16,6 +16,7 @@ recurrence is a loop over chunks instead of transformers' ``[chunks, chunks]`` d
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,54 @@ def skip_and_gate(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None, z: t
     if z is not None:
         y = y * F.silu(z.to(cdt))
     return y.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class _ChunkDocuments:
+    """Which tokens of each chunk may exchange state, from the row's documents (no ``seq_idx``: all of them).
+
+    ``intra_mask [b, c, 1, l, s]`` (or ``[l, s]``): causal and same document; ``passes_on [b, c, 1, l]``:
+    tokens in the chunk's last document, the only ones whose state leaves the chunk; ``receives``: tokens
+    that continue the previous chunk's last document; ``carries [b, c]``: the chunk holds no boundary, so
+    the carried-in state survives it.
+    """
+
+    intra_mask: torch.Tensor
+    passes_on: torch.Tensor | None = None
+    receives: torch.Tensor | None = None
+    carries: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, seq_idx: torch.Tensor | None, pad: int, chunk_size: int, device: torch.device) -> _ChunkDocuments:
+        causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=device).tril()
+        if seq_idx is None:
+            return cls(causal)
+        doc = document_starts(seq_idx.to(device)).cumsum(dim=-1)  # monotone document number per token
+        if pad:
+            doc = torch.cat([doc, doc[:, -1:].expand(doc.shape[0], pad)], dim=1)
+        doc = doc.view(doc.shape[0], -1, chunk_size)
+        end_doc = doc[..., -1]  # [b, c]
+        prev_end_doc = torch.cat([doc[:, :1, 0], end_doc[:, :-1]], dim=1)
+        return cls(
+            intra_mask=(causal & (doc[..., :, None] == doc[..., None, :])).unsqueeze(2),
+            passes_on=(doc == end_doc[..., None]).unsqueeze(2),
+            receives=(doc == prev_end_doc[..., None]).unsqueeze(2),
+            carries=end_doc == prev_end_doc,
+        )
+
+
+def _carry(
+    state: torch.Tensor, chunk_decay: torch.Tensor, chunk_states: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inter-chunk recurrence, one chunk at a time (O(chunks) memory, no ``[chunks, chunks]`` matrix).
+
+    Returns the state carried into every chunk ``[b, c, h, p, n]`` and the state after the last one.
+    """
+    carried_in = []
+    for c in range(chunk_states.shape[1]):
+        carried_in.append(state)
+        state = state * chunk_decay[:, c, :, None, None] + chunk_states[:, c]
+    return torch.stack(carried_in, dim=1), state
 
 
 def ssd_chunk_scan(
@@ -100,23 +149,10 @@ def ssd_chunk_scan(
     # dt = 0, so they neither decay nor feed the state and the final state is the one after token S-1.
     acum = _chunked(dt * A.to(cdt), pad, chunk_size).cumsum(dim=2).transpose(2, 3)
 
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
-    if seq_idx is None:
-        intra_mask = causal
-    else:
-        doc = document_starts(seq_idx.to(x.device)).cumsum(dim=-1)  # monotone document number per token
-        if pad:
-            doc = torch.cat([doc, doc[:, -1:].expand(batch, pad)], dim=1)
-        doc = doc.view(batch, n_chunks, chunk_size)
-        intra_mask = (causal & (doc[..., :, None] == doc[..., None, :])).unsqueeze(2)  # [b, c, 1, l, s]
-        end_doc = doc[..., -1]  # [b, c]
-        prev_end_doc = torch.cat([doc[:, :1, 0], end_doc[:, :-1]], dim=1)
-        passes_on = (doc == end_doc[..., None]).unsqueeze(2)  # [b, c, 1, l]: tokens in the chunk's last document
-        receives = (doc == prev_end_doc[..., None]).unsqueeze(2)  # tokens that continue the previous chunk's doc
-        carries = end_doc == prev_end_doc  # [b, c]: chunk holds no boundary, carried state survives it
+    docs = _ChunkDocuments.of(seq_idx, pad, chunk_size, x.device)
 
     # 1. Intra-chunk (diagonal blocks). C.B is contracted over n per group before expanding to heads.
-    decay = torch.exp((acum[..., :, None] - acum[..., None, :]).masked_fill(~intra_mask, -math.inf))
+    decay = torch.exp((acum[..., :, None] - acum[..., None, :]).masked_fill(~docs.intra_mask, -math.inf))
     scores = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
     weights = decay.view(batch, n_chunks, n_groups, heads_per_group, chunk_size, chunk_size) * scores[:, :, :, None]
     weights = weights.view(batch, n_chunks, n_heads, chunk_size, chunk_size)
@@ -124,29 +160,23 @@ def ssd_chunk_scan(
 
     # 2. State each chunk contributes at its end: sum_s exp(acum_end - acum_s) B_s x_s dt_s.
     to_end = torch.exp(acum[..., -1:] - acum)
-    if seq_idx is not None:
-        to_end = to_end * passes_on
+    if docs.passes_on is not None:
+        to_end = to_end * docs.passes_on
     xw = (xdt * to_end.transpose(2, 3)[..., None]).view(view_grouped)
     chunk_states = torch.einsum("bclgn,bclgrp->bcgrpn", Bc, xw).reshape(batch, n_chunks, n_heads, head_dim, state_size)
 
-    # 3. Inter-chunk recurrence, sequential over chunks: O(chunks) memory, no [chunks, chunks] matrix.
+    # 3. Inter-chunk recurrence.
     chunk_decay = torch.exp(acum[..., -1])  # [b, c, h]
-    if seq_idx is not None:
-        chunk_decay = chunk_decay * carries[..., None]
-    if initial_states is None:
-        state = xc.new_zeros(batch, n_heads, head_dim, state_size)
-    else:
-        state = initial_states.to(device=x.device, dtype=cdt)
-    carried_in = []
-    for c in range(n_chunks):
-        carried_in.append(state)
-        state = state * chunk_decay[:, c, :, None, None] + chunk_states[:, c]
-    carried = torch.stack(carried_in, dim=1).view(batch, n_chunks, n_groups, heads_per_group, head_dim, state_size)
+    if docs.carries is not None:
+        chunk_decay = chunk_decay * docs.carries[..., None]
+    state = xc.new_zeros(chunk_states[:, 0].shape) if initial_states is None else initial_states.to(xc)
+    carried, state = _carry(state, chunk_decay, chunk_states)
+    carried = carried.view(batch, n_chunks, n_groups, heads_per_group, head_dim, state_size)
 
     # 4. Carried state -> outputs (off-diagonal blocks), again contracting over n per group.
     from_start = torch.exp(acum)
-    if seq_idx is not None:
-        from_start = from_start * receives
+    if docs.receives is not None:
+        from_start = from_start * docs.receives
     y_off = torch.einsum("bclgn,bcgrpn->bclgrp", Cc, carried).reshape(batch, n_chunks, chunk_size, n_heads, head_dim)
     y = y + y_off * from_start.transpose(2, 3)[..., None]
 
