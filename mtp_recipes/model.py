@@ -22,6 +22,7 @@ from transformers import CONFIG_MAPPING, PretrainedConfig
 
 from mtp_recipes import hf_compat
 from mtp_recipes.checkpoint.hf import (
+    CheckpointLayout,
     fp8_block_size,
     load_model_state,
     read_config_dict,
@@ -148,6 +149,7 @@ class MTPModel(nn.Module):
         experts_implementation: str | None = None,
         shard: Callable[[MTPModel], Any] | None = None,
         device: torch.device | str | None = None,
+        load_weights: bool = True,
         **mtp_overrides: Any,
     ) -> MTPModel:
         """Load a Hugging Face checkpoint *including* its MTP tensors (which transformers would drop).
@@ -156,7 +158,9 @@ class MTPModel(nn.Module):
         on-disk dtypes are remembered and restored by :meth:`save_pretrained`. With ``shard`` (e.g.
         FSDP2) or ``device``, the model is built on the meta device, ``shard(model)`` is applied, and
         only then is memory allocated on ``device`` and filled from the files, one tensor at a time:
-        each process holds its own shard, never the whole model.
+        each process holds its own shard, never the whole model. ``load_weights=False`` (a resume, whose
+        checkpoint holds every tensor) reads config.json only: the tensors stay uninitialised until
+        filled, and :meth:`restore_export_source` gives back what the export needs from the source.
         """
         model_dir = resolve_model_dir(str(name_or_path))
         raw = read_config_dict(model_dir)
@@ -167,7 +171,7 @@ class MTPModel(nn.Module):
         family = get_family(hf_config.model_type)
         mtp = family_mtp_config(family, hf_config, raw, mtp_overrides)
         dtype = _as_dtype(dtype) or torch.float32
-        on_meta = shard is not None or device is not None
+        on_meta = shard is not None or device is not None or not load_weights
         with _default_dtype(dtype), torch.device("meta") if on_meta else contextlib.nullcontext():
             model = cls(
                 hf_config,
@@ -180,8 +184,11 @@ class MTPModel(nn.Module):
             if shard is not None:
                 shard(model)
             model._materialize(torch.device(device or "cpu"))
-        model.disk_dtypes = load_model_state(model, model_dir, fp8_block)
         model.source_dir, model.source_config = model_dir, raw
+        if not load_weights:
+            model.backbone.tie_weights()  # as after a load: materialising may have untied them
+            return model
+        model.disk_dtypes = load_model_state(model, model_dir, fp8_block)
         model.dequantized = fp8_block is not None
         if model.dequantized:
             logger.info("%s: block-scaled FP8 weights dequantised to %s on load", model_dir, dtype)
@@ -324,6 +331,25 @@ class MTPModel(nn.Module):
         if self.source_config is None:  # a model built from scratch: say which class to load it with
             raw.setdefault("architectures", [type(self.backbone).__name__])
         return raw
+
+    def export_source(self) -> dict[str, Any]:
+        """What an export takes from the loaded checkpoint, as JSON: kept in resume checkpoints, so a resume
+        never reads the source's tensor files (on-disk dtypes, layout prefix, passthrough tensors' files)."""
+        layout = getattr(self, "checkpoint_layout", None) or CheckpointLayout()
+        return {
+            "disk_dtypes": {k: str(v).removeprefix("torch.") for k, v in self.disk_dtypes.items()},
+            "prefix": layout.prefix,
+            "passthrough": {k: str(f) for k, f in layout.passthrough.items()},
+            "dequantized": self.dequantized,
+        }
+
+    def restore_export_source(self, source: dict[str, Any]) -> None:
+        """The inverse of :meth:`export_source`."""
+        self.disk_dtypes = {k: getattr(torch, v) for k, v in source["disk_dtypes"].items()}
+        self.checkpoint_layout = CheckpointLayout(
+            source["prefix"], {k: Path(f) for k, f in source["passthrough"].items()}
+        )
+        self.dequantized = source["dequantized"]
 
     def serving_limits(self) -> list[str]:
         """One line per serving engine that cannot draft with this model's MTP layout (docs/serving.md)."""

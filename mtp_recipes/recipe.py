@@ -72,7 +72,7 @@ class FinetuneRecipe:
         self.device = self.world.device
         self.autocast_dtype = _autocast_dtype(cfg.trainer.precision, self.device)
 
-        self.model = self._build_model()
+        self.model = self._build_model(load_weights=resume is None)
         backend = self.model.family.describe_backend(self.device)  # a kernel choice that cannot run stops here
         if backend is not None:
             log.info(backend)
@@ -180,6 +180,10 @@ class FinetuneRecipe:
         saved = read_trainer_state(path)
         self._check_same_data_position(saved, path)
         state = load_resume(path, self.model, self.optimizer, self.world)
+        if "export_source" in state:
+            self.model.restore_export_source(state["export_source"])
+        else:  # written before checkpoints recorded it
+            log.warning("resume: %s does not record the source's on-disk dtypes; exports use the config's", path)
         self.step = state["step"]
         self.scheduler.load_state_dict(state["scheduler"])
         self.data.load_state_dict(state["data"])
@@ -249,7 +253,7 @@ class FinetuneRecipe:
             shutil.rmtree(own, ignore_errors=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
-    def _build_model(self) -> MTPModel:
+    def _build_model(self, load_weights: bool = True) -> MTPModel:
         mcfg = self.cfg.model
         mtp = OmegaConf.to_container(self.cfg.mtp, resolve=True)
         mtp.pop("loss_scaling_schedule")
@@ -260,8 +264,11 @@ class FinetuneRecipe:
             **mtp,
         }
         if mcfg.path is not None:
-            # Built on the meta device and sharded before any memory is allocated; then filled from the files.
-            return MTPModel.from_pretrained(mcfg.path, shard=self._parallelize, device=self.device, **kwargs)
+            # Built on the meta device and sharded before any memory is allocated; then filled from the files,
+            # or, on a resume, from the resume checkpoint only.
+            return MTPModel.from_pretrained(
+                mcfg.path, shard=self._parallelize, device=self.device, load_weights=load_weights, **kwargs
+            )
         model = MTPModel.from_config(OmegaConf.to_container(mcfg.config, resolve=True), **kwargs).to(self.device)
         self._parallelize(model)
         return model
@@ -468,6 +475,7 @@ class FinetuneRecipe:
             "data_position": self._data_position(),
             "optim": self._optim_settings(),
             "max_steps": self.cfg.trainer.max_steps,
+            "export_source": self.model.export_source(),
         }
         path = save_resume(
             self.run_dir / "resume",
