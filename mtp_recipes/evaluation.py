@@ -137,11 +137,12 @@ def evaluate(cfg: DictConfig, output: str | Path) -> dict[str, Any]:
     ks = range(1, depths + 1)
     greedy = {k: GreedyAcceptance(k) for k in ks}
     sampling = {k: SamplingAcceptance(k) for k in ks}
-    teacher = {k: AcceptanceStats(*(torch.zeros(k, dtype=torch.int64) for _ in range(4))) for k in ks}
+    teacher = {k: _no_counts(k) for k in ks}
     agree = slots = generated = 0
     generate_s = 0.0
     ce = torch.zeros(depths + 1, dtype=torch.float64)
     ce_count = torch.zeros(depths + 1, dtype=torch.float64)
+    reference = _no_counts(depths)
     checked = []
     for i, prompt in enumerate(tqdm(prompts, desc="evaluate", disable=not cfg.trainer.progress_bar)):
         t0 = time.perf_counter()
@@ -160,9 +161,10 @@ def evaluate(cfg: DictConfig, output: str | Path) -> dict[str, Any]:
         )
         slots += len(continuation)
         if prompt.reference:
-            sums, counts = _reference_ce(model, prompt, depths)
+            sums, counts, stats = _reference_ce(model, prompt, depths)
             ce += sums
             ce_count += counts
+            reference = reference + stats
         if e.verify and i < e.verify_prompts:
             checked.append((prompt, continuation, table))
     verified = _verify(model, checked, e.max_new_tokens, stop) if e.verify else None
@@ -198,6 +200,7 @@ def evaluate(cfg: DictConfig, output: str | Path) -> dict[str, Any]:
         "reference_tokens": int(ce_count[0]),
         "reference_main_ce": mean_ce[0] if ce_count[0] else None,
         "reference_mtp_ce": mean_ce[1:] if ce_count[0] else None,
+        "reference_acceptance_length": float(reference.acceptance_length) if depths and ce_count[0] else None,
         "tokens_per_s": generated / generate_s if generate_s else None,
         "wall_s": time.perf_counter() - start,
         "verify": verified,
@@ -208,22 +211,32 @@ def evaluate(cfg: DictConfig, output: str | Path) -> dict[str, Any]:
     return record
 
 
+def _no_counts(depths: int) -> AcceptanceStats:
+    return AcceptanceStats(*(torch.zeros(depths, dtype=torch.int64) for _ in range(4)))
+
+
 def _device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def _reference_ce(model: MTPModel, prompt: Prompt, depths: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed main and per-depth CE on the prompt's reference continuation, and their target counts."""
+def _reference_ce(model: MTPModel, prompt: Prompt, depths: int) -> tuple[torch.Tensor, torch.Tensor, AcceptanceStats]:
+    """Summed main and per-depth CE on the prompt's reference continuation, their target counts, and the
+    teacher-forced acceptance counts on it (validation's measure)."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt.ids + prompt.reference], device=device)
     labels = torch.full_like(ids, -100)
     labels[0, len(prompt.ids) - 1 : -1] = ids[0, len(prompt.ids) :]
     counts = count_depth_targets(labels, depths).double().cpu()
     with torch.no_grad():  # a target count of 1 makes every loss a sum
-        out = model(input_ids=ids, labels=labels, num_label_tokens=1, num_depth_tokens=[1] * depths)
-    return torch.tensor([float(out.main_loss), *(float(c) for c in out.mtp_losses)], dtype=torch.float64), counts
+        out = model(
+            input_ids=ids, labels=labels, num_label_tokens=1, num_depth_tokens=[1] * depths, return_accuracy=depths > 0
+        )
+    sums = torch.tensor([float(out.main_loss), *(float(c) for c in out.mtp_losses)], dtype=torch.float64)
+    a = out.acceptance
+    stats = AcceptanceStats(a.correct.cpu(), a.valid.cpu(), a.cum_correct.cpu(), a.cum_valid.cpu()) if depths else None
+    return sums, counts, stats or _no_counts(0)
 
 
 def _verify(model: MTPModel, checked: list, max_new_tokens: int, stop: list[int]) -> dict[str, Any]:
@@ -251,22 +264,25 @@ def _verify(model: MTPModel, checked: list, max_new_tokens: int, stop: list[int]
 
 
 def summary_line(record: dict[str, Any]) -> str:
-    """One line: greedy acceptance with D drafts and fewer, per-position rates, estimates, CE, speed."""
+    """One line: greedy acceptance with D drafts and fewer, estimates, the held-out text's numbers, speed."""
     d = record["num_depths"]
-    fewer = ", ".join(f"{r['num_drafts']}: {r['acceptance_length']:.3f}" for r in record["per_num_drafts"][:-1])
+    fewer = "".join(f", {r['num_drafts']} drafts: {r['acceptance_length']:.3f}" for r in record["per_num_drafts"][:-1])
+    rates = " ".join(f"{r:.3f}" for r in record["acceptance_rates"])
+    estimate = record["teacher_forced_acceptance_length"]
     parts = [
-        f"acceptance length {record['acceptance_length']:.3f} with {d} draft{'s' if d != 1 else ''}"
-        + (f" ({fewer})" if fewer else ""),
-        "per position " + " ".join(f"{r:.3f}" for r in record["acceptance_rates"]),
-        f"teacher-forced {record['teacher_forced_acceptance_length']:.3f}",
+        f"acceptance length {record['acceptance_length']:.3f} with {d} draft{'s' if d != 1 else ''} "
+        f"(per position {rates}{fewer}; teacher-forced on the same text {estimate:.3f})"
     ]
     if record["sampling_acceptance_length"] is not None:
-        parts.append(f"sampling T={record['temperature']:g} {record['sampling_acceptance_length']:.3f}")
+        parts.append(f"sampling T={record['temperature']:g}: {record['sampling_acceptance_length']:.3f}")
     if record["reference_main_ce"] is not None:
-        parts.append(f"held-out main CE {record['reference_main_ce']:.4f}")
+        held = f"held-out text: main CE {record['reference_main_ce']:.4f}"
+        if record["reference_acceptance_length"] is not None:
+            held += f", teacher-forced acceptance {record['reference_acceptance_length']:.3f}"
+        parts.append(held)
     if record["tokens_per_s"] is not None:
         parts.append(
-            f"{record['prompts']} prompts, {record['generated_tokens']} tokens, {record['tokens_per_s']:.1f} tok/s"
+            f"{record['generated_tokens']} tokens from {record['prompts']} prompts, {record['tokens_per_s']:.1f} tok/s"
         )
     if record["verify"]:
         parts.append("verified")

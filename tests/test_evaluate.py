@@ -52,6 +52,7 @@ def test_reference_ce_equals_plain_cross_entropy(tmp_path):
     record = evaluate(cfg, tmp_path / "eval.json")
     model = load_model(cfg, torch.device("cpu"))  # the same seeded model evaluate built
     sums, counts = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    right, cum_slots = torch.zeros(2), torch.zeros(2)  # slots whose depths 1..k all have a target / are all right
     for prompt in heldout_prompts(cfg, load_tokenizer(cfg.model.tokenizer)):
         ids = torch.tensor([prompt.ids + prompt.reference])
         with torch.no_grad():
@@ -61,10 +62,17 @@ def test_reference_ce_equals_plain_cross_entropy(tmp_path):
             slots = torch.arange(len(prompt.ids) - 1 - k, ids.shape[1] - 1 - k)
             sums[k] += F.cross_entropy(logits[slots], ids[0, slots + k + 1], reduction="sum")
             counts[k] += len(slots)
+        n, length = len(prompt.ids), ids.shape[1]
+        for k in (1, 2):
+            slots_k = range(n - 2, length - 1 - k)  # depth j's targets are reference tokens for t >= n - 1 - j
+            hits = [all(heads[j][t].argmax() == ids[0, t + j + 1] for j in range(1, k + 1)) for t in slots_k]
+            right[k - 1] += sum(hits)
+            cum_slots[k - 1] += len(hits)
     assert record["reference_tokens"] == int(counts[0])
     want = (sums / counts).tolist()
     assert record["reference_main_ce"] == pytest.approx(want[0], rel=1e-5)
     assert record["reference_mtp_ce"] == pytest.approx(want[1:], rel=1e-5)
+    assert record["reference_acceptance_length"] == pytest.approx(1 + float((right / cum_slots).sum()))
 
 
 def test_prompts_are_held_out_documents_and_chat_prompts_end_at_the_last_assistant_turn(tmp_path):
