@@ -65,6 +65,8 @@ class MTPSection:
     zero_first_embedding: Optional[bool] = None  # None: what vLLM does for the family
     depth_weights: Optional[list[float]] = None  # relative weight of each depth's CE; None: equal
     depth_decay: Optional[float] = None  # β: depth k weighs β^(k-1) (instead of depth_weights)
+    targets: str = "labels"  # labels | self (the backbone's own detached distribution at t+k) | mix
+    self_weight: float = 0.5  # mix: the share of the backbone's distribution in depth k's target
 
 
 @dataclass
@@ -174,7 +176,15 @@ def validate(cfg: DictConfig) -> None:
             f"mtp.depth_weights needs one weight per MTP depth (mtp.num_layers={cfg.mtp.num_layers}), "
             f"got {cfg.mtp.depth_weights}",
         ),
-        (cfg.mtp.depth_decay is None or cfg.mtp.depth_decay > 0, f"mtp.depth_decay must be > 0, got {cfg.mtp.depth_decay}"),
+        (
+            cfg.mtp.depth_decay is None or cfg.mtp.depth_decay > 0,
+            f"mtp.depth_decay must be > 0, got {cfg.mtp.depth_decay}",
+        ),
+        (
+            cfg.mtp.targets in ("labels", "self", "mix"),
+            f"mtp.targets must be labels, self or mix, got {cfg.mtp.targets}",
+        ),
+        (0 <= cfg.mtp.self_weight <= 1, f"mtp.self_weight must be in [0, 1], got {cfg.mtp.self_weight}"),
         (cfg.trainer.max_steps > 0, f"trainer.max_steps must be > 0, got {cfg.trainer.max_steps}"),
         (cfg.trainer.grad_accum_steps >= 1, "trainer.grad_accum_steps must be >= 1"),
         (cfg.trainer.checkpoint_every >= 0 and cfg.trainer.save_every >= 0, "checkpoint/save intervals must be >= 0"),

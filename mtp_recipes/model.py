@@ -70,7 +70,8 @@ class MTPModel(nn.Module):
     """Backbone (transformers modeling code) + :class:`MTPStack`.
 
     ``forward`` takes already-shifted labels and returns the main loss, the per-depth MTP
-    losses (unscaled) and ``loss = main + λ·Σ_k w_k CE_k`` (``w_k = 1/D`` unless ``mtp.depth_weights``/``depth_decay``), without ever materialising full logits.
+    losses (unscaled) and ``loss = main + λ·Σ_k w_k CE_k`` (``w_k = 1/D`` unless ``mtp.depth_weights`` or
+    ``depth_decay``), without ever materialising full logits.
     """
 
     def __init__(
@@ -263,6 +264,9 @@ class MTPModel(nn.Module):
                 return_accuracy=return_accuracy,
                 main_hidden=hidden if joint else None,
                 depth_weights=self.mtp_config.depth_shares(),
+                self_share=self.mtp_config.self_target_share,
+                teacher_hidden=hidden,
+                teacher_head=None if self.family.head == "shared" else head,
             )
             out.mtp_losses = list(result.per_depth)
             if joint:

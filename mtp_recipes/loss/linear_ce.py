@@ -280,6 +280,102 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         )
 
 
+# ---- soft targets ------------------------------------------------------------------------------
+class _SoftLinearCrossEntropy(torch.autograd.Function):
+    """``Σ_i w_i · H(target_i, softmax(hidden_i @ weight.T))`` for a mixed target, in one pass.
+
+    Token i's target distribution is ``(1 - α_i) · onehot(targets_i) + α_i · softmax(teacher_i)``, with
+    teacher logits ``teacher_hidden[teacher_index_i] @ teacher_weight.T`` recomputed chunk by chunk from
+    the (detached) teacher states, never stored: no ``[N, V]`` tensor of either distribution exists,
+    only one chunk of each. Ignored targets contribute nothing, whatever ``α_i``. Both gradients are
+    formed in the forward pass, as on the one-pass path, so the teacher's logits are made once; the
+    teacher gets no gradient (it is a fixed target). Returns the weighted loss, the per-token CE and
+    the argmax.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        token_weight: Tensor,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        teacher_index: Tensor,
+        alpha: Tensor,
+        ignore_index: int,
+        chunk_size: int,
+        want_argmax: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = loss_dtype(hidden, weight)
+        gemm_dtype = _autocast_dtype(hidden, weight) or torch.promote_types(hidden.dtype, weight.dtype)
+        num_tokens = hidden.shape[0]
+        ce = torch.zeros(num_tokens, dtype=dtype, device=hidden.device)
+        argmax = hidden.new_empty(num_tokens if want_argmax else 0, dtype=torch.long)
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            weight_c = _rounded(weight, gemm_dtype, dtype)
+            teacher_c = weight_c if teacher_weight is weight else _rounded(teacher_weight, gemm_dtype, dtype)
+            for start in range(0, num_tokens, chunk_size):
+                end = min(start + chunk_size, num_tokens)
+                hidden_c = _rounded(hidden[start:end], gemm_dtype, dtype)
+                logits = hidden_c @ weight_c.T
+                tgt = targets[start:end]
+                valid = tgt != ignore_index
+                a = torch.where(valid, alpha[start:end].to(dtype), 0.0)
+                target_dist = torch.zeros_like(logits)
+                target_dist.scatter_(1, torch.where(valid, tgt, 0).unsqueeze(1), (valid.to(dtype) - a).unsqueeze(1))
+                soft = a > 0
+                if bool(soft.any()):
+                    rows = teacher_index[start:end][soft]
+                    teacher_logits = _rounded(teacher_hidden[rows], gemm_dtype, dtype) @ teacher_c.T
+                    target_dist[soft] += a[soft].unsqueeze(1) * torch.softmax(teacher_logits, dim=1)
+                log_probs = torch.log_softmax(logits, dim=1)
+                ce[start:end] = -(target_dist * log_probs).sum(dim=1)
+                if want_argmax:
+                    argmax[start:end] = logits.argmax(dim=-1)
+                scale = torch.where(valid, token_weight[start:end].to(dtype), 0.0).unsqueeze(1)
+                grad_logits = (log_probs.exp_().mul_(valid.unsqueeze(1)) - target_dist).mul_(scale)
+                if need_h:
+                    grad_hidden[start:end] = (grad_logits @ weight_c).to(hidden.dtype)
+                if need_w:
+                    grad_weight.addmm_(grad_logits.T, hidden_c)
+        loss = (ce * token_weight.to(dtype)).sum()
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(ce, argmax)
+        return loss, ce, argmax
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, grad_loss: Tensor, _grad_ce: Tensor | None, _grad_argmax: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype),
+            None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype),
+            *([None] * 9),
+        )
+
+
+class Teacher(NamedTuple):
+    """Soft targets for :func:`segmented_linear_cross_entropy`: segment ``j``'s token ``i`` also learns
+    ``softmax(hidden[index[j][i]] @ weight.T)`` with share ``mix[j]`` (``1 - mix[j]`` stays on its label).
+
+    ``hidden [..., H]`` (flattened to rows) and ``weight [V, H]`` are detached; ``index[j]`` has the shape of
+    ``targets[j]`` and holds row numbers into the flattened ``hidden``, or is ``None`` for a labels-only
+    segment (then ``mix[j]`` must be 0).
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    index: Sequence[Tensor | None]
+    mix: Sequence[float]
+
+
 # ---- public API --------------------------------------------------------------------------------
 class _WeightedCE(NamedTuple):
     """Result of :func:`_weighted_linear_cross_entropy`."""
@@ -365,13 +461,17 @@ def segmented_linear_cross_entropy(
     chunk_size: int | None = None,
     impl: Impl = "auto",
     return_argmax: bool = False,
+    teacher: Teacher | None = None,
 ) -> SegmentedCE:
     """Several losses on one shared head in one chunked call: segment ``j`` is ``hiddens[j] [..., H]``
     against ``targets[j] [...]``, every one of its tokens weighted by ``scales[j]``.
 
     The main loss and the MTP depths of a shared-head model are such segments (``scales`` =
-    ``1 / N_main`` and ``λ / (D · N_k)``). One call casts the head and allocates its fp32 gradient
+    ``1 / N_main`` and ``λ · w_k / N_k``). One call casts the head and allocates its fp32 gradient
     accumulator once for all of them, at the price of concatenating the hidden states.
+
+    With ``teacher`` the targets are mixed with soft ones (:class:`Teacher`), and the loss is the cross-entropy
+    against the mixture, formed by :class:`_SoftLinearCrossEntropy` (one implementation, whatever ``impl``).
     """
     if not (len(hiddens) == len(targets) == scales.numel()) or not hiddens:
         raise ValueError(f"got {len(hiddens)} hiddens, {len(targets)} targets and {scales.numel()} scales")
@@ -379,21 +479,80 @@ def segmented_linear_cross_entropy(
     flat_t = [t.reshape(-1) for t in targets]
     sizes = [t.numel() for t in flat_t]
     token_weight = scales.detach().repeat_interleave(torch.tensor(sizes, device=scales.device))
-    out = _weighted_linear_cross_entropy(
-        flat_h[0] if len(flat_h) == 1 else torch.cat(flat_h),
-        weight,
-        flat_t[0] if len(flat_t) == 1 else torch.cat(flat_t),
-        token_weight,
-        ignore_index=ignore_index,
-        chunk_size=chunk_size,
-        impl=impl,
-        return_argmax=return_argmax,
-    )
+    hidden = flat_h[0] if len(flat_h) == 1 else torch.cat(flat_h)
+    target = flat_t[0] if len(flat_t) == 1 else torch.cat(flat_t)
+    if teacher is None:
+        out = _weighted_linear_cross_entropy(
+            hidden,
+            weight,
+            target,
+            token_weight,
+            ignore_index=ignore_index,
+            chunk_size=chunk_size,
+            impl=impl,
+            return_argmax=return_argmax,
+        )
+    else:
+        out = _soft_linear_cross_entropy(
+            hidden, weight, target, token_weight, teacher, sizes, targets, ignore_index, chunk_size, return_argmax
+        )
     sums = torch.stack([part.sum() for part in out.per_token.split(sizes)])
     argmax = None
     if out.argmax is not None:
         argmax = [a.view(t.shape) for a, t in zip(out.argmax.split(sizes), targets, strict=True)]
     return SegmentedCE(out.loss, sums, argmax)
+
+
+def _soft_linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    token_weight: Tensor,
+    teacher: Teacher,
+    sizes: list[int],
+    targets: Sequence[Tensor],
+    ignore_index: int,
+    chunk_size: int | None,
+    return_argmax: bool,
+) -> _WeightedCE:
+    """The flattened call of :func:`segmented_linear_cross_entropy` with soft targets."""
+    _validate(hidden, weight, target, chunk_size)
+    if not (len(teacher.index) == len(teacher.mix) == len(sizes)):
+        raise ValueError(
+            f"teacher has {len(teacher.index)} indices and {len(teacher.mix)} mixes for {len(sizes)} segments"
+        )
+    teacher_hidden = teacher.hidden.detach().reshape(-1, teacher.hidden.shape[-1])
+    teacher_weight = teacher.weight if teacher.weight is weight else teacher.weight.detach()
+    if teacher_weight.shape[1] != teacher_hidden.shape[1]:
+        raise ValueError(
+            f"teacher weight {tuple(teacher_weight.shape)} does not match its states {tuple(teacher_hidden.shape)}"
+        )
+    index, alpha = [], []
+    for idx, mix, t in zip(teacher.index, teacher.mix, targets, strict=True):
+        if not 0 <= mix <= 1 or (idx is None and mix != 0):
+            raise ValueError(f"teacher mix must be in [0, 1] (0 for a segment without teacher index), got {mix}")
+        if idx is not None and idx.shape != t.shape:
+            raise ValueError(f"teacher index {tuple(idx.shape)} does not match targets {tuple(t.shape)}")
+        rows = torch.zeros(t.numel(), dtype=torch.long, device=t.device) if idx is None else idx.reshape(-1).long()
+        index.append(rows)
+        alpha.append(torch.full((t.numel(),), float(mix), dtype=torch.float64, device=t.device))
+    chunk = chunk_size or default_chunk_size(weight.shape[0], "torch")
+    if not _needs_grad(hidden, weight):
+        hidden, weight = hidden.detach(), weight.detach()
+    loss, per_token, argmax = _SoftLinearCrossEntropy.apply(
+        hidden,
+        weight,
+        target.long(),
+        token_weight,
+        teacher_hidden,
+        teacher_weight,
+        torch.cat(index),
+        torch.cat(alpha),
+        ignore_index,
+        chunk,
+        return_argmax,
+    )
+    return _WeightedCE(loss, per_token, argmax if return_argmax else None)
 
 
 def linear_cross_entropy(

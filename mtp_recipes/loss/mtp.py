@@ -19,9 +19,9 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from mtp_recipes.loss.linear_ce import Impl, loss_dtype, segmented_linear_cross_entropy
+from mtp_recipes.loss.linear_ce import Impl, Teacher, loss_dtype, segmented_linear_cross_entropy
 from mtp_recipes.mtp.config import Normalization
-from mtp_recipes.mtp.roll import roll_targets
+from mtp_recipes.mtp.roll import roll_ids, roll_targets
 
 Count = Union[int, Tensor]
 
@@ -196,11 +196,21 @@ def mtp_loss(
     impl: Impl = "auto",
     main_hidden: Tensor | None = None,
     depth_weights: Sequence[float] | None = None,
+    self_share: float = 0.0,
+    teacher_hidden: Tensor | None = None,
+    teacher_head: Tensor | None = None,
 ) -> MTPLossOutput:
     """``λ · Σ_k w_k CE_k`` over D depths; depth k's targets are ``labels[t+k]`` in-document.
 
     ``depth_weights`` are the relative weights ``w_k`` (normalised here to sum 1); ``None`` weighs every
     depth ``1/D``, which makes the loss ``(λ / D) · Σ_k CE_k``.
+
+    ``self_share`` α > 0 makes depth k at slot t learn ``(1 - α) · onehot(labels[t+k]) + α · p(t+k)``, where
+    ``p(t+k) = softmax(teacher_head @ teacher_hidden[t+k])`` is the backbone's own next-token distribution at
+    slot t+k (``teacher_hidden``: its final-normed ``[B,S,H]`` states, detached; ``teacher_head``: its output
+    weight, by default the shared ``head_weight``). ``CE_k`` is then the cross-entropy against that mixture
+    (for α = 1 the soft-target CE, KL plus the backbone's entropy). Slots without a label target at t+k
+    (another document, past the row end, ``ignore_index``) contribute nothing, as with labels.
 
     With ``main_hidden`` (the backbone's final-normed ``[B,S,H]``) and a shared head, the main
     next-token CE (divided by ``num_label_tokens``, else the local count) joins the same chunked call,
@@ -247,6 +257,7 @@ def mtp_loss(
     counts = counts.to(loss_dtype(per_depth_hidden[0], heads[0])).clamp_min(1)
     scales = loss_scaling_factor * _depth_shares(depth_weights, depths, counts) / counts
     kwargs = dict(ignore_index=ignore_index, chunk_size=chunk_size, impl=impl, return_argmax=return_accuracy)
+    teacher = _teacher(self_share, teacher_hidden, teacher_head, head_weight, labels, seq_idx, depths)
     main = None
     if main_hidden is not None:
         if not isinstance(head_weight, Tensor):
@@ -259,15 +270,20 @@ def mtp_loss(
             [labels, *targets],
             torch.cat([1 / main_count, scales]),
             **kwargs,
+            teacher=None if teacher is None else teacher.after_main(),
         )
         main = (joint.sums[0] / main_count[0], joint.argmax[0] if return_accuracy else None)
         parts = [joint._replace(sums=joint.sums[1:], argmax=joint.argmax[1:] if return_accuracy else None)]
     elif isinstance(head_weight, Tensor):
         # One call for all depths: the shared head is cast and its gradient accumulated once.
-        parts = [segmented_linear_cross_entropy(per_depth_hidden, head_weight, targets, scales, **kwargs)]
+        parts = [
+            segmented_linear_cross_entropy(per_depth_hidden, head_weight, targets, scales, **kwargs, teacher=teacher)
+        ]
     else:
         parts = [
-            segmented_linear_cross_entropy([h], w, [t], scales[k : k + 1], **kwargs)
+            segmented_linear_cross_entropy(
+                [h], w, [t], scales[k : k + 1], **kwargs, teacher=None if teacher is None else teacher.depth(k)
+            )
             for k, (h, w, t) in enumerate(zip(per_depth_hidden, head_weight, targets, strict=True))
         ]
     per_depth = torch.cat([p.sums for p in parts]) / counts
@@ -283,6 +299,41 @@ def mtp_loss(
         out.valid = valid
         out.correct = [(p == t) & v for p, t, v in zip(out.predictions, targets, valid, strict=True)]
     return out
+
+
+class _SelfTeacher(Teacher):
+    def after_main(self) -> Teacher:
+        """The same teacher behind a labels-only main segment, for the joint main + depths call."""
+        return Teacher(self.hidden, self.weight, [None, *self.index], [0.0, *self.mix])
+
+    def depth(self, k: int) -> Teacher:
+        """The teacher of depth k+1 alone (0-based ``k``), for a per-depth head's own call."""
+        return Teacher(self.hidden, self.weight, [self.index[k]], [self.mix[k]])
+
+
+def _teacher(
+    share: float,
+    hidden: Tensor | None,
+    head: Tensor | None,
+    head_weight: Tensor | Sequence[Tensor],
+    labels: Tensor,
+    seq_idx: Tensor | None,
+    depths: int,
+) -> _SelfTeacher | None:
+    """Depth k's soft targets: the backbone's distribution at slot t+k, found by rolling row numbers like labels."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"self_share must be in [0, 1], got {share}")
+    if share == 0:
+        return None
+    if hidden is None or hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"self_share > 0 needs teacher_hidden [B,S,H] matching labels {tuple(labels.shape)}")
+    if head is None:
+        if not isinstance(head_weight, Tensor):
+            raise ValueError("self_share > 0 with per-depth heads needs teacher_head (the backbone's output weight)")
+        head = head_weight
+    rows = torch.arange(labels.numel(), device=labels.device).view(labels.shape)
+    index = [roll_ids(rows, k, seq_idx) for k in range(1, depths + 1)]
+    return _SelfTeacher(hidden.detach(), head, index, [float(share)] * depths)
 
 
 def _depth_shares(depth_weights: Sequence[float] | None, depths: int, like: Tensor) -> Tensor:

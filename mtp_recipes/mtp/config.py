@@ -9,6 +9,7 @@ from mtp_recipes.errors import ConfigError
 
 Normalization = Literal["depth_tokens", "main_tokens"]
 Init = Literal["from_checkpoint", "from_scratch", "extend"]
+Targets = Literal["labels", "self", "mix"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class MTPConfig:
     # Relative weight of each depth's CE (normalised to sum 1); ``depth_decay`` β gives β^(k-1). Neither: equal.
     depth_weights: tuple[float, ...] | None = None
     depth_decay: float | None = None
+    # What depth k at slot t learns: the label at t+k, the backbone's own detached next-token distribution
+    # at t+k (``self``), or ``(1 - self_weight) · labels + self_weight · self`` (``mix``).
+    targets: Targets = "labels"
+    self_weight: float = 0.5
     family_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -44,6 +49,10 @@ class MTPConfig:
             raise ConfigError(f"mtp.normalization must be 'depth_tokens' or 'main_tokens', got {self.normalization!r}")
         if self.init not in ("from_checkpoint", "from_scratch", "extend"):
             raise ConfigError(f"mtp.init must be from_checkpoint, from_scratch or extend, got {self.init!r}")
+        if self.targets not in ("labels", "self", "mix"):
+            raise ConfigError(f"mtp.targets must be labels, self or mix, got {self.targets!r}")
+        if not 0 <= self.self_weight <= 1:
+            raise ConfigError(f"mtp.self_weight must be in [0, 1], got {self.self_weight}")
         object.__setattr__(self, "block_types", tuple(self.block_types))
         if self.depth_weights is not None:
             object.__setattr__(self, "depth_weights", tuple(float(w) for w in self.depth_weights))
@@ -66,6 +75,11 @@ class MTPConfig:
             raise ConfigError(f"mtp.depth_weights must be >= 0 with a positive sum, got {list(weights)}")
         total = sum(weights)
         return tuple(w / total for w in weights)
+
+    @property
+    def self_target_share(self) -> float:
+        """α: the share of depth k's target that is the backbone's own distribution (0 for ``labels``)."""
+        return {"labels": 0.0, "self": 1.0, "mix": self.self_weight}[self.targets]
 
     @property
     def num_physical_layers(self) -> int:

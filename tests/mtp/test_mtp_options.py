@@ -80,9 +80,11 @@ def test_depth_decay_weighs_depth_k_by_beta_to_the_k_minus_1():
         (["mtp.depth_weights=[1.0, -2.0]"], "mtp.depth_weights must be >= 0"),
         (["mtp.depth_weights=[1.0]", "mtp.depth_decay=0.5"], "not both"),
         (["mtp.depth_decay=0"], "mtp.depth_decay must be > 0"),
+        (["mtp.targets=teacher"], "mtp.targets must be labels, self or mix"),
+        (["mtp.targets=mix", "mtp.self_weight=1.5"], "mtp.self_weight must be in [0, 1]"),
     ],
 )
-def test_bad_depth_weights_are_one_line_before_work(overrides, needle):
+def test_bad_depth_weights_and_targets_are_one_line_before_work(overrides, needle):
     from mtp_recipes.config import to_schema
     from mtp_recipes.errors import ConfigError
 
