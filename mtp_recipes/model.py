@@ -82,7 +82,11 @@ class MTPModel(nn.Module):
         *,
         attn_implementation: str | None = None,
         experts_implementation: str | None = None,
+        frozen_dtype: torch.dtype | None = None,
     ) -> None:
+        """``frozen_dtype``: with ``mtp.train_only`` the backbone is built in this dtype (the compute dtype,
+        bf16 on GPU) instead of the master-weight dtype: it gets no gradients or optimizer state, so fp32
+        copies of it would only double its memory. Trainable parameters keep the default (master) dtype."""
         super().__init__()
         self.family = family or get_family(hf_config.model_type)
         # Set before any module is built so the MTP blocks (built from copies of this config) agree.
@@ -90,7 +94,9 @@ class MTPModel(nn.Module):
         self.config = hf_config
         self.text_config = self.family.text_config(hf_config)
         self.mtp_config = mtp_config
-        self.backbone = self.family.build_backbone(hf_config)
+        frozen = frozen_dtype if mtp_config.train_only else None
+        with _default_dtype(frozen) if frozen is not None else contextlib.nullcontext():
+            self.backbone = self.family.build_backbone(hf_config)
         depths = [
             self.family.build_depth(self.text_config, mtp_config, i) for i in range(mtp_config.num_physical_layers)
         ]
@@ -123,6 +129,7 @@ class MTPModel(nn.Module):
         dtype: torch.dtype | str | None = None,
         attn_implementation: str | None = None,
         experts_implementation: str | None = None,
+        frozen_dtype: torch.dtype | str | None = None,
         **mtp_overrides: Any,
     ) -> MTPModel:
         """A randomly initialised model (debug sizes, tests); MTP settings from the config + overrides."""
@@ -138,6 +145,7 @@ class MTPModel(nn.Module):
                 family,
                 attn_implementation=attn_implementation,
                 experts_implementation=experts_implementation,
+                frozen_dtype=_as_dtype(frozen_dtype),
             )
 
     @classmethod
@@ -150,6 +158,7 @@ class MTPModel(nn.Module):
         experts_implementation: str | None = None,
         shard: Callable[[MTPModel], Any] | None = None,
         device: torch.device | str | None = None,
+        frozen_dtype: torch.dtype | str | None = None,
         load_weights: bool = True,
         **mtp_overrides: Any,
     ) -> MTPModel:
@@ -180,6 +189,7 @@ class MTPModel(nn.Module):
                 family,
                 attn_implementation=attn_implementation,
                 experts_implementation=experts_implementation,
+                frozen_dtype=_as_dtype(frozen_dtype),
             )
         if on_meta:
             if shard is not None:

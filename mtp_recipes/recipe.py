@@ -262,6 +262,7 @@ class FinetuneRecipe:
             "attn_implementation": mcfg.attn_implementation,
             "experts_implementation": mcfg.experts_implementation,
             **mtp,
+            "frozen_dtype": self.autocast_dtype,  # a frozen backbone (mtp.train_only) is held in the compute dtype
         }
         if mcfg.path is not None:
             # Built on the meta device and sharded before any memory is allocated; then filled from the files,

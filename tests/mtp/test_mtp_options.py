@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -16,8 +17,9 @@ from tests.recipes.test_finetune import FAST, composed
 
 def _grads(detach: bool, lam: float) -> tuple[dict[str, torch.Tensor], MTPModel]:
     torch.manual_seed(0)
-    model = MTPModel.from_config(debug_model_config("nemotron_h_debug"), detach_backbone=detach,
-                                 loss_scaling_factor=lam)
+    model = MTPModel.from_config(
+        debug_model_config("nemotron_h_debug"), detach_backbone=detach, loss_scaling_factor=lam
+    )
     model(**packed_batch(model.text_config.vocab_size, [[10, 14], [24]])).loss.backward()
     return {n: p.grad.clone() for n, p in model.backbone.named_parameters() if p.grad is not None}, model
 
@@ -34,8 +36,9 @@ def test_detach_backbone_keeps_mtp_gradients_out_of_the_backbone():
 
 
 def test_train_only_trains_the_depths_and_nothing_else(tmp_path):
-    recipe = FinetuneRecipe(composed(*FAST, "mtp.train_only=true", "trainer.max_steps=2", "trainer.save_final=false"),
-                            tmp_path)
+    recipe = FinetuneRecipe(
+        composed(*FAST, "mtp.train_only=true", "trainer.max_steps=2", "trainer.save_final=false"), tmp_path
+    )
     recipe.setup()
     before = {k: v.clone() for k, v in recipe.model.state_dict().items()}
     recipe.train()
@@ -50,8 +53,13 @@ def test_train_only_trains_the_depths_and_nothing_else(tmp_path):
 
 
 def test_lambda_schedule_switches_at_its_step(tmp_path):
-    cfg = composed(*FAST, "trainer.max_steps=4", "trainer.save_final=false", "mtp.loss_scaling_factor=0.3",
-                   "mtp.loss_scaling_schedule=[{step: 2, value: 0.1}]")
+    cfg = composed(
+        *FAST,
+        "trainer.max_steps=4",
+        "trainer.save_final=false",
+        "mtp.loss_scaling_factor=0.3",
+        "mtp.loss_scaling_schedule=[{step: 2, value: 0.1}]",
+    )
     FinetuneRecipe(cfg, tmp_path).run()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["lambda"] for r in records] == [0.3, 0.3, 0.1, 0.1]  # steps 1-2 then 3-4 (step index 2 on)
@@ -98,3 +106,52 @@ def test_depth_weights_that_do_not_fit_the_checkpoints_depth_count_are_refused()
     # num_layers null in the config: D comes from the model, so the check happens when the model is built
     with pytest.raises(ConfigError, match=re.escape("mtp.depth_weights has 2 entries for 1 MTP depths")):
         MTPModel.from_config(debug_model_config("nemotron_h_debug"), depth_weights=[1.0, 1.0])
+
+
+def test_a_frozen_backbone_is_held_in_the_compute_dtype_and_the_depths_keep_fp32_masters(tmp_path):
+    cfg = composed(
+        *FAST,
+        "mtp.train_only=true",
+        "trainer.precision=bf16",
+        "trainer.device=cpu",
+        "trainer.max_steps=2",
+        "trainer.save_final=false",
+    )
+    recipe = FinetuneRecipe(cfg, tmp_path)
+    recipe.setup()
+    # the backbone's dtypes are those of the same backbone built in bf16 (transformers' own fp32 keeps included)
+    torch.manual_seed(0)
+    in_bf16 = MTPModel.from_config(debug_model_config("nemotron_h_debug"), dtype="bfloat16")
+    assert {n: p.dtype for n, p in recipe.model.backbone.named_parameters()} == {
+        n: p.dtype for n, p in in_bf16.backbone.named_parameters()
+    }
+    assert any(p.dtype == torch.bfloat16 for p in recipe.model.backbone.parameters())
+    assert all(p.dtype == torch.float32 for p in recipe.model.mtp.parameters())
+    optimized = [p for g in recipe.optimizer.param_groups for p in g["params"]]
+    assert {id(p) for p in optimized} == {id(p) for p in recipe.model.mtp.parameters()}
+    assert all(p.dtype == torch.float32 for p in optimized)
+    before = {k: v.clone() for k, v in recipe.model.state_dict().items()}
+    recipe.train()
+    recipe.cleanup()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert len(train) == 2 and all(math.isfinite(r["loss"]) for r in train)
+    after = recipe.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("mtp.") for k in changed)
+
+
+@pytest.mark.parametrize(
+    "train_only, frozen_dtype, expected",
+    [
+        (True, None, torch.float32),  # fp32 compute: nothing to save
+        (False, torch.bfloat16, torch.float32),  # a trainable backbone keeps fp32 masters
+        (True, torch.bfloat16, torch.bfloat16),
+    ],
+)
+def test_only_a_frozen_backbone_takes_the_compute_dtype(train_only, frozen_dtype, expected):
+    model = MTPModel.from_config(
+        debug_model_config("nemotron_h_debug"), train_only=train_only, frozen_dtype=frozen_dtype
+    )
+    assert model.backbone.get_input_embeddings().weight.dtype == expected
+    assert all(p.dtype == torch.float32 for p in model.mtp.parameters())
