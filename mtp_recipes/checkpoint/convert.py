@@ -45,6 +45,16 @@ def disk_groups(backbone: PreTrainedModel, keys: list[str]) -> dict[str, list[st
     return groups
 
 
+def renamed_only(backbone: PreTrainedModel, keys: list[str]) -> set[str]:
+    """The in-memory names whose tensor is one on-disk tensor under another name (same layout and rows)."""
+    renamings, converters = _load_conversions(backbone)
+    targets: dict[str, list[str | None]] = {}
+    for key in keys:
+        target, pattern = hf_compat.rename_key(key, renamings, converters)
+        targets.setdefault(target, []).append(pattern)
+    return {t for t, patterns in targets.items() if patterns == [None]}
+
+
 def from_disk(backbone: PreTrainedModel, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """On-disk names/layouts -> transformers' in-memory names/layouts (the inverse of :func:`to_disk`)."""
     renamings, converters = _load_conversions(backbone)

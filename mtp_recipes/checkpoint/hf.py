@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from mtp_recipes import hf_compat
 from mtp_recipes.checkpoint.atomic import atomic_directory
-from mtp_recipes.checkpoint.convert import disk_groups, from_disk, to_disk
+from mtp_recipes.checkpoint.convert import disk_groups, from_disk, renamed_only, to_disk
 from mtp_recipes.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -235,9 +235,11 @@ def load_model_state(
 
     The checkpoint is validated from its metadata first: missing, unexpected or mis-shaped MTP tensors
     fail with one line naming the keys before anything is read. Tensors are then read one in-memory
-    tensor at a time and copied into the parameters; a sharded (FSDP2) parameter takes only its local
-    shard, so no process ever holds the whole model. With ``mtp.init=from_scratch`` the checkpoint's
-    MTP tensors (if any) are ignored and new depths are initialised from the backbone instead.
+    tensor at a time and copied into the parameters. A parameter sharded on dim 0 (FSDP2) reads only
+    its own rows straight from the file (merged experts: only its experts' on-disk tensors), so each
+    process reads about its share of the checkpoint and never holds the whole model. With
+    ``mtp.init=from_scratch`` the checkpoint's MTP tensors (if any) are ignored and new depths are
+    initialised from the backbone instead.
     ``fp8_block`` (:func:`fp8_block_size`) dequantises a block-scaled FP8 checkpoint on read; its weights
     are then exported in bfloat16.
     """
@@ -311,14 +313,43 @@ def load_model_state(
         raise CheckpointError(f"{where} has tensors of the wrong shape: {_examples(bad_shapes, 3)}")
 
     groups = disk_groups(model.backbone, list(meta))
+    renamed = renamed_only(model.backbone, list(meta))
 
-    def read(hf_key: str) -> torch.Tensor:
-        return from_disk(model.backbone, {k: reader.get(prefix + k) for k in groups[hf_key]})[hf_key]
+    def read(hf_key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The in-memory tensor ``hf_key``, or only its rows ``[a, b)``, reading only the bytes they need."""
+        keys = groups[hf_key]
+        if rows is None:
+            return from_disk(model.backbone, {k: reader.get(prefix + k) for k in keys})[hf_key]
+        if rows[0] == rows[1]:  # more ranks than rows: this one holds none
+            return torch.empty((0, *hf_meta[hf_key].shape[1:]), dtype=hf_meta[hf_key].dtype)
+        if hf_key in renamed:
+            return from_disk(model.backbone, {keys[0]: reader.get(prefix + keys[0], rows)})[hf_key]
+        # Merged experts (rows = experts): convert only this rank's experts' on-disk tensors.
+        experts = [_expert_index(k) for k in keys]
+        num_rows = hf_meta[hf_key].shape[0]
+        if None not in experts and set(experts) == set(range(num_rows)):
+            mine = [k for k, e in zip(keys, experts, strict=True) if rows[0] <= e < rows[1]]
+            value = from_disk(model.backbone, {k: reader.get(prefix + k) for k in mine})[hf_key]
+            if value.shape[0] == rows[1] - rows[0]:
+                return value
+        return read(hf_key)[rows[0] : rows[1]]  # any other conversion: whole tensor, then this rank's rows
 
+    # Export copies are compared with their source while it is in hand: the rows this rank reads of both.
+    copies_of: dict[str, list[str]] = {}
+    for name in copies:
+        if copy_sources[name] in hf_meta:
+            copies_of.setdefault(copy_sources[name], []).append(name)
+    differing = []
     with torch.no_grad():
         for hf_key in hf_meta:
-            _copy_into(params[expected[hf_key]], read(hf_key))
-    differing = [k for k in copies if copy_sources[k] in hf_meta and not torch.equal(read(k), read(copy_sources[k]))]
+            param = params[expected[hf_key]]
+            rows = _local_rows(param)
+            value = read(hf_key, rows)
+            if rows is None:
+                _copy_into(param, value)
+            else:
+                param.to_local().copy_(value)
+            differing += [name for name in copies_of.get(hf_key, []) if not torch.equal(read(name, rows), value)]
     if differing:
         logger.warning(
             "%s: %s differ from the tensors they copy (%s); they are tied in training and will be "
@@ -333,6 +364,25 @@ def load_model_state(
     for j in sorted(new_depths):
         model.family.init_depth_from_backbone(model.mtp.depths[j], model.backbone)
     return dtypes
+
+
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def _expert_index(disk_key: str) -> int | None:
+    match = _EXPERT.search(disk_key)
+    return int(match.group(1)) if match else None
+
+
+def _local_rows(param: torch.Tensor) -> tuple[int, int] | None:
+    """The rows ``[a, b)`` of a dim-0-sharded DTensor (FSDP2) held here; ``None`` for any other tensor."""
+    if not isinstance(param, DTensor) or tuple(param.placements) != (Shard(0),) or param.dim() == 0:
+        return None
+    n, mesh = param.shape[0], param.device_mesh
+    size = -(-n // mesh.size())  # torch.chunk's split, as FSDP2 shards
+    start = min(mesh.get_local_rank() * size, n)
+    end = min(start + size, n)
+    return (start, end) if param.to_local().shape[0] == end - start else None
 
 
 def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:

@@ -1,6 +1,7 @@
 """Run under torchrun: load a checkpoint sharded (meta build -> FSDP2 -> fill), report each rank's memory.
 
 Rank 0 prints one JSON line per rank: the peak RSS growth during the load, the bytes of the rank's own shards,
+the bytes it read from the checkpoint (counted by wrapping the reader), the largest tensor it holds unsharded,
 and whether every gathered tensor equals the single-process load.
 """
 
@@ -15,6 +16,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from mtp_recipes.checkpoint import hf
+from mtp_recipes.checkpoint.hf import TensorReader
 from mtp_recipes.distributed.mesh import init_world
 from mtp_recipes.distributed.parallelize import apply_fsdp
 from mtp_recipes.model import MTPModel
@@ -40,13 +43,29 @@ class PeakRSS(threading.Thread):
             time.sleep(0.0005)
 
 
-def main(path: str) -> None:
-    world = init_world("cpu")
+class CountingReader(TensorReader):
+    """Counts the bytes every read returns (each is read from the file, nothing else is)."""
+
+    read_bytes = 0
+
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        value = super().get(key, rows)
+        CountingReader.read_bytes += value.numel() * value.element_size()
+        return value
+
+
+def measure(path: str, world) -> dict:
+    """This rank's figures for one sharded load of ``path``."""
+    CountingReader.read_bytes = 0
+    hf.TensorReader = CountingReader  # what load_model_state constructs
     sampler = PeakRSS()
     sampler.start()
     model = MTPModel.from_pretrained(path, shard=lambda m: apply_fsdp(m, world.mesh), device="cpu")
     sampler.running = False
     sampler.join()
+    hf.TensorReader = TensorReader
+    read = CountingReader.read_bytes
+    unsharded = max(t.numel() * t.element_size() for t in model.state_dict().values() if not hasattr(t, "to_local"))
     own = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
     reference = MTPModel.from_pretrained(path) if world.rank == 0 else None
     equal = True
@@ -55,12 +74,20 @@ def main(path: str) -> None:
         full = value.full_tensor() if hasattr(value, "full_tensor") else value  # collective: every rank
         if reference is not None:
             equal &= torch.equal(full, refs[name])
-    mine = {"rank": world.rank, "growth": sampler.peak - sampler.base, "own": own, "equal": equal}
-    everyone = [None] * world.world_size
-    dist.all_gather_object(everyone, mine)
-    if world.rank == 0:  # one writer: lines from two processes would interleave
-        for line in everyone:
-            print(json.dumps(line), flush=True)
+    return {
+        "path": path, "rank": world.rank, "growth": sampler.peak - sampler.base, "own": own, "equal": equal,
+        "read": read, "unsharded": unsharded,
+    }
+
+
+def main(paths: list[str]) -> None:
+    world = init_world("cpu")
+    for path in paths:
+        everyone = [None] * world.world_size
+        dist.all_gather_object(everyone, measure(path, world))
+        if world.rank == 0:  # one writer: lines from two processes would interleave
+            for line in everyone:
+                print(json.dumps(line), flush=True)
     dist.barrier()
     dist.destroy_process_group()
     # The measurement is printed; skip interpreter teardown, where gloo's threads have once aborted
@@ -69,4 +96,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])
