@@ -3,34 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
 from torch import Tensor
 from transformers import PreTrainedTokenizerFast
 
+from ..config import DataConfig
 from ..errors import DataError
 from .heldout import load_documents
 from .loader import PackedDataLoader, build_dataloader, eval_batches
 from .packing import pack_documents
 
-DATA_DEFAULTS: dict[str, Any] = {
-    "source": None,
-    "split": "train",
-    "format": "auto",
-    "text_field": "text",
-    "messages_field": "messages",
-    "text_sample_by": "line",
-    "max_documents": None,
-    "seq_len": 1024,
-    "batch_size": 8,
-    "packing": "first_fit",
-    "packing_buffer": 8192,
-    "shuffle": True,
-    "seed": 0,
-    "eval_fraction": 0.0,
-    "eval_source": None,
-    "eval_split": "train",
-}
+# The data group's fields and defaults: the config schema's, so the two can never disagree.
+DATA_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(DataConfig)}
 
 
 def build_data(
@@ -51,7 +37,7 @@ def build_train_and_eval(
     ``cfg`` is a dict or an OmegaConf ``DictConfig`` (the ``data`` group); unknown keys
     are rejected so typos fail loudly. Fields (default in brackets):
 
-    - ``source`` (required): ``builtin:pydoc`` / ``builtin:shakespeare``, a local
+    - ``source`` [builtin:pydoc]: ``builtin:pydoc`` / ``builtin:shakespeare``, a local
       ``.jsonl``/``.json``/``.parquet``/``.txt``/``.md`` file, directory or glob, or a hub name.
     - ``split`` [train]: split to load; slices like ``train[:90%]`` work for files and hub.
     - ``format`` [auto]: ``text``, ``chat`` or ``auto`` (chat if ``messages_field`` exists).
@@ -70,7 +56,7 @@ def build_train_and_eval(
         raise DataError(f"unknown data config fields {unknown}; known: {sorted(DATA_DEFAULTS)}")
     c = {**DATA_DEFAULTS, **{key: cfg[key] for key in cfg}}
     if not c["source"]:
-        raise DataError("data.source is required (e.g. data.source=builtin:pydoc)")
+        raise DataError("data.source is empty: name a file, directory, glob, hub dataset or builtin:pydoc")
     documents, heldout = load_documents(c, tokenizer)
     seq_len, pad, batch = int(c["seq_len"]), tokenizer.pad_token_id, int(c["batch_size"])
     packed = pack_documents(documents, seq_len, pad, c["packing"], int(c["packing_buffer"]))
