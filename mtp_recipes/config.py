@@ -97,6 +97,7 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block (GPU)
     progress_bar: bool = True
+    eval_every: int = 0  # validation on the held-out rows every N steps, and after the last step; 0: only then
     wandb_project: Optional[str] = None  # also log metrics to Weights & Biases (pip install mtp_recipes[wandb])
 
 
@@ -189,6 +190,7 @@ def validate(cfg: DictConfig) -> None:
         (cfg.trainer.grad_accum_steps >= 1, "trainer.grad_accum_steps must be >= 1"),
         (cfg.trainer.checkpoint_every >= 0 and cfg.trainer.save_every >= 0, "checkpoint/save intervals must be >= 0"),
         (cfg.trainer.keep_last >= 1, "trainer.keep_last must be >= 1"),
+        (cfg.trainer.eval_every >= 0, f"trainer.eval_every must be >= 0, got {cfg.trainer.eval_every}"),
         (
             not (cfg.trainer.overwrite and cfg.trainer.resume is not None),
             "trainer.overwrite=true deletes the run dir's checkpoints, so it cannot go with trainer.resume; drop one",

@@ -31,7 +31,7 @@ from mtp_recipes.checkpoint.resume import (
     save_resume,
 )
 from mtp_recipes.config import lambda_at, to_schema
-from mtp_recipes.data import build_data, load_tokenizer
+from mtp_recipes.data import build_train_and_eval, load_tokenizer
 from mtp_recipes.distributed.mesh import all_reduce_sum, barrier, broadcast_object, init_world, shutdown
 from mtp_recipes.distributed.parallelize import apply_activation_checkpointing, apply_compile, apply_fsdp
 from mtp_recipes.errors import ConfigError, TrainingError
@@ -46,8 +46,8 @@ RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "resume")
 # Data settings that fix the packed rows and their order: a resume must see the same ones.
 DATA_POSITION_FIELDS = (
     "source", "split", "format", "text_field", "messages_field", "text_sample_by", "max_documents",
-    "seq_len", "packing", "packing_buffer", "shuffle", "seed",
-)
+    "seq_len", "packing", "packing_buffer", "shuffle", "seed", "eval_fraction", "eval_source", "eval_split",
+)  # fmt: skip
 OPTIM_FIELDS = ("lr", "betas", "eps", "weight_decay", "warmup_steps", "min_lr_ratio")
 
 
@@ -87,7 +87,8 @@ class FinetuneRecipe:
                 f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is {vocab}; "
                 "use the checkpoint's own tokenizer (model.tokenizer=null) or a larger vocab_size"
             )
-        self.data = build_data(cfg.data, self.tokenizer, self.world.rank, self.world.world_size)
+        self.data, self.heldout = build_train_and_eval(cfg.data, self.tokenizer, self.world.rank, self.world.world_size)
+        self.validation_text = ""  # the latest held-out numbers, shown in the progress bar
 
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not trainable:
@@ -318,6 +319,9 @@ class FinetuneRecipe:
                 log.info("the checkpoint is at trainer.max_steps=%d: nothing to train", self.step)
             while self.step < cfg.max_steps:
                 checkpointed, stop_requested = self._train_step(bar, stop)
+                due = self.step == cfg.max_steps or (cfg.eval_every > 0 and self.step % cfg.eval_every == 0)
+                if self.heldout is not None and due:
+                    self.validate()
                 if self.step < cfg.max_steps and stop_requested:
                     path = self.last_checkpoint if checkpointed else self.save_resume_checkpoint()
                     log.warning(
@@ -386,6 +390,36 @@ class FinetuneRecipe:
             self.save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step:06d}")
         return checkpointed, stop_requested
 
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Main CE, each depth's CE, accuracies and expected acceptance length on the held-out rows.
+
+        Every rank evaluates its own held-out batches (the same number on each); the sums are reduced over
+        ranks before dividing, so the numbers are global. Logged with ``split: eval``.
+        """
+        depths = self.model.mtp.num_depths
+        counts = sum(count_depth_targets(b["labels"], depths, b["seq_idx"]) for b in self.heldout)
+        counts = all_reduce_sum(counts.to(self.device), self.world)
+        totals = StepTotals.zeros(depths, self.device)
+        training = self.model.training
+        self.model.eval()
+        for batch in map(lambda b: _to(b, self.device), self.heldout):
+            with self._autocast():
+                out = self.model(
+                    batch["input_ids"],
+                    batch["labels"],
+                    seq_idx=batch["seq_idx"],
+                    num_label_tokens=counts[0],
+                    num_depth_tokens=counts[1:],
+                    return_accuracy=depths > 0,
+                )
+            totals.add(out)
+        self.model.train(training)
+        record = totals.all_reduce(lambda t: all_reduce_sum(t, self.world)).record(torch.zeros(()))
+        del record["stop"], record["grad_norm"]
+        self._log_validation(record)
+        return record
+
     def _sync_gradients(self, last: bool) -> None:
         """Under FSDP2, reduce-scatter gradients only after the step's last micro-batch."""
         if self.world.distributed and self.cfg.trainer.grad_accum_steps > 1:
@@ -428,6 +462,7 @@ class FinetuneRecipe:
             return
         record = {
             "step": self.step,
+            "split": "train",
             **step,
             "lambda": self.model.mtp_config.loss_scaling_factor,
             "lr": lr,
@@ -440,9 +475,9 @@ class FinetuneRecipe:
             self.wandb.log(record, step=self.step)
         bar.update(1)
         if self.step % self.cfg.trainer.log_every == 0:
-            ce = [v for k, v in record.items() if k.startswith("mtp_ce_")]
-            mtp = " ".join(f"ce{k}={v:.3f}" for k, v in enumerate(ce, start=1))
-            bar.set_postfix_str(f"loss={record['loss']:.3f} main={record['main_ce']:.3f} {mtp}".strip())
+            mtp = " ".join(f"ce{k}={v:.3f}" for k, v in enumerate(_depth_ces(record), start=1))
+            text = f"loss={record['loss']:.3f} main={record['main_ce']:.3f} {mtp} {self.validation_text}"
+            bar.set_postfix_str(text.strip())
             log.info(
                 "step %d loss %.4f main %.4f %s accept %.3f lr %.2e %.0f tok/s",
                 self.step,
@@ -453,6 +488,21 @@ class FinetuneRecipe:
                 record["lr"],
                 tokens_per_s,
             )
+
+    def _log_validation(self, numbers: dict[str, float]) -> None:
+        """The held-out record (rank 0): metrics.jsonl with ``split: eval``, wandb under ``eval/``, the log and bar."""
+        if not self.world.is_main:
+            return
+        record = {"step": self.step, "split": "eval", **numbers}
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"eval/{k}": v for k, v in numbers.items()}, step=self.step)
+        ce = " ".join(f"ce{k}={v:.3f}" for k, v in enumerate(_depth_ces(numbers), start=1))
+        self.validation_text = f"| held-out main={numbers['main_ce']:.3f}"
+        log.info(
+            "held-out step %d main %.4f %s accept %.3f", self.step, numbers["main_ce"], ce, numbers["acceptance_length"]
+        )
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, directory: Path) -> Path:
@@ -570,6 +620,10 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def _depth_ces(record: dict[str, float]) -> list[float]:
+    return [v for k, v in record.items() if k.startswith("mtp_ce_")]
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
