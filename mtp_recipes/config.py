@@ -96,6 +96,7 @@ class TrainerConfig:
     overwrite: bool = False  # start afresh in a run dir that holds a previous run (its outputs are deleted)
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block (GPU)
+    gpu_memory_gb: float = 80.0  # per GPU; on CUDA, setup refuses a memory plan over it (python -m mtp_recipes.plan)
     progress_bar: bool = True
     eval_every: int = 0  # validation on the held-out rows every N steps, and after the last step; 0: only then
     wandb_project: Optional[str] = None  # also log metrics to Weights & Biases (pip install mtp_recipes[wandb])

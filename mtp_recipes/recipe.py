@@ -38,6 +38,7 @@ from mtp_recipes.errors import ConfigError, TrainingError
 from mtp_recipes.metrics import StepTotals, flops_per_token, mfu, peak_flops
 from mtp_recipes.model import MTPModel
 from mtp_recipes.mtp.roll import count_depth_targets
+from mtp_recipes.plan import refuse_unfitting
 
 log = logging.getLogger("mtp_recipes")
 
@@ -71,6 +72,7 @@ class FinetuneRecipe:
         torch.manual_seed(cfg.trainer.seed)
         self.device = self.world.device
         self.autocast_dtype = _autocast_dtype(cfg.trainer.precision, self.device)
+        refuse_unfitting(cfg, self.world.world_size, self.device)  # before any of it is allocated
 
         self.model = self._build_model(load_weights=resume is None)
         backend = self.model.family.describe_backend(self.device)  # a kernel choice that cannot run stops here

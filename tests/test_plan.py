@@ -1,0 +1,56 @@
+"""The memory plan counts the configured model without allocating it and refuses, on CUDA only, what cannot fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtp_recipes.config import to_schema
+from mtp_recipes.errors import ConfigError
+from mtp_recipes.model import MTPModel
+from mtp_recipes.plan import GIB, main, memory_plan, refuse_unfitting
+from tests.helpers import debug_model_config
+from tests.recipes.test_finetune import composed
+
+
+def config(*overrides: str):
+    return to_schema(composed("model=deepseek_v3_debug", *overrides))
+
+
+def test_counts_equal_the_built_model_and_shards_divide_by_the_world():
+    torch.manual_seed(0)
+    real = MTPModel.from_config(debug_model_config("deepseek_v3_debug"))
+    four, eight = memory_plan(config(), 4), memory_plan(config(), 8)
+    assert four.parameters == four.trainable == sum(p.numel() for p in real.parameters())
+    assert four.params == 4 * four.parameters / 4 and four.optimizer == 2 * four.grads
+    for part in ("params", "grads", "optimizer"):
+        assert getattr(eight, part) == pytest.approx(getattr(four, part) / 2)
+    assert (eight.gathered, eight.activations) == (four.gathered, four.activations)  # not sharded
+
+    frozen = memory_plan(config("mtp.train_only=true"), 4)
+    trained = sum(p.numel() for p in real.mtp.parameters())
+    assert frozen.trainable == trained and frozen.grads == 4 * trained / 4
+
+
+def test_activations_follow_seq_len_and_checkpointing():
+    base = memory_plan(config("data.seq_len=256"), 2)
+    assert memory_plan(config("data.seq_len=512"), 2).activations == 2 * base.activations
+    # 3 blocks (2 layers + 1 MTP block): each keeps 34 bytes per token and hidden unit, checkpointed only its
+    # 2-byte input, plus one block recomputed in full
+    checkpointed = memory_plan(config("data.seq_len=256", "trainer.activation_checkpointing=true"), 2)
+    assert checkpointed.activations == base.activations * (2 * 3 + 34) / (34 * 3)
+
+
+def test_setup_refuses_an_unfitting_plan_on_cuda_only(capsys):
+    cfg = config("trainer.gpu_memory_gb=0.001")
+    assert not memory_plan(cfg, 2).fits
+    refuse_unfitting(cfg, 2, torch.device("cpu"))  # CPU runs are never refused
+    with pytest.raises(ConfigError, match="per GPU on 2 GPUs but trainer.gpu_memory_gb=0.001") as err:
+        refuse_unfitting(cfg, 2, torch.device("cuda", 0))
+    assert "\n" not in str(err.value)
+    refuse_unfitting(config(), 2, torch.device("cuda", 0))  # 80 GB holds the debug model
+
+    assert main(["--config-name", "finetune", "--world-size", "2", "model=deepseek_v3_debug"]) == 0
+    out = capsys.readouterr().out
+    plan = memory_plan(config(), 2)
+    assert "on 2 GPUs of 80 GB: fits" in out and f"| **total** | {plan.total / GIB:.1f} |" in out
