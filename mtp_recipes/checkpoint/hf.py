@@ -392,6 +392,28 @@ def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value)
 
 
+def _gather_to_writer(value: DTensor, writer: bool) -> torch.Tensor | None:
+    """The full tensor on the writer (the mesh's first rank), ``None`` elsewhere: a gather, not an all-gather.
+
+    Other placements than one dim-0 shard fall back to ``full_tensor()`` (every rank gets it).
+    """
+    mesh = value.device_mesh
+    if tuple(value.placements) != (Shard(0),) or value.dim() == 0:
+        return value.full_tensor()
+    if writer != (mesh.get_local_rank() == 0):
+        raise ValueError("the writer must be the first rank of the mesh")
+    ranks, rows = mesh.size(), value.shape[0]
+    size = -(-rows // ranks)  # torch.chunk's split, as FSDP2 shards; the last shards may be short or empty
+    local = value.to_local()
+    if local.shape[0] < size:  # gather needs equal sizes: pad this rank's rows
+        local = torch.cat([local, local.new_zeros((size - local.shape[0], *local.shape[1:]))])
+    full = local.new_empty((ranks * size, *local.shape[1:])) if writer else None
+    torch.distributed.gather(
+        local.contiguous(), list(full.chunk(ranks)) if writer else None, group=mesh.get_group(), group_dst=0
+    )
+    return full[:rows] if writer else None
+
+
 class _ShardWriter:
     """Buffers tensors into safetensors files of at most ``max_bytes``, written as they fill up."""
 
@@ -447,10 +469,11 @@ def save_model_state(
 ) -> Path:
     """Write ``model`` as a Hugging Face checkpoint directory, atomically, one tensor at a time.
 
-    Sharded (FSDP2) parameters are gathered one by one on every rank (a collective); only the
-    ``writer`` rank converts and writes them, so no process holds more than one full tensor plus one
-    output shard. Tensors read from a checkpoint get their on-disk dtype back; new ones get
-    ``default_dtype`` (float32 for those transformers keeps in float32).
+    Sharded (FSDP2) parameters are gathered one by one to the ``writer`` rank only (a collective every
+    rank joins; the others just send their shards), which converts and writes them: no other rank holds
+    any full tensor, and the writer holds one full tensor plus one output shard. Tensors read from a
+    checkpoint get their on-disk dtype back; new ones get ``default_dtype`` (float32 for those
+    transformers keeps in float32).
     """
     out_dir = Path(out_dir)
     keymap = model.keymap()
@@ -473,7 +496,7 @@ def save_model_state(
         for key, value in model.state_dict().items():
             if key in tied:
                 continue
-            full = value.full_tensor() if isinstance(value, DTensor) else value  # collective on all ranks
+            full = _gather_to_writer(value, writer) if isinstance(value, DTensor) else value  # collective
             if not writer:
                 continue
             hf_key = keymap.to_hf(key)

@@ -2,11 +2,13 @@
 
 Rank 0 prints one JSON line per rank: the peak RSS growth during the load, the bytes of the rank's own shards,
 the bytes it read from the checkpoint (counted by wrapping the reader), the largest tensor it holds unsharded,
-and whether every gathered tensor equals the single-process load.
+whether every gathered tensor equals the single-process load, the peak RSS growth of its export (rank 0
+writes) against the largest tensor, and whether that export equals the single-process one file by file.
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import sys
@@ -74,9 +76,25 @@ def measure(path: str, world) -> dict:
         full = value.full_tensor() if hasattr(value, "full_tensor") else value  # collective: every rank
         if reference is not None:
             equal &= torch.equal(full, refs[name])
+    # Export: shards gathered to rank 0 only; one tensor per file, so the writer buffers one at a time.
+    largest = max(t.numel() * t.element_size() for t in model.state_dict().values())
+    del reference, refs
+    exporting = PeakRSS()
+    exporting.start()
+    out = model.save_pretrained(f"{path}-export2", writer=world.rank == 0, max_shard_size=1)
+    exporting.running = False
+    exporting.join()
+    same_export = True
+    if world.rank == 0:
+        one = MTPModel.from_pretrained(path).save_pretrained(f"{path}-export1", max_shard_size=1)
+        files = sorted(f.name for f in one.iterdir())
+        same_export = files == sorted(f.name for f in out.iterdir()) and all(
+            filecmp.cmp(one / f, out / f, shallow=False) for f in files
+        )
     return {
         "path": path, "rank": world.rank, "growth": sampler.peak - sampler.base, "own": own, "equal": equal,
-        "read": read, "unsharded": unsharded,
+        "read": read, "unsharded": unsharded, "export_growth": exporting.peak - exporting.base,
+        "largest": largest, "same_export": same_export,
     }
 
 

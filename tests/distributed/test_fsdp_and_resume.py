@@ -198,6 +198,7 @@ def test_sharded_load_keeps_each_rank_near_its_own_share(tmp_path):
     """Meta build -> FSDP2 -> fill from safetensors: a rank reads and holds about its shard, not the model.
 
     DeepSeek-V3's experts merge two on-disk tensors per expert (gate, up) into one row each: read per expert too.
+    The export gathers each tensor to the writer only and equals the 1-process export.
     """
     from mtp_recipes.model import MTPModel
     from tests.helpers import debug_model_config
@@ -224,7 +225,10 @@ def test_sharded_load_keeps_each_rank_near_its_own_share(tmp_path):
         on_disk = sum(t.numel() * t.element_size() for t in load_file(Path(r["path"]) / "model.safetensors").values())
         # only its own rows (merged experts: its experts' tensors); tensors kept whole are read whole
         assert r["read"] <= 1.25 * on_disk / 2 + r["unsharded"], (r, on_disk)
+        assert r["same_export"]  # the 2-rank export equals the 1-process one, file by file
         if r["path"] == str(ckpt):
+            # export: shards are gathered to rank 0 only; it holds the full tensor and safetensors' copy of it
+            assert r["export_growth"] < (2.5 if r["rank"] == 0 else 0.25) * r["largest"], r
             assert r["own"] < 0.55 * total
             # its own shard plus one tensor in flight and allocator slack; the whole model would be `total`
             assert r["growth"] < 0.8 * total, (r, total)
