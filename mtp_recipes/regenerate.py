@@ -109,6 +109,8 @@ def regenerate(cfg: DictConfig, options: RegenerateOptions) -> int:
     if done == len(rows):
         return 0
 
+    if cfg.model.tokenizer is None and cfg.model.path is None:
+        raise ConfigError("model.tokenizer is required for a model built from scratch (e.g. builtin:debug)")
     device = _device(cfg.trainer.device)
     model = load_model(cfg, device)
     tokenizer = load_tokenizer(cfg.model.tokenizer or str(resolve_model_dir(cfg.model.path)))

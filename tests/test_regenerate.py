@@ -98,6 +98,9 @@ def test_sampling_is_seeded_and_bad_options_are_one_line(tmp_path):
     assert options.out.read_text() == first
     with pytest.raises(ConfigError, match="regenerate.temperature must be >= 0"):
         _config(tmp_path, "regenerate.temperature=-1")
+    cfg, options = _config(tmp_path, "model.tokenizer=null", "out=" + str(tmp_path / "y.jsonl"))
+    with pytest.raises(ConfigError, match="model.tokenizer is required"):
+        regenerate(cfg, options)
     result = subprocess.run(
         [sys.executable, "-m", "mtp_recipes.regenerate", "trainer.device=cpu", f"out={tmp_path / 'x.jsonl'}"],
         capture_output=True,
