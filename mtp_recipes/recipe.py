@@ -64,7 +64,7 @@ class FinetuneRecipe:
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.world = init_world(cfg.trainer.device)
+        self.world = init_world(cfg.trainer.device, cfg.trainer.dp_replicate)
         self._share_run_dir()
         if not self.world.is_main:
             log.setLevel(logging.WARNING)

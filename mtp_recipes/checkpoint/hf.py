@@ -374,13 +374,24 @@ def _expert_index(disk_key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _shard_dim(param: torch.Tensor) -> int | None:
+    """The mesh dimension a DTensor's dim 0 is split over, all others replicating it (FSDP, HSDP); else None."""
+    if not isinstance(param, DTensor) or param.dim() == 0:
+        return None
+    shards = [i for i, p in enumerate(param.placements) if p == Shard(0)]
+    if len(shards) != 1 or not all(p.is_replicate() for i, p in enumerate(param.placements) if i != shards[0]):
+        return None
+    return shards[0]
+
+
 def _local_rows(param: torch.Tensor) -> tuple[int, int] | None:
     """The rows ``[a, b)`` of a dim-0-sharded DTensor (FSDP2) held here; ``None`` for any other tensor."""
-    if not isinstance(param, DTensor) or tuple(param.placements) != (Shard(0),) or param.dim() == 0:
+    dim = _shard_dim(param)
+    if dim is None:
         return None
     n, mesh = param.shape[0], param.device_mesh
-    size = -(-n // mesh.size())  # torch.chunk's split, as FSDP2 shards
-    start = min(mesh.get_local_rank() * size, n)
+    size = -(-n // mesh.size(dim))  # torch.chunk's split, as FSDP2 shards
+    start = min(mesh.get_local_rank(dim) * size, n)
     end = min(start + size, n)
     return (start, end) if param.to_local().shape[0] == end - start else None
 
@@ -395,21 +406,24 @@ def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
 def _gather_to_writer(value: DTensor, writer: bool) -> torch.Tensor | None:
     """The full tensor on the writer (the mesh's first rank), ``None`` elsewhere: a gather, not an all-gather.
 
-    Other placements than one dim-0 shard fall back to ``full_tensor()`` (every rank gets it).
+    Under HSDP only the writer's replica takes part. Other placements fall back to ``full_tensor()``.
     """
-    mesh = value.device_mesh
-    if tuple(value.placements) != (Shard(0),) or value.dim() == 0:
+    mesh, dim = value.device_mesh, _shard_dim(value)
+    if dim is None:
         return value.full_tensor()
-    if writer != (mesh.get_local_rank() == 0):
+    coordinate = mesh.get_coordinate()
+    if writer != all(c == 0 for c in coordinate):
         raise ValueError("the writer must be the first rank of the mesh")
-    ranks, rows = mesh.size(), value.shape[0]
+    if any(c != 0 for i, c in enumerate(coordinate) if i != dim):
+        return None  # another replica: the writer's own replica holds every row
+    ranks, rows = mesh.size(dim), value.shape[0]
     size = -(-rows // ranks)  # torch.chunk's split, as FSDP2 shards; the last shards may be short or empty
     local = value.to_local()
     if local.shape[0] < size:  # gather needs equal sizes: pad this rank's rows
         local = torch.cat([local, local.new_zeros((size - local.shape[0], *local.shape[1:]))])
     full = local.new_empty((ranks * size, *local.shape[1:])) if writer else None
     torch.distributed.gather(
-        local.contiguous(), list(full.chunk(ranks)) if writer else None, group=mesh.get_group(), group_dst=0
+        local.contiguous(), list(full.chunk(ranks)) if writer else None, group=mesh.get_group(dim), group_dst=0
     )
     return full[:rows] if writer else None
 

@@ -1,4 +1,8 @@
-"""The process group and device mesh: one data-parallel dimension, set up from torchrun's environment.
+"""The process group and device mesh, set up from torchrun's environment.
+
+The mesh has one data-parallel dimension ``("dp",)`` (FSDP over every rank) or, with
+``trainer.dp_replicate = R > 1``, two: ``("dp_replicate", "dp_shard")`` of shape ``(R, N / R)``, which
+FSDP2 turns into HSDP (each replica sharded within, gradients all-reduced across replicas).
 
 ``python -m mtp_recipes.finetune`` (one process) and ``torchrun --nproc_per_node N -m
 mtp_recipes.finetune`` (N processes) run the same code: without torchrun's variables the world has
@@ -35,9 +39,11 @@ class World:
         return self.mesh is not None
 
 
-def init_world(device: str = "auto") -> World:
+def init_world(device: str = "auto", dp_replicate: int = 1) -> World:
     """Join the process group torchrun describes (gloo on CPU, nccl on GPU), or stay a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size % dp_replicate:
+        raise ConfigError(f"trainer.dp_replicate={dp_replicate} does not divide the {world_size} ranks")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -51,7 +57,11 @@ def init_world(device: str = "auto") -> World:
         return World(0, 1, dev, None)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-    mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("dp",))
+    if dp_replicate > 1:
+        shape, names = (dp_replicate, world_size // dp_replicate), ("dp_replicate", "dp_shard")
+    else:
+        shape, names = (world_size,), ("dp",)
+    mesh = init_device_mesh(dev.type, shape, mesh_dim_names=names)
     return World(dist.get_rank(), world_size, dev, mesh)
 
 
