@@ -48,8 +48,9 @@ def finish(proc: subprocess.Popen) -> None:
 
 
 def losses(run: Path) -> dict[int, dict]:
-    """The last record logged for each step (a resumed run appends)."""
-    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    """The last training record logged for each step (a resumed run appends)."""
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r for r in records if r["split"] == "train"}
 
 
 def initial_weights(run: Path, *overrides: str) -> dict[str, torch.Tensor]:

@@ -62,6 +62,7 @@ def test_lambda_schedule_switches_at_its_step(tmp_path):
     )
     FinetuneRecipe(cfg, tmp_path).run()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if r["split"] == "train"]
     assert [r["lambda"] for r in records] == [0.3, 0.3, 0.1, 0.1]  # steps 1-2 then 3-4 (step index 2 on)
     for r in records:
         assert r["loss"] == pytest.approx(r["main_ce"] + r["lambda"] * r["mtp_ce_1"], rel=1e-5)

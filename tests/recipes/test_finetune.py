@@ -84,8 +84,9 @@ def test_default_recipe_trains_and_writes_a_reloadable_checkpoint(tmp_path):
     cfg = composed(*FAST, "trainer.max_steps=40", "trainer.save_every=20", "optim.warmup_steps=2")
     recipe = FinetuneRecipe(cfg, tmp_path)
     recipe.run()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 40
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in logged if r["split"] == "train"]
+    assert len(records) == 40 and [r["step"] for r in logged if r["split"] == "eval"] == [40]  # held-out, at the end
     first, last = records[:5], records[-5:]
     assert sum(r["loss"] for r in last) / 5 < sum(r["loss"] for r in first) / 5 - 0.5
     assert sum(r["mtp_ce_1"] for r in last) < sum(r["mtp_ce_1"] for r in first)
@@ -126,8 +127,8 @@ def test_cli_override_and_error_lines(tmp_path):
     ok = run_cli(*FAST, "trainer.max_steps=2", "mtp.loss_scaling_factor=0.3", f"hydra.run.dir={tmp_path}/run",
                  cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
-    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["lambda"] == 0.3
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lambda"] for r in records if r["split"] == "train"] == [0.3, 0.3]
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
 
     bad = run_cli("mtp.loss_scaling_factor=-1", f"hydra.run.dir={tmp_path}/bad", cwd=tmp_path)
@@ -187,7 +188,7 @@ def test_every_published_recipe_runs_with_its_debug_model(recipe, debug_model, t
     with caplog.at_level("WARNING", logger="mtp_recipes"):
         FinetuneRecipe(cfg, tmp_path).run()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [(r["step"], r["split"]) for r in records] == [(1, "train"), (2, "train"), (3, "train"), (3, "eval")]
     assert all(math.isfinite(r["loss"]) and r["mtp_ce_1"] > 0 for r in records)
     assert records[0]["lambda"] == 0.1
     reloaded = MTPModel.from_pretrained(tmp_path / "final")
@@ -215,7 +216,10 @@ def test_wandb_mirrors_the_metrics(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", fake)
     FinetuneRecipe(composed(*FAST, "trainer.max_steps=2", "trainer.wandb_project=mtp-test"), tmp_path).run()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [s for s, _ in logged] == [1, 2] and [r for _, r in logged] == records
+    train, held = [r for r in records if r["split"] == "train"], [r for r in records if r["split"] == "eval"]
+    assert [s for s, _ in logged] == [1, 2, 2] and [r for _, r in logged[:2]] == train
+    skip = ("step", "split")  # held-out numbers go under eval/, beside the step's training ones
+    assert logged[2][1] == {f"eval/{k}": v for k, v in held[0].items() if k not in skip}
     assert state["project"] == "mtp-test" and state["config"]["mtp"]["loss_scaling_factor"] == 0.1
     assert state["finished"]
 
@@ -259,7 +263,7 @@ def test_recipe_fine_tunes_a_checkpoint_and_exports_the_same_layout(tmp_path):
     assert all(after[k].dtype == (torch.float32 if any(n in k for n in fp32) else torch.bfloat16) for k in after)
     assert not torch.equal(after["mtp.layers.0.eh_proj.weight"], before["mtp.layers.0.eh_proj.weight"])
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    assert [r["split"] for r in records] == ["train", "train", "eval"] and all(math.isfinite(r["loss"]) for r in records)
 
 
 def test_gradient_accumulation_equals_the_big_batch(tmp_path):
