@@ -32,7 +32,7 @@ from mtp_recipes.checkpoint.hf import (
 from mtp_recipes.checkpoint.keymap import KeyMap
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.families.base import Family, get_family, registered_model_types
-from mtp_recipes.loss import AcceptanceStats, acceptance_length, main_loss, mtp_loss
+from mtp_recipes.loss import AcceptanceStats, acceptance_stats, main_loss, mtp_loss
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.roll import roll_ids
 from mtp_recipes.mtp.stack import MTPStack
@@ -284,7 +284,7 @@ class MTPModel(nn.Module):
             else:
                 out.loss = out.main_loss + result.loss
             if return_accuracy:
-                out.acceptance = acceptance_length(result.correct, result.valid)
+                out.acceptance = acceptance_stats(result.correct, result.valid)
                 out.agreement = torch.stack(
                     [
                         ((pred == roll_ids(main_argmax, k, seq_idx, fill=-1)) & valid).sum()

@@ -34,7 +34,7 @@ class MTPLossOutput:
     detached: the one-pass loss forms gradients for ``loss`` only (its per-token weights are fixed).
     ``num_targets`` are the local valid-target counts per depth. With ``return_accuracy`` the
     per-depth ``predictions`` (argmax ids), ``correct`` and ``valid`` (bool) are ``[B,S]`` tensors,
-    enough for :func:`acceptance_length` and for agreement with the backbone's own argmax.
+    enough for :func:`acceptance_stats` and for agreement with the backbone's own argmax.
     """
 
     loss: Tensor
@@ -84,7 +84,7 @@ class AcceptanceStats:
         return 1 + self.cumulative.sum()
 
 
-def acceptance_length(correct_per_depth: Sequence[Tensor], valid_per_depth: Sequence[Tensor]) -> AcceptanceStats:
+def acceptance_stats(correct_per_depth: Sequence[Tensor], valid_per_depth: Sequence[Tensor]) -> AcceptanceStats:
     """Count per-depth and cumulative hits from per-depth bool ``[B,S]`` masks.
 
     ``c_k`` is taken over slots where depths 1..k all have a target: a slot near a document end

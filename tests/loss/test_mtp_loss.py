@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from mtp_recipes.loss import MTPLossOutput, linear_cross_entropy, main_loss, mtp_loss
-from mtp_recipes.loss.mtp import AcceptanceStats, acceptance_length
+from mtp_recipes.loss.mtp import AcceptanceStats, acceptance_stats
 from mtp_recipes.mtp.roll import count_depth_targets
 
 I = -100
@@ -262,11 +262,11 @@ def test_main_loss():
         main_loss(hiddens[0][:, :4], labels, heads)
 
 
-def test_acceptance_length():
+def test_acceptance_stats():
     valid = [torch.tensor([[1, 1, 1, 0]]), torch.tensor([[1, 1, 0, 0]])]
     # slot 3 of depth 1 is "right" but has no target: it must not count
     correct = [torch.tensor([[1, 0, 1, 1]]), torch.tensor([[1, 1, 0, 0]])]
-    stats = acceptance_length([c.bool() for c in correct], [v.bool() for v in valid])
+    stats = acceptance_stats([c.bool() for c in correct], [v.bool() for v in valid])
     assert stats.correct.tolist() == [2, 2] and stats.valid.tolist() == [3, 2]
     assert stats.cum_correct.tolist() == [2, 1] and stats.cum_valid.tolist() == [3, 2]
     assert torch.allclose(stats.accuracy, torch.tensor([2 / 3, 1.0]))
@@ -275,17 +275,17 @@ def test_acceptance_length():
     both = stats + stats
     assert both.cum_correct.tolist() == [4, 2]
     assert torch.allclose(both.acceptance_length, stats.acceptance_length)
-    empty = acceptance_length([], [])
+    empty = acceptance_stats([], [])
     assert isinstance(empty, AcceptanceStats) and empty.acceptance_length.item() == 1.0
     with pytest.raises(ValueError, match="valid masks"):
-        acceptance_length(correct, valid[:1])
+        acceptance_stats(correct, valid[:1])
 
 
 def test_acceptance_from_mtp_output():
     hiddens, heads, labels, seq_idx = _batch(seed=13)
     labels = torch.where(labels == I, labels, 0)  # one class: the heads hit it on some slots
     out = mtp_loss(hiddens, labels, heads, seq_idx=seq_idx, return_accuracy=True)
-    stats = acceptance_length(out.correct, out.valid)
+    stats = acceptance_stats(out.correct, out.valid)
     assert stats.valid.tolist() == out.num_targets.tolist()
     assert (stats.cum_correct <= stats.correct).all()
     assert 1.0 <= stats.acceptance_length.item() <= 1 + D
