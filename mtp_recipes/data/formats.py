@@ -56,7 +56,9 @@ class Document:
     trainable: list[bool]
 
 
-def resolve_format(columns: Sequence[str], fmt: str, text_field: str, messages_field: str, where: str) -> tuple[str, str]:
+def resolve_format(
+    columns: Sequence[str], fmt: str, text_field: str, messages_field: str, where: str
+) -> tuple[str, str]:
     """``(format, column)``: ``text`` or ``chat`` and the column it reads.
 
     ``auto`` prefers chat: the messages column, else ShareGPT's ``conversations``, else the text column.
@@ -130,7 +132,9 @@ def tokenize_chat(
     """
     template = _template(tokenizer, where)
     if _GENERATION_BLOCK.search(template):
-        encoding = _apply(tokenizer, messages, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        encoding = _apply(
+            tokenizer, messages, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         trainable = [bool(m) for m in encoding["assistant_masks"]]
         return Document(input_ids=list(encoding["input_ids"]), trainable=trainable)
     full = _apply(tokenizer, messages, where, tokenize=False, add_generation_prompt=False)

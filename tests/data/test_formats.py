@@ -4,9 +4,9 @@ import datasets
 import pytest
 
 from mtp_recipes.data.formats import tokenize_chat, tokenize_dataset
-from mtp_recipes.errors import DataError
 from mtp_recipes.data.packing import IGNORE_INDEX, pack_documents
 from mtp_recipes.data.tokenizer import load_tokenizer
+from mtp_recipes.errors import DataError
 
 CONVERSATION = [
     {"role": "system", "content": "You answer tersely."},

@@ -205,7 +205,7 @@ def test_disk_full_during_a_resume_checkpoint_is_one_line_and_leaves_no_partial_
         recipe.save_resume_checkpoint()
     recipe.cleanup()
     message = str(err.value)
-    assert message.startswith(f"no space left on device: free ") and f"MB under {tmp_path / 'resume'}" in message
+    assert message.startswith("no space left on device: free ") and f"MB under {tmp_path / 'resume'}" in message
     assert "the partial checkpoint was removed" in message and f"{good} is kept" in message and "\n" not in message
     assert sorted(p.name for p in (tmp_path / "resume").iterdir()) == ["step_000001"]
     assert latest_resume(tmp_path / "resume") == good
