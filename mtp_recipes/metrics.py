@@ -176,7 +176,7 @@ class StepTotals:
     def record(self, grad_norm: torch.Tensor) -> dict[str, float]:
         """The step's numbers on the host (one device-to-host copy): what metrics.jsonl records per step."""
         parts = [getattr(self, f.name) for f in fields(self)]
-        host = torch.cat([*(p.reshape(-1) for p in parts), grad_norm.reshape(1).to(self.loss)]).cpu().tolist()
+        host = torch.cat([*(p.reshape(-1) for p in parts), grad_norm.reshape(1).to(self.loss)]).tolist()
         d = self.mtp_ce.numel()
         loss, main_ce, ce = host[0], host[1], host[2 : 2 + d]
         correct, valid, cum_correct, cum_valid, agree = (host[2 + d * (i + 1) : 2 + d * (i + 2)] for i in range(5))

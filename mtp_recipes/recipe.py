@@ -36,7 +36,7 @@ from mtp_recipes.distributed.mesh import all_reduce_sum, barrier, broadcast_obje
 from mtp_recipes.distributed.parallelize import apply_activation_checkpointing, apply_compile, apply_fsdp
 from mtp_recipes.errors import ConfigError, TrainingError
 from mtp_recipes.metrics import StepTotals, flops_per_token, mfu, peak_flops
-from mtp_recipes.model import MTPModel
+from mtp_recipes.model import MTPModel, MTPOutput
 from mtp_recipes.mtp.roll import count_depth_targets
 from mtp_recipes.plan import refuse_unfitting
 
@@ -360,17 +360,7 @@ class FinetuneRecipe:
         totals = StepTotals.zeros(depths, self.device)
         for i, batch in enumerate(micro):
             self._sync_gradients(last=i == len(micro) - 1)
-            with self._autocast():
-                # Positions come from seq_idx inside the model (the packer's own rule), so no per-micro-batch
-                # host check of user-given positions runs here.
-                out = self.model(
-                    batch["input_ids"],
-                    batch["labels"],
-                    seq_idx=batch["seq_idx"],
-                    num_label_tokens=counts[0],
-                    num_depth_tokens=counts[1:],
-                    return_accuracy=depths > 0,
-                )
+            out = self._forward(batch, counts)
             out.loss.backward()
             totals.add(out)
         totals.stop += float(stop.received is not None)
@@ -406,21 +396,28 @@ class FinetuneRecipe:
         training = self.model.training
         self.model.eval()
         for batch in map(lambda b: _to(b, self.device), self.heldout):
-            with self._autocast():
-                out = self.model(
-                    batch["input_ids"],
-                    batch["labels"],
-                    seq_idx=batch["seq_idx"],
-                    num_label_tokens=counts[0],
-                    num_depth_tokens=counts[1:],
-                    return_accuracy=depths > 0,
-                )
-            totals.add(out)
+            totals.add(self._forward(batch, counts))
         self.model.train(training)
         record = totals.all_reduce(lambda t: all_reduce_sum(t, self.world)).record(torch.zeros(()))
         del record["stop"], record["grad_norm"]
         self._log_validation(record)
         return record
+
+    def _forward(self, batch: dict[str, torch.Tensor], counts: torch.Tensor) -> MTPOutput:
+        """The model on one packed batch, its losses divided by the global target counts ``counts``.
+
+        Positions come from ``seq_idx`` inside the model (the packer's own rule), so no per-batch host check
+        of user-given positions runs.
+        """
+        with self._autocast():
+            return self.model(
+                batch["input_ids"],
+                batch["labels"],
+                seq_idx=batch["seq_idx"],
+                num_label_tokens=counts[0],
+                num_depth_tokens=counts[1:],
+                return_accuracy=self.model.mtp.num_depths > 0,
+            )
 
     def _sync_gradients(self, last: bool) -> None:
         """Under FSDP2, reduce-scatter gradients only after the step's last micro-batch."""

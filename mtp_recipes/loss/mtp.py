@@ -340,10 +340,11 @@ def _depth_shares(depth_weights: Sequence[float] | None, depths: int, like: Tens
     """``w_k / Σ_j w_j`` as a tensor like ``like`` (``1/D`` each without weights)."""
     if depth_weights is None:
         return torch.full((depths,), 1 / depths, dtype=like.dtype, device=like.device)
-    weights = torch.as_tensor(list(depth_weights), dtype=like.dtype, device=like.device)
-    if weights.shape != (depths,) or bool((weights < 0).any()) or not bool(weights.sum() > 0):
-        raise ValueError(f"depth_weights must be {depths} values >= 0 with a positive sum, got {list(depth_weights)}")
-    return weights / weights.sum()
+    # Checked as Python floats: a tensor check would wait for the device on every micro-batch.
+    weights = [float(w) for w in depth_weights]
+    if len(weights) != depths or any(w < 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"depth_weights must be {depths} values >= 0 with a positive sum, got {weights}")
+    return torch.tensor([w / sum(weights) for w in weights], dtype=like.dtype, device=like.device)
 
 
 def _as_count_tensor(counts: Sequence[Count] | Tensor, device: torch.device) -> Tensor:
