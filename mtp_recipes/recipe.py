@@ -71,7 +71,7 @@ class FinetuneRecipe:
         resume = self._prepare_run_dir()
         torch.manual_seed(cfg.trainer.seed)
         self.device = self.world.device
-        self.autocast_dtype = _autocast_dtype(cfg.trainer.precision, self.device)
+        self.compute_dtype = _compute_dtype(cfg.trainer.precision, self.device)
         refuse_unfitting(cfg, self.world.world_size, self.device)  # before any of it is allocated
 
         self.model = self._build_model(load_weights=resume is None)
@@ -80,8 +80,6 @@ class FinetuneRecipe:
             log.info(backend)
         for limit in self.model.serving_limits():
             log.warning("serving: %s", limit)
-        if self.world.distributed:
-            self.autocast_dtype = None  # FSDP's mixed-precision policy casts the gathered parameters
         self.tokenizer = self._build_tokenizer()
         vocab = self.model.text_config.vocab_size
         if len(self.tokenizer) > vocab:
@@ -265,7 +263,7 @@ class FinetuneRecipe:
             "attn_implementation": mcfg.attn_implementation,
             "experts_implementation": mcfg.experts_implementation,
             **mtp,
-            "frozen_dtype": self.autocast_dtype,  # a frozen backbone (mtp.train_only) is held in the compute dtype
+            "frozen_dtype": self.compute_dtype,  # a frozen backbone (mtp.train_only) is held in the compute dtype
         }
         if mcfg.path is not None:
             # Built on the meta device and sharded before any memory is allocated; then filled from the files,
@@ -284,7 +282,7 @@ class FinetuneRecipe:
         if self.cfg.trainer.compile:
             apply_compile(model)
         if self.world.distributed:
-            apply_fsdp(model, self.world.mesh, param_dtype=self.autocast_dtype)
+            apply_fsdp(model, self.world.mesh, param_dtype=self.compute_dtype)
 
     def _build_tokenizer(self):
         name = self.cfg.model.tokenizer
@@ -443,9 +441,10 @@ class FinetuneRecipe:
         )
 
     def _autocast(self):
-        if self.autocast_dtype is None:
+        # Under FSDP its mixed-precision policy casts the gathered parameters: no autocast on top.
+        if self.compute_dtype is None or self.world.distributed:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def _clip(self) -> torch.Tensor:
         """Clip to ``optim.max_grad_norm`` (0: measure only); the global norm, on the device."""
@@ -615,7 +614,7 @@ def _start_wandb(cfg: DictConfig, run_dir: Path) -> Any:
     )
 
 
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def _compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
