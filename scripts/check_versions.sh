@@ -30,7 +30,9 @@ for v in allowed:
 lowest_torch = min(s.version for s in deps["torch"].specifier if s.operator == ">=")
 for v in newest_per_minor.values():
     print(sys.argv[1], v)
-print(f"{lowest_torch}.0" if lowest_torch.count(".") == 1 else lowest_torch, allowed[-1])
+lowest = f"{lowest_torch}.0" if str(lowest_torch).count(".") == 1 else str(lowest_torch)
+if lowest != sys.argv[1]:  # the lowest torch is a row of its own only when it is not the default one
+    print(lowest, allowed[-1])
 PY
 )
 
