@@ -123,7 +123,7 @@ def evaluate(cfg: DictConfig, output: str | Path) -> dict[str, Any]:
     """Measure acceptance on the held-out prompts, write ``output`` (eval.json) and return its record."""
     start = time.perf_counter()
     e = cfg.eval
-    device = _device(cfg.trainer.device)
+    device = resolve_device(cfg.trainer.device)
     model = load_model(cfg, device)
     name = cfg.model.tokenizer
     if name is None:
@@ -215,7 +215,7 @@ def _no_counts(depths: int) -> AcceptanceStats:
     return AcceptanceStats(*(torch.zeros(depths, dtype=torch.int64) for _ in range(4)))
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")

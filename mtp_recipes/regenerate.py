@@ -89,9 +89,9 @@ def regenerate(cfg: DictConfig, options: RegenerateOptions) -> int:
     from mtp_recipes.acceptance import greedy_config
     from mtp_recipes.checkpoint.hf import resolve_model_dir
     from mtp_recipes.data import load_tokenizer
-    from mtp_recipes.data.formats import _check_messages, resolve_format
+    from mtp_recipes.data.formats import check_messages, resolve_format
     from mtp_recipes.data.sources import load_source
-    from mtp_recipes.evaluation import _device, load_model, stop_token_ids
+    from mtp_recipes.evaluation import load_model, resolve_device, stop_token_ids
 
     d = cfg.data
     rows = load_source(d.source, d.split, d.text_sample_by)
@@ -111,7 +111,7 @@ def regenerate(cfg: DictConfig, options: RegenerateOptions) -> int:
 
     if cfg.model.tokenizer is None and cfg.model.path is None:
         raise ConfigError("model.tokenizer is required for a model built from scratch (e.g. builtin:debug)")
-    device = _device(cfg.trainer.device)
+    device = resolve_device(cfg.trainer.device)
     model = load_model(cfg, device)
     tokenizer = load_tokenizer(cfg.model.tokenizer or str(resolve_model_dir(cfg.model.path)))
     stop = stop_token_ids(model, tokenizer)
@@ -139,7 +139,7 @@ def regenerate(cfg: DictConfig, options: RegenerateOptions) -> int:
     with options.out.open("a") as f:
         for start in range(done, len(rows), options.batch_size):
             batch = [rows[i] for i in range(start, min(start + options.batch_size, len(rows)))]
-            chats = [_check_messages(row[field], field, start + i, where) for i, row in enumerate(batch)]
+            chats = [check_messages(row[field], field, start + i, where) for i, row in enumerate(batch)]
             turn = [0] * len(chats)
             while True:  # one batched generate per round: the next assistant turn of every row that has one
                 todo = [(i, _next_assistant(c, turn[i])) for i, c in enumerate(chats)]

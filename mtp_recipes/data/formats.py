@@ -104,7 +104,7 @@ def tokenize_dataset(
     else:
         docs = []
         for i, row in enumerate(dataset[column]):
-            messages = _check_messages(row, column, i, where)
+            messages = check_messages(row, column, i, where)
             if messages:
                 docs.append(tokenize_chat(messages, tokenizer, where=f"{where} row {i}"))
     tokens = sum(len(doc.input_ids) for doc in docs)
@@ -200,7 +200,7 @@ def _check_text(value: Any, field: str, index: int, where: str) -> str:
     return value
 
 
-def _check_messages(value: Any, field: str, index: int, where: str) -> list[dict[str, Any]]:
+def check_messages(value: Any, field: str, index: int, where: str) -> list[dict[str, Any]]:
     """The row's messages as ``{"role", "content", ...}`` dicts (ShareGPT's ``from``/``value`` mapped)."""
     fix = (
         f"each row's {field!r} must be a list of {{'role': str, 'content': str}} or ShareGPT "
