@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mtp_recipes.errors import ConfigError
+from mtp_recipes.mtp.config import check_options as check_mtp_options
 
 
 @dataclass
@@ -150,44 +151,10 @@ def validate(cfg: DictConfig) -> None:
             len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
             f"optim.betas must be two values in [0, 1), e.g. [0.9, 0.95]; got {list(cfg.optim.betas)}",
         ),
-        (cfg.mtp.loss_scaling_factor >= 0, f"mtp.loss_scaling_factor must be >= 0, got {cfg.mtp.loss_scaling_factor}"),
         (
             all(s.value >= 0 and s.step >= 0 for s in cfg.mtp.loss_scaling_schedule),
             "mtp.loss_scaling_schedule entries need step >= 0 and value >= 0",
         ),
-        (
-            cfg.mtp.num_layers is None or cfg.mtp.num_layers >= 0,
-            f"mtp.num_layers must be >= 0, got {cfg.mtp.num_layers}",
-        ),
-        (
-            not (cfg.mtp.train_only and cfg.mtp.num_layers == 0),
-            "mtp.train_only=true freezes the backbone and mtp.num_layers=0 leaves no MTP depth: nothing would train",
-        ),
-        (
-            cfg.mtp.depth_weights is None or cfg.mtp.depth_decay is None,
-            "set mtp.depth_weights or mtp.depth_decay, not both",
-        ),
-        (
-            cfg.mtp.depth_weights is None
-            or (all(w >= 0 for w in cfg.mtp.depth_weights) and sum(cfg.mtp.depth_weights) > 0),
-            f"mtp.depth_weights must be >= 0 with a positive sum, got {cfg.mtp.depth_weights}",
-        ),
-        (
-            cfg.mtp.depth_weights is None
-            or cfg.mtp.num_layers is None
-            or len(cfg.mtp.depth_weights) == cfg.mtp.num_layers,
-            f"mtp.depth_weights needs one weight per MTP depth (mtp.num_layers={cfg.mtp.num_layers}), "
-            f"got {cfg.mtp.depth_weights}",
-        ),
-        (
-            cfg.mtp.depth_decay is None or cfg.mtp.depth_decay > 0,
-            f"mtp.depth_decay must be > 0, got {cfg.mtp.depth_decay}",
-        ),
-        (
-            cfg.mtp.targets in ("labels", "self", "mix"),
-            f"mtp.targets must be labels, self or mix, got {cfg.mtp.targets}",
-        ),
-        (0 <= cfg.mtp.self_weight <= 1, f"mtp.self_weight must be in [0, 1], got {cfg.mtp.self_weight}"),
         (cfg.trainer.max_steps > 0, f"trainer.max_steps must be > 0, got {cfg.trainer.max_steps}"),
         (cfg.trainer.grad_accum_steps >= 1, "trainer.grad_accum_steps must be >= 1"),
         (cfg.trainer.checkpoint_every >= 0 and cfg.trainer.save_every >= 0, "checkpoint/save intervals must be >= 0"),
@@ -201,14 +168,6 @@ def validate(cfg: DictConfig) -> None:
         (cfg.trainer.device in ("auto", "cpu", "cuda"), "trainer.device must be auto, cpu or cuda"),
         (cfg.trainer.log_every >= 1, "trainer.log_every must be >= 1"),
         (cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype must be float32, bfloat16 or float16"),
-        (
-            cfg.mtp.normalization in ("depth_tokens", "main_tokens"),
-            "mtp.normalization must be depth_tokens or main_tokens",
-        ),
-        (
-            cfg.mtp.init in ("from_checkpoint", "from_scratch", "extend"),
-            "mtp.init must be from_checkpoint, from_scratch or extend",
-        ),
         (cfg.data.packing in ("greedy", "first_fit"), "data.packing must be greedy or first_fit"),
         (cfg.data.format in ("auto", "text", "chat"), "data.format must be auto, text or chat"),
         (cfg.data.max_documents is None or cfg.data.max_documents >= 1, "data.max_documents must be >= 1 or null"),
@@ -229,6 +188,7 @@ def validate(cfg: DictConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_mtp_options({k: v for k, v in cfg.mtp.items() if k not in ("block_types", "loss_scaling_schedule")})
 
 
 def lambda_at(cfg: DictConfig, step: int) -> float:

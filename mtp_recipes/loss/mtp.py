@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
-from mtp_recipes.loss.linear_ce import Impl, Teacher, loss_dtype, segmented_linear_cross_entropy
-from mtp_recipes.mtp.config import Normalization
+from mtp_recipes.loss.linear_ce import Impl, SegmentedCE, Teacher, loss_dtype, segmented_linear_cross_entropy
+from mtp_recipes.mtp.config import Normalization, check_options, depth_shares
 from mtp_recipes.mtp.roll import roll_ids, roll_targets
 
 Count = Union[int, Tensor]
@@ -153,14 +153,14 @@ def _validate(
     normalization: str,
     num_label_tokens: Count | None,
     num_depth_tokens: Sequence[Count] | Tensor | None,
+    depth_weights: Sequence[float] | None,
 ) -> None:
-    if normalization not in ("depth_tokens", "main_tokens"):
-        raise ValueError(f"normalization must be 'depth_tokens' or 'main_tokens', got {normalization!r}")
+    depths = len(per_depth_hidden)
+    check_options({"loss_scaling_factor": loss_scaling_factor, "normalization": normalization})
+    if depth_weights is not None:
+        check_options({"num_layers": depths, "depth_weights": depth_weights})
     if normalization == "main_tokens" and num_label_tokens is None:
         raise ValueError("normalization='main_tokens' needs num_label_tokens")
-    if loss_scaling_factor < 0:
-        raise ValueError(f"loss_scaling_factor must be >= 0, got {loss_scaling_factor}")
-    depths = len(per_depth_hidden)
     if num_depth_tokens is not None and len(num_depth_tokens) != depths:
         raise ValueError(f"num_depth_tokens has {len(num_depth_tokens)} entries for {depths} depths")
     heads = [head_weight] if isinstance(head_weight, Tensor) else list(head_weight)
@@ -202,27 +202,19 @@ def mtp_loss(
 ) -> MTPLossOutput:
     """``λ · Σ_k w_k CE_k`` over D depths; depth k's targets are ``labels[t+k]`` in-document.
 
-    ``depth_weights`` are the relative weights ``w_k`` (normalised here to sum 1); ``None`` weighs every
-    depth ``1/D``, which makes the loss ``(λ / D) · Σ_k CE_k``.
+    ``per_depth_hidden[k-1]``: depth k's ``[B,S,H]`` state as its head takes it (normed); ``head_weight``: one
+    shared ``[V,H]`` weight or one per depth. ``CE_k`` is depth k's summed CE over ``N_k``: the trainer's global
+    ``num_depth_tokens[k-1]`` or the local valid count (``depth_tokens``), or ``num_label_tokens`` for every depth
+    (``main_tokens``, which ignores ``num_depth_tokens``). ``depth_weights`` are ``w_k`` (normalised to sum 1;
+    ``None``: ``1/D`` each, i.e. ``(λ / D) · Σ_k CE_k``).
 
-    ``self_share`` α > 0 makes depth k at slot t learn ``(1 - α) · onehot(labels[t+k]) + α · p(t+k)``, where
-    ``p(t+k) = softmax(teacher_head @ teacher_hidden[t+k])`` is the backbone's own next-token distribution at
-    slot t+k (``teacher_hidden``: its final-normed ``[B,S,H]`` states, detached; ``teacher_head``: its output
-    weight, by default the shared ``head_weight``). ``CE_k`` is then the cross-entropy against that mixture
-    (for α = 1 the soft-target CE, KL plus the backbone's entropy). Slots without a label target at t+k
-    (another document, past the row end, ``ignore_index``) contribute nothing, as with labels.
+    ``self_share`` α > 0: depth k at slot t learns ``(1 - α) · onehot(labels[t+k]) + α · p(t+k)``, ``p`` the
+    backbone's own distribution ``softmax(teacher_head @ teacher_hidden)`` (detached; ``teacher_head`` defaults
+    to the shared head); slots without a label target at t+k contribute nothing, as with labels.
 
-    With ``main_hidden`` (the backbone's final-normed ``[B,S,H]``) and a shared head, the main
-    next-token CE (divided by ``num_label_tokens``, else the local count) joins the same chunked call,
-    so the head is cast and its gradient accumulated once for main + all depths: ``.loss`` is then
-    ``CE_main + λ · Σ_k w_k CE_k``, and ``.main_loss`` (detached) and ``.main_argmax`` report the main
-    part.
-
-    ``per_depth_hidden[k-1]`` is depth k's ``[B,S,H]`` state as its head takes it (already normed).
-    ``head_weight`` is one shared ``[V,H]`` weight or one per depth. ``CE_k`` is the summed CE
-    divided by ``N_k``: ``num_depth_tokens[k-1]`` (global counts from the trainer) or the local
-    valid count under ``depth_tokens``; ``num_label_tokens`` for every depth under ``main_tokens``
-    (which ignores ``num_depth_tokens``, so a trainer can pass all its counts whatever the mode).
+    ``main_hidden`` (the backbone's final-normed state, shared head only) joins the main next-token CE (over
+    ``num_label_tokens``, else the local count) to the same chunked call: ``.loss`` is then
+    ``CE_main + λ · Σ_k w_k CE_k`` and ``.main_loss`` / ``.main_argmax`` report the main part.
     """
     _validate(
         per_depth_hidden,
@@ -232,65 +224,31 @@ def mtp_loss(
         normalization,
         num_label_tokens,
         num_depth_tokens,
+        depth_weights,
     )
     depths = len(per_depth_hidden)
     if depths == 0:
-        out = MTPLossOutput(
-            loss=torch.zeros((), device=labels.device),
-            per_depth=[],
-            num_targets=torch.zeros(0, dtype=torch.int64, device=labels.device),
-        )
-        if return_accuracy:
-            out.predictions, out.correct, out.valid = [], [], []
-        return out
+        return _no_depths(labels, return_accuracy)
     targets = [roll_targets(labels, k, seq_idx, ignore_index) for k in range(1, depths + 1)]
     valid = [t != ignore_index for t in targets]
     num_targets = torch.stack([v.sum() for v in valid])
-    if normalization == "main_tokens":
-        counts = torch.as_tensor(num_label_tokens, device=labels.device).expand(depths)
-    elif num_depth_tokens is not None:
-        counts = _as_count_tensor(num_depth_tokens, labels.device)
-    else:
-        counts = num_targets
-    # A zero count only happens with a zero sum: report CE_k = 0 rather than NaN.
     heads = [head_weight] if isinstance(head_weight, Tensor) else list(head_weight)
-    counts = counts.to(loss_dtype(per_depth_hidden[0], heads[0])).clamp_min(1)
-    scales = loss_scaling_factor * _depth_shares(depth_weights, depths, counts) / counts
+    counts = _depth_counts(normalization, num_label_tokens, num_depth_tokens, num_targets)
+    counts = counts.to(loss_dtype(per_depth_hidden[0], heads[0])).clamp_min(1)  # CE_k = 0, not NaN, without targets
+    shares = torch.tensor(depth_shares(depths, depth_weights), dtype=counts.dtype, device=counts.device)
+    scales = loss_scaling_factor * shares / counts
     kwargs = dict(ignore_index=ignore_index, chunk_size=chunk_size, impl=impl, return_argmax=return_accuracy)
     teacher = _teacher(self_share, teacher_hidden, teacher_head, head_weight, labels, seq_idx, depths)
     main = None
     if main_hidden is not None:
-        if not isinstance(head_weight, Tensor):
-            raise ValueError("main_hidden joins the depths' call only with one shared head weight")
-        main_count = (labels != ignore_index).sum() if num_label_tokens is None else num_label_tokens
-        main_count = torch.as_tensor(main_count, device=labels.device).to(scales.dtype).clamp_min(1).reshape(1)
-        joint = segmented_linear_cross_entropy(
-            [main_hidden, *per_depth_hidden],
-            head_weight,
-            [labels, *targets],
-            torch.cat([1 / main_count, scales]),
-            **kwargs,
-            teacher=None if teacher is None else teacher.after_main(),
+        main, parts = _with_main(
+            main_hidden, per_depth_hidden, head_weight, labels, targets, scales, num_label_tokens, teacher, kwargs
         )
-        main = (joint.sums[0] / main_count[0], joint.argmax[0] if return_accuracy else None)
-        parts = [joint._replace(sums=joint.sums[1:], argmax=joint.argmax[1:] if return_accuracy else None)]
-    elif isinstance(head_weight, Tensor):
-        # One call for all depths: the shared head is cast and its gradient accumulated once.
-        parts = [
-            segmented_linear_cross_entropy(per_depth_hidden, head_weight, targets, scales, **kwargs, teacher=teacher)
-        ]
     else:
-        parts = [
-            segmented_linear_cross_entropy(
-                [h], w, [t], scales[k : k + 1], **kwargs, teacher=None if teacher is None else teacher.depth(k)
-            )
-            for k, (h, w, t) in enumerate(zip(per_depth_hidden, head_weight, targets, strict=True))
-        ]
+        parts = _depth_calls(per_depth_hidden, head_weight, targets, scales, teacher, kwargs)
     per_depth = torch.cat([p.sums for p in parts]) / counts
     out = MTPLossOutput(
-        loss=torch.stack([p.loss for p in parts]).sum(),
-        per_depth=list(per_depth.unbind()),
-        num_targets=num_targets,
+        loss=torch.stack([p.loss for p in parts]).sum(), per_depth=list(per_depth.unbind()), num_targets=num_targets
     )
     if main is not None:
         out.main_loss, out.main_argmax = main
@@ -299,6 +257,82 @@ def mtp_loss(
         out.valid = valid
         out.correct = [(p == t) & v for p, t, v in zip(out.predictions, targets, valid, strict=True)]
     return out
+
+
+def _no_depths(labels: Tensor, return_accuracy: bool) -> MTPLossOutput:
+    """The output for D = 0: a zero loss, no depth."""
+    out = MTPLossOutput(
+        loss=torch.zeros((), device=labels.device),
+        per_depth=[],
+        num_targets=torch.zeros(0, dtype=torch.int64, device=labels.device),
+    )
+    if return_accuracy:
+        out.predictions, out.correct, out.valid = [], [], []
+    return out
+
+
+def _depth_calls(
+    per_depth_hidden: Sequence[Tensor],
+    head_weight: Tensor | Sequence[Tensor],
+    targets: list[Tensor],
+    scales: Tensor,
+    teacher: _SelfTeacher | None,
+    kwargs: dict[str, Any],
+) -> list[SegmentedCE]:
+    """The depths' CE: one call with a shared head (cast and gradient accumulated once), else one per head."""
+    if isinstance(head_weight, Tensor):
+        return [
+            segmented_linear_cross_entropy(per_depth_hidden, head_weight, targets, scales, **kwargs, teacher=teacher)
+        ]
+    return [
+        segmented_linear_cross_entropy(
+            [h], w, [t], scales[k : k + 1], **kwargs, teacher=None if teacher is None else teacher.depth(k)
+        )
+        for k, (h, w, t) in enumerate(zip(per_depth_hidden, head_weight, targets, strict=True))
+    ]
+
+
+def _depth_counts(
+    normalization: Normalization,
+    num_label_tokens: Count | None,
+    num_depth_tokens: Sequence[Count] | Tensor | None,
+    num_targets: Tensor,
+) -> Tensor:
+    """``N_k`` per depth: the main count (``main_tokens``), the trainer's global counts, or the local ones."""
+    if normalization == "main_tokens":
+        return torch.as_tensor(num_label_tokens, device=num_targets.device).expand(len(num_targets))
+    if num_depth_tokens is not None:
+        return _as_count_tensor(num_depth_tokens, num_targets.device)
+    return num_targets
+
+
+def _with_main(
+    main_hidden: Tensor,
+    per_depth_hidden: Sequence[Tensor],
+    head_weight: Tensor | Sequence[Tensor],
+    labels: Tensor,
+    targets: list[Tensor],
+    scales: Tensor,
+    num_label_tokens: Count | None,
+    teacher: _SelfTeacher | None,
+    kwargs: dict[str, Any],
+) -> tuple[tuple[Tensor, Tensor | None], list[SegmentedCE]]:
+    """The main CE and every depth as segments of one call: ``((main CE, main argmax), [depths' output])``."""
+    if not isinstance(head_weight, Tensor):
+        raise ValueError("main_hidden joins the depths' call only with one shared head weight")
+    main_count = (labels != kwargs["ignore_index"]).sum() if num_label_tokens is None else num_label_tokens
+    main_count = torch.as_tensor(main_count, device=labels.device).to(scales.dtype).clamp_min(1).reshape(1)
+    joint = segmented_linear_cross_entropy(
+        [main_hidden, *per_depth_hidden],
+        head_weight,
+        [labels, *targets],
+        torch.cat([1 / main_count, scales]),
+        **kwargs,
+        teacher=None if teacher is None else teacher.after_main(),
+    )
+    argmax = kwargs["return_argmax"]
+    main = (joint.sums[0] / main_count[0], joint.argmax[0] if argmax else None)
+    return main, [joint._replace(sums=joint.sums[1:], argmax=joint.argmax[1:] if argmax else None)]
 
 
 class _SelfTeacher(Teacher):
@@ -334,17 +368,6 @@ def _teacher(
     rows = torch.arange(labels.numel(), device=labels.device).view(labels.shape)
     index = [roll_ids(rows, k, seq_idx) for k in range(1, depths + 1)]
     return _SelfTeacher(hidden.detach(), head, index, [float(share)] * depths)
-
-
-def _depth_shares(depth_weights: Sequence[float] | None, depths: int, like: Tensor) -> Tensor:
-    """``w_k / Σ_j w_j`` as a tensor like ``like`` (``1/D`` each without weights)."""
-    if depth_weights is None:
-        return torch.full((depths,), 1 / depths, dtype=like.dtype, device=like.device)
-    # Checked as Python floats: a tensor check would wait for the device on every micro-batch.
-    weights = [float(w) for w in depth_weights]
-    if len(weights) != depths or any(w < 0 for w in weights) or not sum(weights) > 0:
-        raise ValueError(f"depth_weights must be {depths} values >= 0 with a positive sum, got {weights}")
-    return torch.tensor([w / sum(weights) for w in weights], dtype=like.dtype, device=like.device)
 
 
 def _as_count_tensor(counts: Sequence[Count] | Tensor, device: torch.device) -> Tensor:

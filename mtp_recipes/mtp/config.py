@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -41,40 +42,16 @@ class MTPConfig:
     family_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_layers, int) or self.num_layers < 0:
-            raise ConfigError(f"mtp.num_layers must be an integer >= 0, got {self.num_layers!r}")
-        if self.loss_scaling_factor < 0:
-            raise ConfigError(f"mtp.loss_scaling_factor must be >= 0, got {self.loss_scaling_factor}")
-        if self.normalization not in ("depth_tokens", "main_tokens"):
-            raise ConfigError(f"mtp.normalization must be 'depth_tokens' or 'main_tokens', got {self.normalization!r}")
-        if self.init not in ("from_checkpoint", "from_scratch", "extend"):
-            raise ConfigError(f"mtp.init must be from_checkpoint, from_scratch or extend, got {self.init!r}")
-        if self.targets not in ("labels", "self", "mix"):
-            raise ConfigError(f"mtp.targets must be labels, self or mix, got {self.targets!r}")
-        if not 0 <= self.self_weight <= 1:
-            raise ConfigError(f"mtp.self_weight must be in [0, 1], got {self.self_weight}")
+        check_options(
+            {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("block_types", "family_options")}
+        )
         object.__setattr__(self, "block_types", tuple(self.block_types))
         if self.depth_weights is not None:
             object.__setattr__(self, "depth_weights", tuple(float(w) for w in self.depth_weights))
-        self.depth_shares()  # weights that do not fit D fail here, not at the first loss
 
     def depth_shares(self) -> tuple[float, ...]:
         """``w_k / Σ_j w_j`` for k = 1..D: the share of λ each depth's CE gets (``1/D`` each by default)."""
-        d, weights, beta = self.num_layers, self.depth_weights, self.depth_decay
-        if weights is not None and beta is not None:
-            raise ConfigError("set mtp.depth_weights or mtp.depth_decay, not both")
-        if beta is not None:
-            if beta <= 0:
-                raise ConfigError(f"mtp.depth_decay must be > 0, got {beta}")
-            weights = tuple(beta**k for k in range(d))
-        if weights is None:
-            return tuple(1 / d for _ in range(d))
-        if len(weights) != d:
-            raise ConfigError(f"mtp.depth_weights has {len(weights)} entries for {d} MTP depths (mtp.num_layers)")
-        if any(w < 0 for w in weights) or (d and sum(weights) <= 0):
-            raise ConfigError(f"mtp.depth_weights must be >= 0 with a positive sum, got {list(weights)}")
-        total = sum(weights)
-        return tuple(w / total for w in weights)
+        return depth_shares(self.num_layers, self.depth_weights, self.depth_decay)
 
     @property
     def self_target_share(self) -> float:
@@ -95,3 +72,60 @@ class MTPConfig:
         if unknown:
             raise ConfigError(f"unknown MTP option(s) {unknown}; valid options are {sorted(known)}")
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def depth_shares(
+    num_layers: int, depth_weights: Sequence[float] | None = None, depth_decay: float | None = None
+) -> tuple[float, ...]:
+    """``w_k / Σ_j w_j`` for k = 1..D from ``mtp.depth_weights`` or ``mtp.depth_decay`` β (``w_k = β^(k-1)``).
+
+    Equal weights (neither given) give ``1/D`` each, i.e. the loss ``(λ / D) · Σ_k CE_k``.
+    """
+    check_options({"num_layers": num_layers, "depth_weights": depth_weights, "depth_decay": depth_decay})
+    if depth_decay is not None:
+        depth_weights = [depth_decay**k for k in range(num_layers)]
+    if depth_weights is None:
+        return tuple(1 / num_layers for _ in range(num_layers))
+    total = sum(float(w) for w in depth_weights)
+    return tuple(float(w) / total for w in depth_weights)
+
+
+_CHOICES = {
+    "normalization": ("depth_tokens", "main_tokens"),
+    "init": ("from_checkpoint", "from_scratch", "extend"),
+    "targets": ("labels", "self", "mix"),
+}
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """Range-check ``mtp.*`` values, raising one :class:`ConfigError` line; absent keys are not checked.
+
+    The one place these rules live: the run config is checked before any work starts (where ``num_layers`` may
+    still be ``None``, the checkpoint's own), :class:`MTPConfig` on construction, the loss on its arguments.
+    """
+    d = options.get("num_layers")
+    if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 0):
+        raise ConfigError(f"mtp.num_layers must be >= 0, got {d!r}")
+    if options.get("loss_scaling_factor", 0) < 0:
+        raise ConfigError(f"mtp.loss_scaling_factor must be >= 0, got {options['loss_scaling_factor']}")
+    for key, allowed in _CHOICES.items():
+        if key in options and options[key] not in allowed:
+            choices = f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+            raise ConfigError(f"mtp.{key} must be {choices}, got {options[key]!r}")
+    if not 0 <= options.get("self_weight", 0) <= 1:
+        raise ConfigError(f"mtp.self_weight must be in [0, 1], got {options['self_weight']}")
+    if options.get("train_only") and d == 0:
+        raise ConfigError(
+            "mtp.train_only=true freezes the backbone and mtp.num_layers=0 leaves no MTP depth: nothing would train"
+        )
+    weights, beta = options.get("depth_weights"), options.get("depth_decay")
+    if weights is not None and beta is not None:
+        raise ConfigError("set mtp.depth_weights or mtp.depth_decay, not both")
+    if beta is not None and beta <= 0:
+        raise ConfigError(f"mtp.depth_decay must be > 0, got {beta}")
+    if weights is not None:
+        weights = [float(w) for w in weights]
+        if any(w < 0 for w in weights) or not sum(weights) > 0:
+            raise ConfigError(f"mtp.depth_weights must be >= 0 with a positive sum, got {weights}")
+        if d is not None and len(weights) != d:
+            raise ConfigError(f"mtp.depth_weights has {len(weights)} entries for {d} MTP depths (mtp.num_layers)")

@@ -225,8 +225,8 @@ def test_errors():
         (dict(normalization="main_tokens"), "needs num_label_tokens"),
         (dict(loss_scaling_factor=-0.1), "loss_scaling_factor"),
         (dict(num_depth_tokens=[1, 2]), "num_depth_tokens has 2"),
-        (dict(depth_weights=[1.0, 2.0]), "depth_weights must be 3 values"),
-        (dict(depth_weights=[1.0, -1.0, 1.0]), "depth_weights must be 3 values"),
+        (dict(depth_weights=[1.0, 2.0]), "depth_weights has 2 entries for 3"),
+        (dict(depth_weights=[1.0, -1.0, 1.0]), "depth_weights must be >= 0"),
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -85,7 +85,7 @@ def test_depth_decay_weighs_depth_k_by_beta_to_the_k_minus_1():
 @pytest.mark.parametrize(
     "overrides, needle",
     [
-        (["mtp.num_layers=2", "mtp.depth_weights=[1.0]"], "mtp.depth_weights needs one weight per MTP depth"),
+        (["mtp.num_layers=2", "mtp.depth_weights=[1.0]"], "mtp.depth_weights has 1 entries for 2 MTP depths"),
         (["mtp.depth_weights=[1.0, -2.0]"], "mtp.depth_weights must be >= 0"),
         (["mtp.depth_weights=[1.0]", "mtp.depth_decay=0.5"], "not both"),
         (["mtp.depth_decay=0"], "mtp.depth_decay must be > 0"),
