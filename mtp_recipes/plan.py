@@ -127,7 +127,7 @@ def memory_plan(cfg: DictConfig, world_size: int) -> MemoryPlan:
     from mtp_recipes.model import MTPModel
 
     shard, ep = mesh_sizes(cfg, world_size)
-    fp32 = cfg.trainer.precision == "fp32"  # otherwise a GPU run computes in bf16 and holds a frozen backbone so
+    fp32 = cfg.trainer.precision == "fp32"  # else a GPU run computes (and holds a frozen backbone) in bf16
     with torch.device("meta"):
         model = MTPModel.from_config(_config_dict(cfg), **model_kwargs(cfg, frozen_dtype=None if fp32 else "bfloat16"))
     params = list(model.parameters())
