@@ -198,3 +198,19 @@ def lambda_at(cfg: DictConfig, step: int) -> float:
         if step >= entry.step:
             value = entry.value
     return float(value)
+
+
+def model_kwargs(cfg: DictConfig, frozen_dtype: Any = None) -> dict[str, Any]:
+    """The keyword arguments ``MTPModel.from_config`` / ``from_pretrained`` get from a run config: the
+    ``model`` kernels and master dtype, every ``mtp`` field but the λ schedule (the loss reads that), and
+    the dtype a frozen backbone is held in (``mtp.train_only``; the compute dtype of a training run)."""
+    mtp = OmegaConf.to_container(cfg.mtp, resolve=True)
+    mtp.pop("loss_scaling_schedule")
+    m = cfg.model
+    return {
+        "dtype": m.dtype,
+        "attn_implementation": m.attn_implementation,
+        "experts_implementation": m.experts_implementation,
+        **mtp,
+        "frozen_dtype": frozen_dtype,
+    }

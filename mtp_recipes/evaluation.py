@@ -37,6 +37,7 @@ from mtp_recipes.acceptance import (
     speculative_decode,
 )
 from mtp_recipes.checkpoint.hf import resolve_model_dir
+from mtp_recipes.config import model_kwargs
 from mtp_recipes.data import load_tokenizer
 from mtp_recipes.data.heldout import load_documents
 from mtp_recipes.errors import ConfigError, DataError
@@ -100,16 +101,11 @@ def load_model(cfg: DictConfig, device: torch.device) -> MTPModel:
     A model built from scratch is seeded with ``trainer.seed`` first, as the training run seeds it, so it
     is the run's initial model.
     """
-    mtp = OmegaConf.to_container(cfg.mtp, resolve=True)
-    mtp.pop("loss_scaling_schedule")
-    m = cfg.model
-    kwargs = dict(
-        dtype=m.dtype, attn_implementation=m.attn_implementation, experts_implementation=m.experts_implementation
-    )
+    m, kwargs = cfg.model, model_kwargs(cfg)
     if m.path is not None:
-        return MTPModel.from_pretrained(m.path, device=device, **kwargs, **mtp).eval()
+        return MTPModel.from_pretrained(m.path, device=device, **kwargs).eval()
     torch.manual_seed(cfg.trainer.seed)
-    return MTPModel.from_config(OmegaConf.to_container(m.config, resolve=True), **kwargs, **mtp).to(device).eval()
+    return MTPModel.from_config(OmegaConf.to_container(m.config, resolve=True), **kwargs).to(device).eval()
 
 
 def stop_token_ids(model: MTPModel, tokenizer: Any) -> list[int]:

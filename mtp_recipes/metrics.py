@@ -18,7 +18,7 @@ Convention (the common ``6 N`` one, so MFU figures compare with other trainers')
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -36,27 +36,25 @@ _PEAK_BF16: tuple[tuple[str, float], ...] = (
 )
 
 
-def _active_params(modules: list[nn.Module], top_k: int | None, skip: set[int]) -> float:
-    """Parameters of ``modules`` not in ``skip`` (ids), routed-expert stacks scaled by ``top_k / n_experts``.
+def routed_expert_weights(root: nn.Module) -> Iterator[nn.Parameter]:
+    """The routed-expert stacks under ``root``, recognised the way transformers 5 stores them: 3-D
+    ``[n_experts, ...]`` weights of a module whose class name ends in ``Experts``."""
+    for module in root.modules():
+        if type(module).__name__.endswith("Experts"):
+            yield from (p for p in module.parameters(recurse=False) if p.dim() == 3)
 
-    Routed experts are recognised the way transformers 5 stores them: a module whose class name
-    ends in ``Experts`` holding 3-D ``[n_experts, ...]`` weights.
-    """
+
+def _active_params(modules: list[nn.Module], top_k: int | None, skip: set[int]) -> float:
+    """Parameters of ``modules`` not in ``skip`` (ids), routed-expert stacks scaled by ``top_k / n_experts``."""
     total = 0.0
     for root in modules:
-        seen: set[int] = set()
-        for module in root.modules():
-            routed = type(module).__name__.endswith("Experts")
-            for param in module.parameters(recurse=False):
-                if id(param) in skip or id(param) in seen:
-                    continue
-                seen.add(id(param))
-                if routed and param.dim() == 3:
-                    if top_k is None:
-                        raise ValueError(f"{type(module).__name__} has routed experts but the config has no top-k")
-                    total += param.numel() * top_k / param.shape[0]
-                else:
-                    total += param.numel()
+        routed = {id(p) for p in routed_expert_weights(root)}
+        if routed and top_k is None:
+            raise ValueError(f"{type(root).__name__} has routed experts but the config has no top-k")
+        for param in {id(p): p for p in root.parameters()}.values():
+            if id(param) in skip:
+                continue
+            total += param.numel() * top_k / param.shape[0] if id(param) in routed else param.numel()
     return total
 
 

@@ -1,10 +1,12 @@
 """``python -m mtp_recipes.plan --config-name RECIPE [--world-size N] [key=value ...]``: memory per GPU.
 
 Counts the parameters of the configured model (backbone + MTP depths) on the meta device, without
-allocating them, and prints what each GPU holds under FSDP2 over ``N`` ranks: the sharded master
-weights, gradients and AdamW moments, what is gathered at once (the root group, held for the whole step,
-plus the largest block and the next one prefetched, in the compute dtype), and an activation estimate at
-the recipe's ``data.seq_len``. Recipe setup on CUDA refuses, in one line, a plan over
+allocating them, and prints what each GPU holds under FSDP2 over ``N`` ranks: the master weights,
+gradients and AdamW moments sharded over the shard group (``N / trainer.dp_replicate`` ranks under HSDP),
+the buffers (never sharded), what is gathered at once (the root group, held for the whole step, plus the
+largest block and the next one prefetched, in the compute dtype; with expert parallelism over
+``trainer.ep`` ranks a block gathers only its ``1 / ep`` share of the routed experts), and an activation
+estimate at the recipe's ``data.seq_len``. Recipe setup on CUDA refuses, in one line, a plan over
 ``trainer.gpu_memory_gb``: better than an out-of-memory error an hour into loading 600 GB.
 """
 
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from mtp_recipes.errors import ConfigError, MTPRecipesError
 
@@ -34,18 +37,21 @@ class MemoryPlan:
     """Bytes per GPU, by what holds them."""
 
     world_size: int
+    shard_group: int
+    expert_parallel: int
     gpu_memory_gb: float
     parameters: int
     trainable: int
     params: float
     grads: float
     optimizer: float
+    buffers: float
     gathered: float
     activations: float
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.gathered + self.activations
+        return self.params + self.grads + self.optimizer + self.buffers + self.gathered + self.activations
 
     @property
     def fits(self) -> bool:
@@ -57,29 +63,18 @@ class MemoryPlan:
             ("parameters (sharded master weights)", self.params),
             ("gradients (sharded)", self.grads),
             ("optimizer (AdamW moments, sharded)", self.optimizer),
+            ("buffers (not sharded)", self.buffers),
             ("largest all-gather (root + 2 blocks, compute dtype)", self.gathered),
             ("activations (estimate)", self.activations),
             ("**total**", self.total),
         ]
         head = (
-            f"{self.parameters / 1e9:.1f}B parameters ({self.trainable / 1e9:.1f}B trained) on {self.world_size} "
-            f"GPUs of {self.gpu_memory_gb:g} GB: {'fits' if self.fits else 'does NOT fit'}\n\n"
+            f"{self.parameters / 1e9:.1f}B parameters ({self.trainable / 1e9:.1f}B trained) on {self.world_size} GPUs "
+            f"of {self.gpu_memory_gb:g} GB (sharded over {self.shard_group}, expert parallel {self.expert_parallel}): "
+            f"{'fits' if self.fits else 'does NOT fit'}\n\n"
         )
         lines = ["| per GPU | GiB |", "|---|---:|", *(f"| {name} | {value / GIB:.1f} |" for name, value in rows)]
         return head + "\n".join(lines)
-
-
-def model_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """The keyword arguments ``MTPModel.from_config``/``from_pretrained`` get from a recipe config."""
-    mcfg = cfg.model
-    mtp = OmegaConf.to_container(cfg.mtp, resolve=True)
-    mtp.pop("loss_scaling_schedule")
-    return {
-        "dtype": mcfg.dtype,
-        "attn_implementation": mcfg.attn_implementation,
-        "experts_implementation": mcfg.experts_implementation,
-        **mtp,
-    }
 
 
 def _config_dict(cfg: DictConfig) -> dict[str, Any]:
@@ -104,34 +99,59 @@ def _config_dict(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if k != "quantization_config"}
 
 
+def mesh_sizes(cfg: DictConfig, world_size: int) -> tuple[int, int]:
+    """``(shard group, expert parallel)``: the ranks each parameter is sharded over (``N / dp_replicate``) and
+    the ``trainer.ep`` ranks of it that split the routed experts (1 where the config has no such field)."""
+    replicas = cfg.trainer.dp_replicate
+    ep = OmegaConf.select(cfg, "trainer.ep", default=1)
+    if world_size % replicas:
+        raise ConfigError(f"trainer.dp_replicate={replicas} does not divide the {world_size} ranks")
+    shard = world_size // replicas
+    if ep < 1 or shard % ep:
+        raise ConfigError(f"trainer.ep={ep} must be >= 1 and divide the shard group of {shard} ranks")
+    return shard, ep
+
+
+def _gathered_size(block: nn.Module, ep: int) -> float:
+    """Elements one rank gathers for ``block``: all of it but the routed experts, of which its ``1 / ep``."""
+    from mtp_recipes.metrics import routed_expert_weights
+
+    experts = sum(p.numel() for p in routed_expert_weights(block))
+    return sum(p.numel() for p in block.parameters()) - experts + experts / ep
+
+
 def memory_plan(cfg: DictConfig, world_size: int) -> MemoryPlan:
     """The per-GPU plan of ``cfg`` over ``world_size`` ranks (the model is built on meta: nothing allocated)."""
+    from mtp_recipes.config import model_kwargs
     from mtp_recipes.distributed.parallelize import shardable_blocks
     from mtp_recipes.model import MTPModel
 
+    shard, ep = mesh_sizes(cfg, world_size)
+    fp32 = cfg.trainer.precision == "fp32"  # else a GPU run computes (and holds a frozen backbone) in bf16
     with torch.device("meta"):
-        model = MTPModel.from_config(_config_dict(cfg), **model_kwargs(cfg))
-    master = next(model.parameters()).element_size()
-    compute = 4 if cfg.trainer.precision == "fp32" else 2  # bf16 on GPU unless fp32 is asked for
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    blocks = [sum(p.numel() for p in block.parameters()) for block in shardable_blocks(model)]
-    root = total - sum(blocks)
-    hidden = model.text_config.hidden_size
-    tokens = cfg.data.batch_size * cfg.data.seq_len
+        model = MTPModel.from_config(_config_dict(cfg), **model_kwargs(cfg, frozen_dtype=None if fp32 else "bfloat16"))
+    params = list(model.parameters())
+    trained = [p for p in params if p.requires_grad]
+    trained_bytes = sum(p.numel() * p.element_size() for p in trained)
+    blocks = shardable_blocks(model)
+    root = sum(p.numel() for p in params) - sum(sum(p.numel() for p in b.parameters()) for b in blocks)
+    tokens = cfg.data.batch_size * cfg.data.seq_len * model.text_config.hidden_size
     if cfg.trainer.activation_checkpointing:
-        activations = tokens * hidden * (CHECKPOINTED_BYTES * len(blocks) + ACTIVATION_BYTES)
+        activations = tokens * (CHECKPOINTED_BYTES * len(blocks) + ACTIVATION_BYTES)
     else:
-        activations = tokens * hidden * ACTIVATION_BYTES * len(blocks)
+        activations = tokens * ACTIVATION_BYTES * len(blocks)
     return MemoryPlan(
         world_size=world_size,
+        shard_group=shard,
+        expert_parallel=ep,
         gpu_memory_gb=cfg.trainer.gpu_memory_gb,
-        parameters=total,
-        trainable=trainable,
-        params=master * total / world_size,
-        grads=master * trainable / world_size,
-        optimizer=2 * master * trainable / world_size,
-        gathered=compute * (root + 2 * max(blocks, default=0)),
+        parameters=sum(p.numel() for p in params),
+        trainable=sum(p.numel() for p in trained),
+        params=sum(p.numel() * p.element_size() for p in params) / shard,
+        grads=trained_bytes / shard,
+        optimizer=2 * trained_bytes / shard,
+        buffers=sum(b.numel() * b.element_size() for b in model.buffers()),
+        gathered=(4 if fp32 else 2) * (root + 2 * max((_gathered_size(b, ep) for b in blocks), default=0)),
         activations=activations,
     )
 

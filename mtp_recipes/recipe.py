@@ -30,7 +30,7 @@ from mtp_recipes.checkpoint.resume import (
     remove_unfinished,
     save_resume,
 )
-from mtp_recipes.config import lambda_at, to_schema
+from mtp_recipes.config import lambda_at, model_kwargs, to_schema
 from mtp_recipes.data import build_train_and_eval, load_tokenizer
 from mtp_recipes.distributed.mesh import all_reduce_sum, barrier, broadcast_object, init_world, shutdown
 from mtp_recipes.distributed.parallelize import apply_activation_checkpointing, apply_compile, apply_fsdp
@@ -256,15 +256,7 @@ class FinetuneRecipe:
 
     def _build_model(self, load_weights: bool = True) -> MTPModel:
         mcfg = self.cfg.model
-        mtp = OmegaConf.to_container(self.cfg.mtp, resolve=True)
-        mtp.pop("loss_scaling_schedule")
-        kwargs = {
-            "dtype": mcfg.dtype,
-            "attn_implementation": mcfg.attn_implementation,
-            "experts_implementation": mcfg.experts_implementation,
-            **mtp,
-            "frozen_dtype": self.compute_dtype,  # a frozen backbone (mtp.train_only) is held in the compute dtype
-        }
+        kwargs = model_kwargs(self.cfg, frozen_dtype=self.compute_dtype)
         if mcfg.path is not None:
             # Built on the meta device and sharded before any memory is allocated; then filled from the files,
             # or, on a resume, from the resume checkpoint only.

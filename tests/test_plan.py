@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from mtp_recipes.config import to_schema
 from mtp_recipes.errors import ConfigError
@@ -12,9 +17,19 @@ from mtp_recipes.plan import GIB, main, memory_plan, refuse_unfitting
 from tests.helpers import debug_model_config
 from tests.recipes.test_finetune import composed
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+PUBLISHED = ("deepseek_v3", "nemotron_super", "step3p5_flash", "minimax_m3")
 
-def config(*overrides: str):
-    return to_schema(composed("model=deepseek_v3_debug", *overrides))
+
+def config(*overrides: str, name: str = "finetune"):
+    return to_schema(composed("model=deepseek_v3_debug", *overrides, name=name))
+
+
+def with_ep(cfg, ep: int):
+    """``cfg`` with ``trainer.ep`` set, whether or not the trainer schema has that field yet."""
+    plain = OmegaConf.create(OmegaConf.to_container(cfg))
+    plain.trainer.ep = ep
+    return plain
 
 
 def test_counts_equal_the_built_model_and_shards_divide_by_the_world():
@@ -23,13 +38,59 @@ def test_counts_equal_the_built_model_and_shards_divide_by_the_world():
     four, eight = memory_plan(config(), 4), memory_plan(config(), 8)
     assert four.parameters == four.trainable == sum(p.numel() for p in real.parameters())
     assert four.params == 4 * four.parameters / 4 and four.optimizer == 2 * four.grads
+    assert four.buffers == sum(4 * b.numel() for b in real.buffers())  # fp32, on every rank
     for part in ("params", "grads", "optimizer"):
         assert getattr(eight, part) == pytest.approx(getattr(four, part) / 2)
-    assert (eight.gathered, eight.activations) == (four.gathered, four.activations)  # not sharded
+    assert (eight.gathered, eight.activations, eight.buffers) == (four.gathered, four.activations, four.buffers)
 
     frozen = memory_plan(config("mtp.train_only=true"), 4)
     trained = sum(p.numel() for p in real.mtp.parameters())
     assert frozen.trainable == trained and frozen.grads == 4 * trained / 4
+    # the frozen backbone is held in bf16 (what transformers keeps in fp32 stays so), the depths keep fp32
+    held = MTPModel.from_config(debug_model_config("deepseek_v3_debug"), train_only=True, frozen_dtype=torch.bfloat16)
+    assert frozen.params == sum(p.numel() * p.element_size() for p in held.parameters()) / 4
+    assert 2 * frozen.parameters < 4 * frozen.params < 4 * four.params
+
+
+def test_hsdp_shards_over_the_replica_not_the_world():
+    # 8 ranks as 2 replicas of 4: each parameter is sharded over the 4 ranks of its replica
+    hsdp, four = memory_plan(config("trainer.dp_replicate=2"), 8), memory_plan(config(), 4)
+    assert (hsdp.world_size, hsdp.shard_group) == (8, 4)
+    for part in ("params", "grads", "optimizer", "buffers", "gathered", "activations"):
+        assert getattr(hsdp, part) == getattr(four, part)
+    assert hsdp.params == 2 * memory_plan(config(), 8).params
+    with pytest.raises(ConfigError, match="trainer.dp_replicate=3 does not divide the 8 ranks"):
+        memory_plan(config("trainer.dp_replicate=3"), 8)
+
+
+def test_expert_parallel_gathers_only_the_local_experts():
+    torch.manual_seed(0)
+    real = MTPModel.from_config(debug_model_config("deepseek_v3_debug"))  # 4 routed experts per MoE block
+    # an independent reference: blocks by their key prefix, routed experts by name, everything else the root
+    blocks: dict[str, list[int]] = {}
+    for name, p in real.named_parameters():
+        block = re.match(r"(backbone\.model\.layers\.\d+|mtp\.depths\.\d+\.blocks\.\d+)\.", name)
+        if block:
+            blocks.setdefault(block[1], [0, 0])[".mlp.experts." in name] += p.numel()
+    root = sum(p.numel() for p in real.parameters()) - sum(map(sum, blocks.values()))
+    assert sorted(e for _, e in blocks.values()) == [0, 4 * 3 * 64 * 32, 4 * 3 * 64 * 32]  # 4 x (gate, up, down)
+
+    plain = memory_plan(config(), 4)
+    for ep in (1, 2, 4):
+        plan = memory_plan(with_ep(config(), ep), 4)
+        largest = max(dense + experts / ep for dense, experts in blocks.values())
+        assert plan.gathered == 2 * (root + 2 * largest)
+        assert (plan.expert_parallel, plan.params, plan.grads, plan.optimizer) == (
+            ep,
+            plain.params,
+            plain.grads,
+            plain.optimizer,
+        )  # expert weights are still sharded over all 4 ranks of the shard group (ep x expert-FSDP)
+    assert memory_plan(with_ep(config(), 2), 4).gathered < plain.gathered
+    with pytest.raises(ConfigError, match="trainer.ep=3 must be >= 1 and divide the shard group of 4 ranks"):
+        memory_plan(with_ep(config(), 3), 4)
+    with pytest.raises(ConfigError, match="divide the shard group of 2 ranks"):
+        memory_plan(with_ep(config("trainer.dp_replicate=2"), 4), 4)
 
 
 def test_activations_follow_seq_len_and_checkpointing():
@@ -53,4 +114,48 @@ def test_setup_refuses_an_unfitting_plan_on_cuda_only(capsys):
     assert main(["--config-name", "finetune", "--world-size", "2", "model=deepseek_v3_debug"]) == 0
     out = capsys.readouterr().out
     plan = memory_plan(config(), 2)
-    assert "on 2 GPUs of 80 GB: fits" in out and f"| **total** | {plan.total / GIB:.1f} |" in out
+    assert "on 2 GPUs of 80 GB (sharded over 2, expert parallel 1): fits" in out
+    assert f"| **total** | {plan.total / GIB:.1f} |" in out
+
+
+def sbatch_settings(recipe: str) -> tuple[int, list[str]]:
+    """The GPU count and the ``trainer.*`` overrides a recipe's slurm.sbatch runs with."""
+    script = (RECIPES / recipe / "slurm.sbatch").read_text()
+    nodes = int(re.search(r"^#SBATCH --nodes=(\d+)$", script, re.M)[1])
+    per_node = int(re.search(r"NPROC_PER_NODE=\$\{NPROC_PER_NODE:-(\d+)\}", script)[1])
+    code = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("#"))
+    return nodes * per_node, re.findall(r"\btrainer\.\w+=[^\s\\]+", code)
+
+
+@pytest.mark.parametrize("recipe", PUBLISHED)
+def test_each_published_recipe_fits_80gb_gpus_as_its_sbatch_runs_it(recipe):
+    world, overrides = sbatch_settings(recipe)
+    ep = [int(o.split("=")[1]) for o in overrides if o.startswith("trainer.ep=")]
+    schema = [o for o in overrides if not o.startswith("trainer.ep=")]
+    cfg = to_schema(composed(f"model.path={RECIPES / recipe}", *schema, name=recipe))
+    plan = memory_plan(with_ep(cfg, ep[0]) if ep else cfg, world)
+    assert cfg.trainer.gpu_memory_gb == 80 and plan.fits
+    assert plan.total <= 0.9 * 80 * GIB  # ~10 % left for the CUDA context, NCCL buffers and fragmentation
+    # the README shows this very plan (python -m mtp_recipes.plan prints the same table)
+    assert plan.table() in (RECIPES / recipe / "README.md").read_text()
+
+
+def test_stored_configs_rebuild_the_published_parameter_counts():
+    """The stored config.json files are transcriptions; the published tensor counts check them."""
+    with torch.device("meta"):
+        nemotron = MTPModel.from_config(json.loads((RECIPES / "nemotron_super" / "config.json").read_text()))
+    # NVIDIA-Nemotron-3-Super-120B-A12B-BF16 safetensors headers: 123,611,012,096 weights, 2,942,324,736 in MTP
+    assert sum(p.numel() for p in nemotron.parameters()) == 123_611_012_096
+    assert sum(p.numel() for p in nemotron.mtp.parameters()) == 2_942_324_736
+
+    from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl
+
+    from mtp_recipes.model import config_from_dict
+
+    raw = json.loads((RECIPES / "minimax_m3" / "config.json").read_text())
+    with torch.device("meta"):
+        vl = modeling_minimax_m3_vl.MiniMaxM3SparseForConditionalGeneration(config_from_dict(raw))
+    # MiniMaxAI/MiniMax-M3 on the Hub: 426,993,800,960 BF16 + 46,339,200 F32 tensor elements (vision tower
+    # included, no MTP tensors); transformers holds the 57 MoE layers' router biases as buffers
+    routing_biases = sum(b.numel() for n, b in vl.named_buffers() if n.endswith("e_score_correction_bias"))
+    assert sum(p.numel() for p in vl.parameters()) + routing_biases == 426_993_800_960 + 46_339_200
