@@ -11,7 +11,7 @@ import copy
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -441,18 +441,15 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return value
 
 
-class _default_dtype:
-    """Build modules in ``dtype`` (torch.set_default_dtype, restored afterwards)."""
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-
-    def __enter__(self) -> None:
-        self.previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_default_dtype(self.previous)
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules in ``dtype`` (torch.set_default_dtype, restored afterwards, also on error)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 __all__ = ["MTPModel", "MTPOutput"]
