@@ -55,7 +55,7 @@ class LambdaStep:
 @dataclass
 class MTPSection:
     num_layers: Optional[int] = None  # None: the checkpoint's own depth count
-    block_types: Optional[Any] = None  # None: the checkpoint's own (Nemotron-H: "*E" or a list)
+    block_types: Optional[Any] = None  # sublayers of one depth where the family allows a choice; None: checkpoint
     loss_scaling_factor: float = 0.1
     loss_scaling_schedule: list[LambdaStep] = field(default_factory=list)
     use_repeated_layer: bool = False

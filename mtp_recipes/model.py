@@ -420,6 +420,11 @@ def family_mtp_config(
 ) -> MTPConfig:
     """The MTP settings: the family's reading of the config, the user's overrides, and what the family
     needs from the config.json dict ``source`` that transformers' config object no longer holds."""
+    if overrides.get("block_types") is not None and not family.configurable_blocks:
+        raise ConfigError(
+            f"mtp.block_types={overrides['block_types']!r}: {family.name} MTP depths have one fixed layout; "
+            "leave mtp.block_types null"
+        )
     text = family.text_config(hf_config)
     mtp = family.mtp_config(text, **overrides)
     options = family.source_options(text, source) if source is not None else {}

@@ -44,6 +44,9 @@ class Family(ABC):
     # ``language_model.``); the loader strips the one it finds, the saver writes it back, and tensors
     # outside it (other towers) are copied verbatim.
     checkpoint_prefixes: ClassVar[tuple[str, ...]] = ()
+    # Whether ``mtp.block_types`` may choose the sublayers of one depth; a family whose depths have one fixed
+    # layout refuses a value instead of ignoring it.
+    configurable_blocks: ClassVar[bool] = False
 
     # ---- config -------------------------------------------------------------------------------
     def text_config(self, hf_config: PretrainedConfig) -> PretrainedConfig:

@@ -64,6 +64,7 @@ class NemotronH(Family):
     model_types = ("nemotron_h",)
     head = "shared"
     passes_on = "normed"
+    configurable_blocks = True
 
     def mtp_config(self, hf_config: PretrainedConfig, **overrides: Any) -> MTPConfig:
         if overrides.get("block_types") is not None:

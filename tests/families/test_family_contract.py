@@ -217,3 +217,16 @@ def test_extend_keeps_the_checkpoint_depths_and_adds_new_ones(model_name, tmp_pa
             assert all(torch.equal(p, q) for p, q in zip(block.parameters(), same[-1].parameters(), strict=True))
     out = grown(**packed_batch(grown.text_config.vocab_size, [[8, 8]]))
     assert len(out.mtp_losses) == 2 and torch.isfinite(out.loss)
+
+
+def test_block_types_is_refused_where_a_family_fixes_the_depth_layout(model_name):
+    """``mtp.block_types`` is honoured where the family lets it choose a depth's sublayers, refused elsewhere."""
+    from mtp_recipes.families import get_family
+
+    family = get_family(debug_model_config(model_name)["model_type"])
+    if family.configurable_blocks:
+        model = build(model_name, num_layers=1, block_types=["full_attention", "mlp"])
+        assert list(model.mtp_config.block_types) == ["full_attention", "mlp"]
+    else:
+        with pytest.raises(ConfigError, match="mtp.block_types=.*fixed layout; leave mtp.block_types null"):
+            build(model_name, num_layers=1, block_types=["full_attention", "mlp"])
