@@ -37,7 +37,7 @@ from typing import Any
 
 MTP = ["mtp.num_layers=2", "mtp.use_repeated_layer=true"]
 QUIET = ["trainer.progress_bar=false", "trainer.device=cpu", "trainer.log_every=50"]
-EVAL = ["eval.num_prompts=48", "eval.prompt_tokens=64", "eval.max_new_tokens=48"]
+EVAL = ["eval.num_prompts=32", "eval.prompt_tokens=64", "eval.max_new_tokens=32"]
 DOMAINS = {"new": "pydoc", "old": "shakespeare"}
 
 
@@ -45,7 +45,7 @@ def write_corpora(data_dir: Path, block_chars: int = 1200) -> dict[str, Path]:
     """Both builtin corpora as JSON Lines of ~``block_chars``-character blocks of whole paragraphs.
 
     The builtins hold one row per play or topic (38 and 79 rows); blocks give the held-out split (10 % of rows,
-    by content hash) enough rows for 48 evaluation prompts in each domain.
+    by content hash) enough rows for 32 evaluation prompts in each domain.
     """
     from mtp_recipes.data.sources import load_source
 
@@ -162,8 +162,8 @@ def measures(record: dict[str, Any]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench_results/drift"))
-    parser.add_argument("--pretrain-steps", type=int, default=600)
-    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--pretrain-steps", type=int, default=500)
+    parser.add_argument("--finetune-steps", type=int, default=100)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--quick", action="store_true", help="10 pretraining and 5 fine-tuning steps, seed 0")
     args = parser.parse_args()

@@ -115,6 +115,72 @@ def stop_token_ids(model: MTPModel, tokenizer: Any) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+class _Tally:
+    """What ``evaluate`` adds up over the prompts: acceptance counts per draft count, agreement, reference CE."""
+
+    def __init__(self, depths: int) -> None:
+        self.depths = depths
+        self.greedy = {k: GreedyAcceptance(k) for k in range(1, depths + 1)}
+        self.sampling = {k: SamplingAcceptance(k) for k in range(1, depths + 1)}
+        self.teacher = {k: _no_counts(k) for k in range(1, depths + 1)}
+        self.agree = self.slots = self.generated = 0
+        self.generate_s = 0.0
+        self.ce = torch.zeros(depths + 1, dtype=torch.float64)
+        self.ce_count = torch.zeros(depths + 1, dtype=torch.float64)
+        self.reference = _no_counts(depths)
+
+    def add(self, model: MTPModel, prompt: Prompt, continuation: list[int], table: Any, temperature: float) -> None:
+        """One prompt: its greedy continuation's walk and estimates, and the CE on its own reference text."""
+        self.generated += len(continuation)
+        for k in self.greedy:
+            self.greedy[k] += table.greedy(k)
+            self.teacher[k] = self.teacher[k] + table.teacher_forced(k)
+            if temperature > 0:
+                self.sampling[k] += table.sampling(k)
+        backbone = table.backbone[len(prompt.ids) - 1 : -1].tolist()
+        self.agree += sum(int(b == t) for b, t in zip(backbone, continuation, strict=True))
+        self.slots += len(continuation)
+        if prompt.reference:
+            sums, counts, stats = _reference_ce(model, prompt, self.depths)
+            self.ce += sums
+            self.ce_count += counts
+            self.reference = self.reference + stats
+
+    def record(self, temperature: float) -> dict[str, Any]:
+        """The measured fields of eval.json."""
+        d, sampled = self.depths, temperature > 0
+        mean_ce = (self.ce / self.ce_count.clamp_min(1)).tolist()
+        held = bool(self.ce_count[0])
+        return {
+            "generated_tokens": self.generated,
+            "num_depths": d,
+            "acceptance_length": self.greedy[d].length if d else 1.0,
+            "acceptance_rates": self.greedy[d].rates if d else [],
+            "steps": self.greedy[d].steps if d else 0,
+            "teacher_forced_acceptance_length": float(self.teacher[d].acceptance_length) if d else 1.0,
+            "temperature": temperature,
+            "sampling_acceptance_length": self.sampling[d].length if d and sampled else None,
+            "sampling_acceptance_rates": self.sampling[d].rates if d and sampled else None,
+            "per_num_drafts": [
+                {
+                    "num_drafts": k,
+                    "acceptance_length": self.greedy[k].length,
+                    "acceptance_rates": self.greedy[k].rates,
+                    "steps": self.greedy[k].steps,
+                    "teacher_forced_acceptance_length": float(self.teacher[k].acceptance_length),
+                    "sampling_acceptance_length": self.sampling[k].length if sampled else None,
+                }
+                for k in self.greedy
+            ],
+            "backbone_agreement": self.agree / max(self.slots, 1),
+            "reference_tokens": int(self.ce_count[0]),
+            "reference_main_ce": mean_ce[0] if held else None,
+            "reference_mtp_ce": mean_ce[1:] if held else None,
+            "reference_acceptance_length": float(self.reference.acceptance_length) if d and held else None,
+            "tokens_per_s": self.generated / self.generate_s if self.generate_s else None,
+        }
+
+
 def evaluate(cfg: DictConfig, output: str | Path) -> dict[str, Any]:
     """Measure acceptance on the held-out prompts, write ``output`` (eval.json) and return its record."""
     start = time.perf_counter()
@@ -129,75 +195,24 @@ def evaluate(cfg: DictConfig, output: str | Path) -> dict[str, Any]:
     tokenizer = load_tokenizer(name)
     prompts = heldout_prompts(cfg, tokenizer)
     stop = stop_token_ids(model, tokenizer)
-    depths = model.mtp.num_depths
-    ks = range(1, depths + 1)
-    greedy = {k: GreedyAcceptance(k) for k in ks}
-    sampling = {k: SamplingAcceptance(k) for k in ks}
-    teacher = {k: _no_counts(k) for k in ks}
-    agree = slots = generated = 0
-    generate_s = 0.0
-    ce = torch.zeros(depths + 1, dtype=torch.float64)
-    ce_count = torch.zeros(depths + 1, dtype=torch.float64)
-    reference = _no_counts(depths)
+    tally = _Tally(model.mtp.num_depths)
     checked = []
     for i, prompt in enumerate(tqdm(prompts, desc="evaluate", disable=not cfg.trainer.progress_bar)):
         t0 = time.perf_counter()
         continuation = greedy_generate(model, prompt.ids, e.max_new_tokens, stop)
-        generate_s += time.perf_counter() - t0
-        generated += len(continuation)
-        text = prompt.ids + continuation
-        table = draft_table(model, text, len(prompt.ids), temperature=e.temperature)
-        for k in ks:
-            greedy[k] += table.greedy(k)
-            teacher[k] = teacher[k] + table.teacher_forced(k)
-            if e.temperature > 0:
-                sampling[k] += table.sampling(k)
-        agree += sum(
-            int(b == t) for b, t in zip(table.backbone[len(prompt.ids) - 1 : -1].tolist(), continuation, strict=True)
-        )
-        slots += len(continuation)
-        if prompt.reference:
-            sums, counts, stats = _reference_ce(model, prompt, depths)
-            ce += sums
-            ce_count += counts
-            reference = reference + stats
+        tally.generate_s += time.perf_counter() - t0
+        table = draft_table(model, prompt.ids + continuation, len(prompt.ids), temperature=e.temperature)
+        tally.add(model, prompt, continuation, table, e.temperature)
         if e.verify and i < e.verify_prompts:
             checked.append((prompt, continuation, table))
     verified = _verify(model, checked, e.max_new_tokens, stop) if e.verify else None
-
-    mean_ce = (ce / ce_count.clamp_min(1)).tolist()
     record = {
         "checkpoint": cfg.model.path or f"model.config from scratch (trainer.seed={cfg.trainer.seed})",
         "date": datetime.now().isoformat(timespec="seconds"),
         "device": str(device),
         "prompts": len(prompts),
         "max_new_tokens": e.max_new_tokens,
-        "generated_tokens": generated,
-        "num_depths": depths,
-        "acceptance_length": greedy[depths].length if depths else 1.0,
-        "acceptance_rates": greedy[depths].rates if depths else [],
-        "steps": greedy[depths].steps if depths else 0,
-        "teacher_forced_acceptance_length": float(teacher[depths].acceptance_length) if depths else 1.0,
-        "temperature": e.temperature,
-        "sampling_acceptance_length": sampling[depths].length if depths and e.temperature > 0 else None,
-        "sampling_acceptance_rates": sampling[depths].rates if depths and e.temperature > 0 else None,
-        "per_num_drafts": [
-            {
-                "num_drafts": k,
-                "acceptance_length": greedy[k].length,
-                "acceptance_rates": greedy[k].rates,
-                "steps": greedy[k].steps,
-                "teacher_forced_acceptance_length": float(teacher[k].acceptance_length),
-                "sampling_acceptance_length": sampling[k].length if e.temperature > 0 else None,
-            }
-            for k in ks
-        ],
-        "backbone_agreement": agree / max(slots, 1),
-        "reference_tokens": int(ce_count[0]),
-        "reference_main_ce": mean_ce[0] if ce_count[0] else None,
-        "reference_mtp_ce": mean_ce[1:] if ce_count[0] else None,
-        "reference_acceptance_length": float(reference.acceptance_length) if depths and ce_count[0] else None,
-        "tokens_per_s": generated / generate_s if generate_s else None,
+        **tally.record(e.temperature),
         "wall_s": time.perf_counter() - start,
         "verify": verified,
     }
