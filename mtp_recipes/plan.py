@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtp_recipes.errors import ConfigError, MTPRecipesError
+from mtp_recipes.lora import LoraSettings
 
 GIB = 2**30
 # Activation bytes per token and hidden unit that one transformer layer keeps for backward in 16-bit
@@ -79,6 +80,7 @@ def model_kwargs(cfg: DictConfig) -> dict[str, Any]:
         "attn_implementation": mcfg.attn_implementation,
         "experts_implementation": mcfg.experts_implementation,
         **mtp,
+        "lora": LoraSettings.from_section(cfg.lora),
     }
 
 

@@ -38,7 +38,7 @@ from mtp_recipes.errors import ConfigError, TrainingError
 from mtp_recipes.metrics import StepTotals, flops_per_token, mfu, peak_flops
 from mtp_recipes.model import MTPModel, MTPOutput
 from mtp_recipes.mtp.roll import count_depth_targets
-from mtp_recipes.plan import refuse_unfitting
+from mtp_recipes.plan import model_kwargs, refuse_unfitting
 
 log = logging.getLogger("mtp_recipes")
 
@@ -124,6 +124,16 @@ class FinetuneRecipe:
             "/".join(m.block_types),
             m.loss_scaling_factor,
         )
+        lora = self.model.lora
+        if lora is not None:
+            log.info(
+                "LoRA r=%d alpha=%g on %d linear layers; MTP depths: %s; export: %s",
+                lora.rank,
+                lora.alpha,
+                len(self.model.lora_targets),
+                "every weight" if lora.mtp == "full" else "LoRA",
+                lora.export,
+            )
 
     def _prepare_run_dir(self) -> Path | None:
         """Undo unfinished writes, pick the resume checkpoint, and refuse to clobber a previous run.
@@ -256,15 +266,9 @@ class FinetuneRecipe:
 
     def _build_model(self, load_weights: bool = True) -> MTPModel:
         mcfg = self.cfg.model
-        mtp = OmegaConf.to_container(self.cfg.mtp, resolve=True)
-        mtp.pop("loss_scaling_schedule")
-        kwargs = {
-            "dtype": mcfg.dtype,
-            "attn_implementation": mcfg.attn_implementation,
-            "experts_implementation": mcfg.experts_implementation,
-            **mtp,
-            "frozen_dtype": self.compute_dtype,  # a frozen backbone (mtp.train_only) is held in the compute dtype
-        }
+        # What nothing trains (the backbone under mtp.train_only, the weights LoRA adapts) is held in the
+        # compute dtype.
+        kwargs = {**model_kwargs(self.cfg), "frozen_dtype": self.compute_dtype}
         if mcfg.path is not None:
             # Built on the meta device and sharded before any memory is allocated; then filled from the files,
             # or, on a resume, from the resume checkpoint only.
