@@ -185,9 +185,9 @@ def merge_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tenso
 
 
 def merged(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``W + scaling · B @ A`` computed in at least float32, returned in ``weight``'s dtype."""
+    """``W + scaling · B @ A`` in at least float32: the export rounds it once, to the tensor's on-disk dtype."""
     dtype = torch.promote_types(weight.dtype, torch.float32)
-    return (weight.to(dtype) + scaling * (b.to(dtype) @ a.to(dtype))).to(weight.dtype)
+    return weight.to(dtype) + scaling * (b.to(dtype) @ a.to(dtype))
 
 
 def peft_key(name: str) -> str:
