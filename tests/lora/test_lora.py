@@ -239,6 +239,7 @@ def test_the_command_line_without_peft(tmp_path):
     on = run("lora.rank=4", f"hydra.run.dir={tmp_path}/on")
     assert on.returncode == 2
     errors = [line for line in on.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: lora.rank=4 needs peft, which is not installed: pip install 'mtp_recipes[lora]' "
-                      "(or set lora.rank=0)"]
+    assert errors == [
+        "error: lora.rank=4 needs peft, which is not installed: pip install 'mtp_recipes[lora]' (or set lora.rank=0)"
+    ]
     assert not (tmp_path / "on").exists()
