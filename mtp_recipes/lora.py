@@ -13,6 +13,7 @@ peft is an optional dependency: it is imported only when LoRA is on.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -137,13 +138,9 @@ def apply_lora(model: MTPModel, settings: LoraSettings) -> list[str]:
     """
     peft = require_peft()
     targets = target_modules(model, settings)
-    config = peft.LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=targets,
-        bias="none",
-    )
+    if settings.export == "adapter":
+        check_peft_loads(model, settings, targets)
+    config = _lora_config(peft, settings, targets)
     peft.inject_adapter_in_model(config, nn.ModuleDict({root: getattr(model, root) for root in ROOTS}))
     master = torch.get_default_dtype()  # peft casts adapters to their base layer's (frozen) dtype
     for name, param in model.named_parameters():
@@ -152,6 +149,45 @@ def apply_lora(model: MTPModel, settings: LoraSettings) -> list[str]:
             param.data = param.data.to(master)
         param.requires_grad_(adapter or (settings.mtp == "full" and name.startswith("mtp.")))
     return targets
+
+
+def _lora_config(peft: Any, settings: LoraSettings, targets: list[str], **fields: Any) -> Any:
+    return peft.LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        bias="none",
+        **fields,
+    )
+
+
+def _backbone_targets(targets: list[str]) -> list[str]:
+    """The backbone's targets, named inside the backbone (as peft's adapter files name them)."""
+    prefix = f"{ROOTS[0]}."
+    return sorted(t.removeprefix(prefix) for t in targets if t.startswith(prefix))
+
+
+def check_peft_loads(model: MTPModel, settings: LoraSettings, targets: list[str]) -> None:
+    """``export: adapter`` only where peft's loader adapts exactly the layers trained: one ConfigError line else.
+
+    peft rewrites some targets when it loads an adapter onto a transformers model (its v4 -> v5 MoE
+    conversion: DeepSeek-V3's dense ``gate_proj`` becomes the routed experts), which would load the adapter
+    into other layers without an error. The check injects the adapter's config into a meta-device copy of
+    the backbone, as the loader does, and compares.
+    """
+    peft = require_peft()
+    config = _lora_config(peft, settings, _backbone_targets(targets))
+    with torch.device("meta"):
+        probe = model.family.build_backbone(copy.deepcopy(model.config))  # building may write to a config
+    peft.inject_adapter_in_model(config, probe, low_cpu_mem_usage=True)
+    loaded = {n.removesuffix(".base_layer") for n, _ in probe.named_modules() if n.endswith(".base_layer")}
+    wrong = sorted(loaded ^ set(_backbone_targets(targets)))
+    if wrong:
+        raise ConfigError(
+            f"lora.export=adapter: peft's adapter loader would not put the adapters where they were trained on this "
+            f"{model.config.model_type} model (it remaps its targets; e.g. {wrong[0]}): use lora.export=merged"
+        )
 
 
 def adapted_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -216,15 +252,8 @@ def adapter_writer(
 ) -> Callable[[Path], None]:
     """A function writing peft's ``adapter_model.safetensors`` and ``adapter_config.json`` into a directory."""
     peft = require_peft()
-    prefix = f"{ROOTS[0]}."
-    config = peft.LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=sorted(t.removeprefix(prefix) for t in targets if t.startswith(prefix)),
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base,
+    config = _lora_config(
+        peft, settings, _backbone_targets(targets), task_type="CAUSAL_LM", base_model_name_or_path=base
     )
 
     def write(directory: Path) -> None:

@@ -191,6 +191,16 @@ def test_the_adapter_export_loads_with_peft_and_holds_the_merged_mtp_tensors(mod
     assert all(torch.equal(mtp[k], whole[k]) for k in mtp)
 
 
+def test_an_adapter_export_peft_would_load_elsewhere_is_refused_at_build():
+    # peft's loader remaps DeepSeek-V3's dense gate/up/down_proj targets onto the routed experts (its v4 -> v5
+    # MoE conversion): the adapter would load into other layers without an error, so it is refused up front
+    settings = LoraSettings(rank=2, export="adapter")
+    with pytest.raises(ConfigError, match=r"lora.export=adapter: .* use lora.export=merged") as err:
+        MTPModel.from_config(debug_model_config("deepseek_v3_debug"), lora=settings)
+    assert "\n" not in str(err.value) and "mlp.down_proj" in str(err.value)
+    MTPModel.from_config(debug_model_config("deepseek_v3_debug"), lora=replace(settings, export="merged"))
+
+
 @pytest.mark.slow
 def test_a_lora_run_resumes_exactly(tmp_path):
     run = [*CPU, "lora.rank=4", "lora.mtp=lora", "trainer.precision=bf16", "optim.warmup_steps=1"]
