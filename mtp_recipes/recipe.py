@@ -124,16 +124,19 @@ class FinetuneRecipe:
             "/".join(m.block_types),
             m.loss_scaling_factor,
         )
+        if self.model.lora is not None:
+            self._log_lora()
+
+    def _log_lora(self) -> None:
         lora = self.model.lora
-        if lora is not None:
-            log.info(
-                "LoRA r=%d alpha=%g on %d linear layers; MTP depths: %s; export: %s",
-                lora.rank,
-                lora.alpha,
-                len(self.model.lora_targets),
-                "every weight" if lora.mtp == "full" else "LoRA",
-                lora.export,
-            )
+        log.info(
+            "LoRA r=%d alpha=%g on %d linear layers; MTP depths: %s; export: %s",
+            lora.rank,
+            lora.alpha,
+            len(self.model.lora_targets),
+            "every weight" if lora.mtp == "full" else "LoRA",
+            lora.export,
+        )
 
     def _prepare_run_dir(self) -> Path | None:
         """Undo unfinished writes, pick the resume checkpoint, and refuse to clobber a previous run.

@@ -253,3 +253,14 @@ def test_the_command_line_without_peft(tmp_path):
         "error: lora.rank=4 needs peft, which is not installed: pip install 'mtp_recipes[lora]' (or set lora.rank=0)"
     ]
     assert not (tmp_path / "on").exists()
+
+
+def test_the_memory_plan_counts_what_lora_trains():
+    from mtp_recipes.plan import memory_plan
+
+    plan = memory_plan(to_schema(composed("model=minimax_m3_debug", "lora.rank=4")), 2)
+    torch.manual_seed(0)
+    built = MTPModel.from_config(debug_model_config("minimax_m3_debug"), lora=LoraSettings(rank=4))
+    trainable = sum(p.numel() for p in built.parameters() if p.requires_grad)
+    assert plan.trainable == trainable < plan.parameters / 5
+    assert plan.grads == 4 * trainable / 2 and plan.optimizer == 2 * plan.grads
