@@ -6,6 +6,7 @@ and wrong types, and :func:`validate` rejects out-of-range values, each in one l
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -71,6 +72,17 @@ class MTPSection:
 
 
 @dataclass
+class LoraSection:
+    rank: int = 0  # LoRA rank r; 0: off (every backbone weight trains)
+    alpha: float = 16.0  # scaling = alpha / rank
+    dropout: float = 0.0
+    target_modules: Optional[list[str]] = None  # module names or name endings; None: every linear layer LoRA can adapt
+    mtp: str = "full"  # full: MTP depths train every weight | lora: adapters on their linear layers too
+    export: str = "merged"  # merged: adapters merged into the checkpoint | adapter: peft adapter + MTP tensors
+    seed: int = 0  # draws the adapters' initial A
+
+
+@dataclass
 class OptimConfig:
     lr: float = 3e-4
     weight_decay: float = 0.01
@@ -120,6 +132,7 @@ class FinetuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mtp: MTPSection = field(default_factory=MTPSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -155,6 +168,7 @@ def validate(cfg: DictConfig) -> None:
             all(s.value >= 0 and s.step >= 0 for s in cfg.mtp.loss_scaling_schedule),
             "mtp.loss_scaling_schedule entries need step >= 0 and value >= 0",
         ),
+        *_lora_checks(cfg),
         (cfg.trainer.max_steps > 0, f"trainer.max_steps must be > 0, got {cfg.trainer.max_steps}"),
         (cfg.trainer.grad_accum_steps >= 1, "trainer.grad_accum_steps must be >= 1"),
         (cfg.trainer.checkpoint_every >= 0 and cfg.trainer.save_every >= 0, "checkpoint/save intervals must be >= 0"),
@@ -191,6 +205,31 @@ def validate(cfg: DictConfig) -> None:
     check_mtp_options({k: v for k, v in cfg.mtp.items() if k not in ("block_types", "loss_scaling_schedule")})
 
 
+def _lora_checks(cfg: DictConfig) -> list[tuple[bool, str]]:
+    """The ``lora`` section's checks; peft is looked up without importing it (and torch)."""
+    lora = cfg.lora
+    return [
+        (lora.rank >= 0, f"lora.rank must be >= 0 (0 turns LoRA off), got {lora.rank}"),
+        (
+            lora.rank == 0 or importlib.util.find_spec("peft") is not None,
+            f"lora.rank={lora.rank} needs peft, which is not installed: pip install 'mtp_recipes[lora]' "
+            "(or set lora.rank=0)",
+        ),
+        (lora.alpha > 0, f"lora.alpha must be > 0, got {lora.alpha}"),
+        (0 <= lora.dropout < 1, f"lora.dropout must be in [0, 1), got {lora.dropout}"),
+        (lora.mtp in ("full", "lora"), f"lora.mtp must be full or lora, got {lora.mtp}"),
+        (lora.export in ("merged", "adapter"), f"lora.export must be merged or adapter, got {lora.export}"),
+        (
+            lora.target_modules is None or len(lora.target_modules) > 0,
+            "lora.target_modules=[] adapts nothing: give module names, or null for every linear layer",
+        ),
+        (
+            not (lora.rank > 0 and cfg.mtp.train_only),
+            "lora.rank > 0 trains the backbone through adapters and mtp.train_only=true freezes it: turn one off",
+        ),
+    ]
+
+
 def lambda_at(cfg: DictConfig, step: int) -> float:
     """λ for ``step``: the last schedule entry whose step has been reached, else the base value."""
     value = cfg.mtp.loss_scaling_factor
@@ -203,7 +242,10 @@ def lambda_at(cfg: DictConfig, step: int) -> float:
 def model_kwargs(cfg: DictConfig, frozen_dtype: Any = None) -> dict[str, Any]:
     """The keyword arguments ``MTPModel.from_config`` / ``from_pretrained`` get from a run config: the
     ``model`` kernels and master dtype, every ``mtp`` field but the λ schedule (the loss reads that), and
-    the dtype a frozen backbone is held in (``mtp.train_only``; the compute dtype of a training run)."""
+    the dtype frozen weights are held in (``mtp.train_only``'s backbone, the weights LoRA adapts; the compute
+    dtype of a training run), and the LoRA settings (``None`` when ``lora.rank`` is 0)."""
+    from mtp_recipes.lora import LoraSettings  # torch loads here; validation above must not need it
+
     mtp = OmegaConf.to_container(cfg.mtp, resolve=True)
     mtp.pop("loss_scaling_schedule")
     m = cfg.model
@@ -213,4 +255,5 @@ def model_kwargs(cfg: DictConfig, frozen_dtype: Any = None) -> dict[str, Any]:
         "experts_implementation": m.experts_implementation,
         **mtp,
         "frozen_dtype": frozen_dtype,
+        "lora": LoraSettings.from_section(cfg.lora),
     }

@@ -24,6 +24,7 @@ from mtp_recipes import hf_compat
 from mtp_recipes.checkpoint.hf import (
     CheckpointLayout,
     fp8_block_size,
+    gather_full,
     load_model_state,
     read_config_dict,
     resolve_model_dir,
@@ -32,6 +33,15 @@ from mtp_recipes.checkpoint.hf import (
 from mtp_recipes.checkpoint.keymap import KeyMap
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.families.base import Family, get_family, registered_model_types
+from mtp_recipes.lora import (
+    MTP_STEM,
+    LoraSettings,
+    adapter_writer,
+    apply_lora,
+    checkpoint_names,
+    gather_adapter,
+    init_adapters,
+)
 from mtp_recipes.loss import AcceptanceStats, acceptance_stats, main_loss, mtp_loss
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.roll import roll_ids
@@ -83,10 +93,13 @@ class MTPModel(nn.Module):
         attn_implementation: str | None = None,
         experts_implementation: str | None = None,
         frozen_dtype: torch.dtype | None = None,
+        lora: LoraSettings | None = None,
     ) -> None:
-        """``frozen_dtype``: with ``mtp.train_only`` the backbone is built in this dtype (the compute dtype,
-        bf16 on GPU) instead of the master-weight dtype: it gets no gradients or optimizer state, so fp32
-        copies of it would only double its memory. Trainable parameters keep the default (master) dtype."""
+        """``frozen_dtype``: with ``mtp.train_only`` the backbone (with ``lora``, every weight LoRA freezes) is
+        built in this dtype (the compute dtype, bf16 on GPU) instead of the master-weight dtype: it gets no
+        gradients or optimizer state, so fp32 copies of it would only double its memory. Trainable parameters
+        (MTP depths, LoRA adapters) keep the default (master) dtype. ``lora`` injects LoRA adapters
+        (:mod:`mtp_recipes.lora`)."""
         super().__init__()
         self.family = family or get_family(hf_config.model_type)
         # Set before any module is built so the MTP blocks (built from copies of this config) agree.
@@ -94,12 +107,15 @@ class MTPModel(nn.Module):
         self.config = hf_config
         self.text_config = self.family.text_config(hf_config)
         self.mtp_config = mtp_config
-        frozen = frozen_dtype if mtp_config.train_only else None
+        self.lora = lora
+        frozen = frozen_dtype if mtp_config.train_only or lora is not None else None
         with _default_dtype(frozen) if frozen is not None else contextlib.nullcontext():
             self.backbone = self.family.build_backbone(hf_config)
-        depths = [
-            self.family.build_depth(self.text_config, mtp_config, i) for i in range(mtp_config.num_physical_layers)
-        ]
+        frozen_depths = frozen if lora is not None and lora.mtp == "lora" else None
+        with _default_dtype(frozen_depths) if frozen_depths is not None else contextlib.nullcontext():
+            depths = [
+                self.family.build_depth(self.text_config, mtp_config, i) for i in range(mtp_config.num_physical_layers)
+            ]
         for depth in depths:
             for module in depth.modules():
                 hf_compat.init_module_weights(self.backbone, module)
@@ -114,6 +130,9 @@ class MTPModel(nn.Module):
             self.init_mtp_from_backbone()
         if mtp_config.train_only:
             self.backbone.requires_grad_(False)
+        self.lora_targets = apply_lora(self, lora) if lora is not None else []
+        if lora is not None and self.backbone.get_input_embeddings().weight.device.type != "meta":
+            init_adapters(self, lora.seed)
         # Filled when loaded from a checkpoint: where it came from and each tensor's on-disk dtype.
         self.source_dir: Path | None = None
         self.source_config: dict[str, Any] | None = None
@@ -130,6 +149,7 @@ class MTPModel(nn.Module):
         attn_implementation: str | None = None,
         experts_implementation: str | None = None,
         frozen_dtype: torch.dtype | str | None = None,
+        lora: LoraSettings | None = None,
         **mtp_overrides: Any,
     ) -> MTPModel:
         """A randomly initialised model (debug sizes, tests); MTP settings from the config + overrides."""
@@ -146,6 +166,7 @@ class MTPModel(nn.Module):
                 attn_implementation=attn_implementation,
                 experts_implementation=experts_implementation,
                 frozen_dtype=_as_dtype(frozen_dtype),
+                lora=lora,
             )
 
     @classmethod
@@ -160,6 +181,7 @@ class MTPModel(nn.Module):
         device: torch.device | str | None = None,
         frozen_dtype: torch.dtype | str | None = None,
         load_weights: bool = True,
+        lora: LoraSettings | None = None,
         **mtp_overrides: Any,
     ) -> MTPModel:
         """Load a Hugging Face checkpoint *including* its MTP tensors (which transformers would drop).
@@ -190,6 +212,7 @@ class MTPModel(nn.Module):
                 attn_implementation=attn_implementation,
                 experts_implementation=experts_implementation,
                 frozen_dtype=_as_dtype(frozen_dtype),
+                lora=lora,
             )
         if on_meta:
             if shard is not None:
@@ -313,6 +336,8 @@ class MTPModel(nn.Module):
                     hf_compat.init_module_weights(self.backbone, module)
             for module in self.mtp.modules():
                 hf_compat.init_module_weights(self.backbone, module)
+        if self.lora is not None:
+            init_adapters(self, self.lora.seed)
 
     # ---- MTP initialisation and checkpoints ---------------------------------------------------
     def init_mtp_from_backbone(self) -> None:
@@ -327,11 +352,15 @@ class MTPModel(nn.Module):
         ]
         return KeyMap(pairs)
 
+    def checkpoint_state(self, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+        """The state dict under the names of a model without LoRA (adapters left out): what checkpoints hold."""
+        return checkpoint_names(self.state_dict(keep_vars=keep_vars))
+
     def tied_keys(self) -> set[str]:
-        """State-dict keys that alias an earlier tensor (e.g. a tied ``lm_head``); never saved twice."""
+        """Checkpoint keys that alias an earlier tensor (e.g. a tied ``lm_head``); never saved twice."""
         seen: set[int] = set()
         tied = set()
-        for key, tensor in self.state_dict(keep_vars=True).items():
+        for key, tensor in self.checkpoint_state(keep_vars=True).items():
             if id(tensor) in seen:  # tied weights are one Parameter object, sharded or not
                 tied.add(key)
             seen.add(id(tensor))
@@ -380,22 +409,35 @@ class MTPModel(nn.Module):
         """Write a Hugging Face checkpoint with the MTP tensors in the layout serving engines load.
 
         Under FSDP2 every rank calls this (each tensor is gathered collectively); only ``writer`` writes.
+        With LoRA the adapters are merged into their weights (``lora.export=merged``: the same files and names
+        as without LoRA), or ``lora.export=adapter`` writes peft's adapter files for the backbone
+        (``adapter_model.safetensors``, ``adapter_config.json``) and the MTP tensors, merged, in
+        ``mtp.safetensors`` under their checkpoint names.
         """
         if writer:
             for limit in self.serving_limits():
                 logger.warning("export to %s: %s", save_directory, limit)
             if self.dequantized:
                 logger.info("export to %s: FP8 source weights are written in BF16, not re-quantised", save_directory)
+        adapter = self.lora is not None and self.lora.export == "adapter"
+        extra = None
+        if adapter:
+            tensors = gather_adapter(self, writer, gather_full)  # collective
+            base = str(self.source_dir) if self.source_dir is not None else None
+            extra = adapter_writer(self.lora, tensors, self.lora_targets, base) if writer else None
         return save_model_state(
             self,
             save_directory,
-            config_dict=self.export_config(),
+            config_dict=None if adapter else self.export_config(),
             disk_dtypes=self.disk_dtypes,
             default_dtype=_as_dtype(getattr(self.config, "dtype", None)),
-            copy_files_from=self.source_dir,
+            copy_files_from=None if adapter else self.source_dir,
             max_shard_bytes=max_shard_size,
             tokenizer=tokenizer,
             writer=writer,
+            select=self.keymap().is_mtp if adapter else None,
+            stem=MTP_STEM if adapter else "model",
+            extra_files=extra,
         )
 
 

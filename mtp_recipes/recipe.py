@@ -124,6 +124,19 @@ class FinetuneRecipe:
             "/".join(m.block_types),
             m.loss_scaling_factor,
         )
+        if self.model.lora is not None:
+            self._log_lora()
+
+    def _log_lora(self) -> None:
+        lora = self.model.lora
+        log.info(
+            "LoRA r=%d alpha=%g on %d linear layers; MTP depths: %s; export: %s",
+            lora.rank,
+            lora.alpha,
+            len(self.model.lora_targets),
+            "every weight" if lora.mtp == "full" else "LoRA",
+            lora.export,
+        )
 
     def _prepare_run_dir(self) -> Path | None:
         """Undo unfinished writes, pick the resume checkpoint, and refuse to clobber a previous run.
@@ -256,6 +269,8 @@ class FinetuneRecipe:
 
     def _build_model(self, load_weights: bool = True) -> MTPModel:
         mcfg = self.cfg.model
+        # What nothing trains (the backbone under mtp.train_only, the weights LoRA adapts) is held in the
+        # compute dtype.
         kwargs = model_kwargs(self.cfg, frozen_dtype=self.compute_dtype)
         if mcfg.path is not None:
             # Built on the meta device and sharded before any memory is allocated; then filled from the files,

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +29,7 @@ from mtp_recipes import hf_compat
 from mtp_recipes.checkpoint.atomic import atomic_directory
 from mtp_recipes.checkpoint.convert import disk_groups, from_disk, renamed_only, to_disk
 from mtp_recipes.errors import CheckpointError
+from mtp_recipes.lora import merge_factors, merged
 
 if TYPE_CHECKING:
     from mtp_recipes.model import MTPModel
@@ -252,7 +253,7 @@ def load_model_state(
     hf_meta = from_disk(model.backbone, meta)
 
     keymap = model.keymap()
-    params = model.state_dict()
+    params = model.checkpoint_state()
     expected = {keymap.to_hf(k): k for k in params}
     tied = model.tied_keys()
     from_scratch = model.mtp_config.init == "from_scratch"
@@ -346,7 +347,7 @@ def load_model_state(
             rows = _local_rows(param)
             value = read(hf_key, rows)
             if rows is None:
-                _copy_into(param, value)
+                copy_into(param, value)
             else:
                 param.to_local().copy_(value)
             differing += [name for name in copies_of.get(hf_key, []) if not torch.equal(read(name, rows), value)]
@@ -396,7 +397,7 @@ def _local_rows(param: torch.Tensor) -> tuple[int, int] | None:
     return (start, end) if param.to_local().shape[0] == end - start else None
 
 
-def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+def copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
     """Copy a full tensor into a parameter; a sharded DTensor keeps only its own shard of it."""
     if isinstance(param, DTensor):
         value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
@@ -428,11 +429,20 @@ def _gather_to_writer(value: DTensor, writer: bool) -> torch.Tensor | None:
     return full[:rows] if writer else None
 
 
-class _ShardWriter:
-    """Buffers tensors into safetensors files of at most ``max_bytes``, written as they fill up."""
+def gather_full(value: torch.Tensor, writer: bool) -> torch.Tensor | None:
+    """A tensor whole on the writer: sharded DTensors are gathered (a collective every rank joins)."""
+    return _gather_to_writer(value, writer) if isinstance(value, DTensor) else value
 
-    def __init__(self, directory: Path, max_bytes: int) -> None:
-        self.directory, self.max_bytes = directory, max_bytes
+
+class _ShardWriter:
+    """Buffers tensors into safetensors files of at most ``max_bytes``, written as they fill up.
+
+    ``stem`` names the files: ``{stem}.safetensors``, or ``{stem}-00001-of-0000N.safetensors`` and
+    ``{stem}.safetensors.index.json``.
+    """
+
+    def __init__(self, directory: Path, max_bytes: int, stem: str = "model") -> None:
+        self.directory, self.max_bytes, self.stem = directory, max_bytes, stem
         self.buffer: dict[str, torch.Tensor] = {}
         self.size = 0
         self.files: list[tuple[Path, list[str]]] = []
@@ -458,28 +468,70 @@ class _ShardWriter:
         """Name the files as transformers does: one ``model.safetensors``, or numbered shards + index."""
         self.flush()
         if len(self.files) == 1:
-            self.files[0][0].rename(self.directory / WEIGHTS_NAME)
+            self.files[0][0].rename(self.directory / f"{self.stem}.safetensors")
             return
         weight_map = {}
         for i, (path, keys) in enumerate(self.files, start=1):
-            name = f"model-{i:05d}-of-{len(self.files):05d}.safetensors"
+            name = f"{self.stem}-{i:05d}-of-{len(self.files):05d}.safetensors"
             path.rename(self.directory / name)
             weight_map.update({k: name for k in keys})
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (self.directory / f"{self.stem}.safetensors.index.json").write_text(
+            json.dumps(index, indent=2, sort_keys=True) + "\n"
+        )
+
+
+def _export_tensors(
+    model: MTPModel,
+    writer: bool,
+    dtype_of: Callable[[str, torch.Tensor], torch.dtype],
+    select: Callable[[str], bool] | None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(on-disk name, tensor)`` of every tensor the export writes (on the writer only; other ranks only
+    join the gathers). LoRA adapters are merged into their weights. ``select`` (in-memory HF names) keeps
+    only some tensors; the others are not even gathered, and no passthrough tensor is written."""
+    keymap, tied = model.keymap(), model.tied_keys()
+    copies: dict[str, list[str]] = {}
+    for copy_name, source in model.family.tied_export_copies(model.text_config, model.mtp_config).items():
+        copies.setdefault(source, []).append(copy_name)
+    factors = merge_factors(model)
+    layout = getattr(model, "checkpoint_layout", None) or CheckpointLayout()
+    for key, value in model.checkpoint_state().items():
+        hf_key = keymap.to_hf(key)
+        names = [name for name in (hf_key, *copies.get(hf_key, [])) if select is None or select(name)]
+        if key in tied or not names:
+            continue
+        full = gather_full(value, writer)  # collective
+        if key in factors:
+            a, b, scaling = factors[key]
+            a, b = gather_full(a, writer), gather_full(b, writer)
+            full = merged(full, a, b, scaling) if writer else None
+        if not writer:
+            continue
+        # own storage for export copies: safetensors refuses aliases
+        group = {name: full.detach() if name == hf_key else full.detach().clone() for name in names}
+        for disk_key, tensor in to_disk(model.backbone, group).items():
+            yield layout.prefix + disk_key, tensor.to(dtype_of(disk_key, tensor)).contiguous().cpu()
+    if writer and select is None:
+        reader = TensorReader(layout.passthrough)
+        for key in layout.passthrough:
+            yield key, reader.get(key)
 
 
 def save_model_state(
     model: MTPModel,
     out_dir: str | os.PathLike,
     *,
-    config_dict: dict[str, Any],
+    config_dict: dict[str, Any] | None,
     disk_dtypes: dict[str, torch.dtype] | None = None,
     default_dtype: torch.dtype | None = None,
     copy_files_from: Path | None = None,
     max_shard_bytes: int = 5 * 1024**3,
     tokenizer: Any = None,
     writer: bool = True,
+    select: Callable[[str], bool] | None = None,
+    stem: str = "model",
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``model`` as a Hugging Face checkpoint directory, atomically, one tensor at a time.
 
@@ -487,17 +539,13 @@ def save_model_state(
     rank joins; the others just send their shards), which converts and writes them: no other rank holds
     any full tensor, and the writer holds one full tensor plus one output shard. Tensors read from a
     checkpoint get their on-disk dtype back; new ones get ``default_dtype`` (float32 for those
-    transformers keeps in float32).
+    transformers keeps in float32). ``select`` and ``stem`` write only some tensors into ``{stem}*.safetensors``
+    (the LoRA adapter export's MTP file); ``extra_files`` writes more files into the directory;
+    ``config_dict=None`` writes no config.json.
     """
     out_dir = Path(out_dir)
-    keymap = model.keymap()
-    tied = model.tied_keys()
-    copies: dict[str, list[str]] = {}
-    for copy_name, source in model.family.tied_export_copies(model.text_config, model.mtp_config).items():
-        copies.setdefault(source, []).append(copy_name)
     disk_dtypes = disk_dtypes or {}
     fp32 = hf_compat.fp32_module_names(model.backbone)
-    layout = getattr(model, "checkpoint_layout", None) or CheckpointLayout()
 
     def dtype_of(key: str, tensor: torch.Tensor) -> torch.dtype:
         if key in disk_dtypes:
@@ -506,34 +554,20 @@ def save_model_state(
             return torch.float32
         return default_dtype or tensor.dtype
 
-    def tensors() -> Iterable[tuple[str, torch.Tensor]]:
-        for key, value in model.state_dict().items():
-            if key in tied:
-                continue
-            full = _gather_to_writer(value, writer) if isinstance(value, DTensor) else value  # collective
-            if not writer:
-                continue
-            hf_key = keymap.to_hf(key)
-            group = {hf_key: full.detach()}
-            # own storage for export copies: safetensors refuses aliases
-            group.update({name: full.detach().clone() for name in copies.get(hf_key, [])})
-            for disk_key, tensor in to_disk(model.backbone, group).items():
-                yield layout.prefix + disk_key, tensor.to(dtype_of(disk_key, tensor)).contiguous().cpu()
-        if writer:
-            reader = TensorReader(layout.passthrough)
-            for key in layout.passthrough:
-                yield key, reader.get(key)
-
+    tensors = _export_tensors(model, writer, dtype_of, select)
     if not writer:
-        for _ in tensors():
+        for _ in tensors:
             pass
         return out_dir
     with atomic_directory(out_dir) as tmp:
-        shards = _ShardWriter(tmp, max_shard_bytes)
-        for key, tensor in tensors():
+        shards = _ShardWriter(tmp, max_shard_bytes, stem)
+        for key, tensor in tensors:
             shards.add(key, tensor)
         shards.finish()
-        (tmp / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        if config_dict is not None:
+            (tmp / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        if extra_files is not None:
+            extra_files(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if copy_files_from is not None:

@@ -23,6 +23,7 @@ from transformers.masking_utils import create_causal_mask
 
 from mtp_recipes import hf_compat
 from mtp_recipes.errors import ConfigError
+from mtp_recipes.lora import checkpoint_names
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.stack import BlockRunner, MTPDepth, PassesOn
 
@@ -47,6 +48,9 @@ class Family(ABC):
     # Whether ``mtp.block_types`` may choose the sublayers of one depth; a family whose depths have one fixed
     # layout refuses a value instead of ignoring it.
     configurable_blocks: ClassVar[bool] = False
+    # Names (last dotted part) of linear layers LoRA must not adapt: the family's kernels read their weight
+    # directly instead of calling the layer, so an adapter there would be trained and exported but never run.
+    lora_skipped: ClassVar[tuple[str, ...]] = ()
 
     # ---- config -------------------------------------------------------------------------------
     def text_config(self, hf_config: PretrainedConfig) -> PretrainedConfig:
@@ -171,7 +175,8 @@ class Family(ABC):
             donor = next((b for b in reversed(layers) if self.block_kind(b) == kind), None)
             if donor is None:
                 continue
-            ours, theirs = block.state_dict(), donor.state_dict()
+            # checkpoint names: a LoRA-adapted donor or block is compared and copied by its base weights
+            ours, theirs = checkpoint_names(block.state_dict()), checkpoint_names(donor.state_dict())
             bad = [
                 f"{name} {tuple(t.shape)} vs {tuple(theirs[name].shape) if name in theirs else 'none'}"
                 for name, t in ours.items()

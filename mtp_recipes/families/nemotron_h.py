@@ -65,6 +65,8 @@ class NemotronH(Family):
     head = "shared"
     passes_on = "normed"
     configurable_blocks = True
+    # mamba_ssm's fused Mamba2 kernel reads the mixer's out_proj weight directly (peft refuses these too)
+    lora_skipped = ("out_proj",)
 
     def mtp_config(self, hf_config: PretrainedConfig, **overrides: Any) -> MTPConfig:
         if overrides.get("block_types") is not None:
