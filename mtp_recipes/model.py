@@ -46,12 +46,7 @@ from mtp_recipes.loss import AcceptanceStats, acceptance_stats, main_loss, mtp_l
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.roll import roll_ids
 from mtp_recipes.mtp.stack import MTPStack
-from mtp_recipes.packed import (
-    check_positions_match,
-    document_ids,
-    position_in_document,
-    seq_idx_from_position_ids,
-)
+from mtp_recipes.packed import document_layout
 
 logger = logging.getLogger("mtp_recipes")
 
@@ -250,18 +245,7 @@ class MTPModel(nn.Module):
         counts summed over all micro-batches and ranks of the optimizer step; without them each loss is a
         local mean.
         """
-        if seq_idx is not None and position_ids is not None:
-            check_positions_match(position_ids, seq_idx)
-        if seq_idx is None and position_ids is not None:
-            seq_idx = seq_idx_from_position_ids(position_ids)
-        if position_ids is None:
-            if seq_idx is not None:
-                position_ids = position_in_document(seq_idx)
-            else:
-                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        if seq_idx is not None:
-            seq_idx = document_ids(seq_idx)  # from here on, equal ids <=> same document
-
+        position_ids, seq_idx = document_layout(input_ids, position_ids, seq_idx)  # equal ids <=> same document
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.mtp_config.train_only):
             hidden, h0 = self.family.backbone_states(self.backbone, input_ids, position_ids, seq_idx)
         mtp_input = h0.detach() if self.mtp_config.detach_backbone else h0
@@ -276,7 +260,20 @@ class MTPModel(nn.Module):
         out = MTPOutput(None, None, logits=logits, hidden_states=hidden, mtp_hidden_states=mtp_hidden)
         if labels is None:
             return out
+        return self._losses(out, labels, head, seq_idx, num_label_tokens, num_depth_tokens, return_accuracy)
 
+    def _losses(
+        self,
+        out: MTPOutput,
+        labels: torch.Tensor,
+        head: torch.Tensor,
+        seq_idx: torch.Tensor | None,
+        num_label_tokens: int | torch.Tensor | None,
+        num_depth_tokens: list[int] | torch.Tensor | None,
+        return_accuracy: bool,
+    ) -> MTPOutput:
+        """Fill ``out``'s losses (and with ``return_accuracy`` its acceptance counts and agreement)."""
+        hidden, mtp_hidden = out.hidden_states, out.mtp_hidden_states
         # A shared head computes main + every depth in one chunked call (one fp32 cast of the head, one
         # gradient accumulator); a per-depth head, or a detached one, needs the main loss on its own.
         joint = bool(mtp_hidden) and self.family.head == "shared" and not self.mtp_config.detach_backbone
@@ -284,36 +281,37 @@ class MTPModel(nn.Module):
             main = main_loss(hidden, labels, head, num_label_tokens=num_label_tokens, return_argmax=return_accuracy)
             out.main_loss, main_argmax = main if return_accuracy else (main, None)
             out.loss = out.main_loss
-        if mtp_hidden:
-            result = mtp_loss(
-                mtp_hidden,
-                labels,
-                self.mtp_heads(),
-                loss_scaling_factor=self.mtp_config.loss_scaling_factor,
-                seq_idx=seq_idx,
-                normalization=self.mtp_config.normalization,
-                num_label_tokens=num_label_tokens if num_label_tokens is not None else _count(labels),
-                num_depth_tokens=num_depth_tokens,
-                return_accuracy=return_accuracy,
-                main_hidden=hidden if joint else None,
-                depth_weights=self.mtp_config.depth_shares(),
-                self_share=self.mtp_config.self_target_share,
-                teacher_hidden=hidden,
-                teacher_head=None if self.family.head == "shared" else head,
+        if not mtp_hidden:
+            return out
+        result = mtp_loss(
+            mtp_hidden,
+            labels,
+            self.mtp_heads(),
+            loss_scaling_factor=self.mtp_config.loss_scaling_factor,
+            seq_idx=seq_idx,
+            normalization=self.mtp_config.normalization,
+            num_label_tokens=num_label_tokens if num_label_tokens is not None else _count(labels),
+            num_depth_tokens=num_depth_tokens,
+            return_accuracy=return_accuracy,
+            main_hidden=hidden if joint else None,
+            depth_weights=self.mtp_config.depth_shares(),
+            self_share=self.mtp_config.self_target_share,
+            teacher_hidden=hidden,
+            teacher_head=None if self.family.head == "shared" else head,
+        )
+        out.mtp_losses = list(result.per_depth)
+        if joint:
+            out.loss, out.main_loss, main_argmax = result.loss, result.main_loss, result.main_argmax
+        else:
+            out.loss = out.main_loss + result.loss
+        if return_accuracy:
+            out.acceptance = acceptance_stats(result.correct, result.valid)
+            out.agreement = torch.stack(
+                [
+                    ((pred == roll_ids(main_argmax, k, seq_idx, fill=-1)) & valid).sum()
+                    for k, (pred, valid) in enumerate(zip(result.predictions, result.valid, strict=True), start=1)
+                ]
             )
-            out.mtp_losses = list(result.per_depth)
-            if joint:
-                out.loss, out.main_loss, main_argmax = result.loss, result.main_loss, result.main_argmax
-            else:
-                out.loss = out.main_loss + result.loss
-            if return_accuracy:
-                out.acceptance = acceptance_stats(result.correct, result.valid)
-                out.agreement = torch.stack(
-                    [
-                        ((pred == roll_ids(main_argmax, k, seq_idx, fill=-1)) & valid).sum()
-                        for k, (pred, valid) in enumerate(zip(result.predictions, result.valid, strict=True), start=1)
-                    ]
-                )
         return out
 
     def mtp_heads(self) -> torch.Tensor | list[torch.Tensor]:

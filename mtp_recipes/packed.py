@@ -69,10 +69,29 @@ def check_positions_match(position_ids: torch.Tensor, seq_idx: torch.Tensor) -> 
         return
     row, slot = (int(i) for i in bad.nonzero()[0])
     got, want = int(position_ids.reshape(bad.shape)[row, slot]), int(expected.reshape(bad.shape)[row, slot])
-    where = "a document starts there (seq_idx changes)" if bool(starts.reshape(bad.shape)[row, slot]) else (
-        "seq_idx does not change there"
+    where = (
+        "a document starts there (seq_idx changes)"
+        if bool(starts.reshape(bad.shape)[row, slot])
+        else ("seq_idx does not change there")
     )
     raise ValueError(
         f"position_ids disagree with seq_idx at row {row}, slot {slot}: position {got}, expected {want} because "
         f"{where}; positions must restart at 0 exactly where seq_idx changes"
     )
+
+
+def document_layout(
+    input_ids: torch.Tensor, position_ids: torch.Tensor | None, seq_idx: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(position_ids, document ids)`` of a batch given either, both (checked to agree) or neither (one document
+    per row, ``None`` ids): the one reading of a packed batch that the backbone, the depths and the loss share."""
+    if seq_idx is not None and position_ids is not None:
+        check_positions_match(position_ids, seq_idx)
+    if seq_idx is None and position_ids is not None:
+        seq_idx = seq_idx_from_position_ids(position_ids)
+    if position_ids is None:
+        if seq_idx is not None:
+            position_ids = position_in_document(seq_idx)
+        else:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return position_ids, None if seq_idx is None else document_ids(seq_idx)
