@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
+from transformers import PretrainedConfig
 
 from mtp_recipes.acceptance import (
     GreedyAcceptance,
@@ -40,6 +41,7 @@ from mtp_recipes.checkpoint.hf import resolve_model_dir
 from mtp_recipes.config import model_kwargs
 from mtp_recipes.data import load_tokenizer
 from mtp_recipes.data.heldout import load_documents
+from mtp_recipes.data.tokenizer import tokenizer_dir
 from mtp_recipes.errors import ConfigError, DataError
 from mtp_recipes.loss import AcceptanceStats
 from mtp_recipes.model import MTPModel
@@ -108,9 +110,18 @@ def load_model(cfg: DictConfig, device: torch.device) -> MTPModel:
     return MTPModel.from_config(OmegaConf.to_container(m.config, resolve=True), **kwargs).to(device).eval()
 
 
-def stop_token_ids(model: MTPModel, tokenizer: Any) -> list[int]:
+def tokenizer_location(cfg: DictConfig) -> str:
+    """The tokenizer directory (or Hub id) of a run: ``model.tokenizer``, else the checkpoint's own directory."""
+    if cfg.model.tokenizer is None:
+        if cfg.model.path is None:
+            raise ConfigError("model.tokenizer is required for a model built from scratch (e.g. builtin:debug)")
+        return str(resolve_model_dir(cfg.model.path))
+    return tokenizer_dir(cfg.model.tokenizer)
+
+
+def stop_token_ids(text_config: PretrainedConfig, tokenizer: Any) -> list[int]:
     """End-of-sequence ids: the tokenizer's and the model config's (an int or a list)."""
-    configured = model.text_config.eos_token_id
+    configured = text_config.eos_token_id
     ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
     return sorted(i for i in ids if i is not None)
 
@@ -187,14 +198,9 @@ def evaluate(cfg: DictConfig, output: str | Path) -> dict[str, Any]:
     e = cfg.eval
     device = resolve_device(cfg.trainer.device)
     model = load_model(cfg, device)
-    name = cfg.model.tokenizer
-    if name is None:
-        if cfg.model.path is None:
-            raise ConfigError("model.tokenizer is required for a model built from scratch (e.g. builtin:debug)")
-        name = str(resolve_model_dir(cfg.model.path))
-    tokenizer = load_tokenizer(name)
+    tokenizer = load_tokenizer(tokenizer_location(cfg))
     prompts = heldout_prompts(cfg, tokenizer)
-    stop = stop_token_ids(model, tokenizer)
+    stop = stop_token_ids(model.text_config, tokenizer)
     tally = _Tally(model.mtp.num_depths)
     checked = []
     for i, prompt in enumerate(tqdm(prompts, desc="evaluate", disable=not cfg.trainer.progress_bar)):

@@ -455,6 +455,12 @@ def config_from_dict(raw: dict[str, Any]) -> PretrainedConfig:
     return config
 
 
+def checkpoint_text_config(model_dir: Path) -> PretrainedConfig:
+    """The language model's config of a checkpoint directory, read from config.json without loading weights."""
+    hf_config = config_from_dict(read_config_dict(model_dir))
+    return get_family(hf_config.model_type).text_config(hf_config)
+
+
 def family_mtp_config(
     family: Family, hf_config: PretrainedConfig, source: dict[str, Any] | None, overrides: dict[str, Any]
 ) -> MTPConfig:

@@ -6,6 +6,10 @@ import json
 import re
 import subprocess
 import sys
+import types
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import TypedDict
 
 import pytest
 import torch
@@ -16,7 +20,8 @@ from mtp_recipes.data import load_tokenizer
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.evaluation import load_model, stop_token_ids
 from mtp_recipes.finetune import CONFIG_DIR
-from mtp_recipes.regenerate import completed_rows, regenerate, split_config
+from mtp_recipes.model import MTPModel
+from mtp_recipes.regenerate import completed_rows, regenerate, resolve_backend, split_config
 
 CHATS = [
     {"id": 0, "messages": [{"role": "user", "content": "What is a list?"}, {"role": "assistant", "content": "A."}]},
@@ -61,7 +66,7 @@ def test_assistant_turns_are_the_models_greedy_replies_and_everything_else_is_ke
     assert [r["id"] for r in rows] == [0, 1, 2]
     model = load_model(cfg, torch.device("cpu"))
     tokenizer = load_tokenizer("builtin:debug")
-    stop = stop_token_ids(model, tokenizer)
+    stop = stop_token_ids(model.text_config, tokenizer)
     for row, source in zip(rows, CHATS):
         got, want = row["messages"], source["messages"]
         assert [m["role"] for m in got] == [m["role"] for m in want]
@@ -109,3 +114,144 @@ def test_sampling_is_seeded_and_bad_options_are_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert re.fullmatch(r"error: data.source=builtin:pydoc has no messages column .*\n", result.stderr)
+
+
+# ---- the vLLM backend, against a stand-in ``vllm`` module -----------------------------------------------------
+# The stand-in has the names and keyword arguments regenerate uses, spelled and defaulted as in vLLM 0.33.0
+# (vllm/entrypoints/llm.py, vllm/sampling_params.py, vllm/inputs/llm.py): a misspelt or extra argument is a
+# TypeError here as there. Its engine answers each token prompt with the checkpoint's greedy continuation computed
+# by transformers one prompt at a time, ending after the first stop token as vLLM's output does.
+
+
+@dataclass(kw_only=True)
+class _SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    detokenize: bool = True
+
+
+class _TokensPrompt(TypedDict):
+    prompt_token_ids: list[int]
+
+
+class _LLM:
+    made: list[_LLM] = []
+
+    def __init__(self, model: str, *, tokenizer=None, trust_remote_code=False, dtype="auto", seed=0) -> None:
+        self.kwargs = {"model": model, "tokenizer": tokenizer, "trust_remote_code": trust_remote_code}
+        self.kwargs |= {"dtype": dtype, "seed": seed}
+        self.model = MTPModel.from_pretrained(model, dtype=dtype)
+        self.requests: list[tuple[list[int], _SamplingParams]] = []
+        _LLM.made.append(self)
+
+    def generate(self, prompts, sampling_params=None, *, use_tqdm=True):
+        assert isinstance(sampling_params, list) and len(sampling_params) == len(prompts)
+        outputs = []
+        for prompt, params in zip(prompts, sampling_params, strict=True):
+            assert set(prompt) == {"prompt_token_ids"}  # only our tokens: vLLM's own template never runs
+            self.requests.append((prompt["prompt_token_ids"], params))
+            tokens = greedy_generate(self.model, prompt["prompt_token_ids"], params.max_tokens, params.stop_token_ids)
+            end = next((i + 1 for i, t in enumerate(tokens) if t in params.stop_token_ids), len(tokens))
+            outputs.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=tokens[:end])]))
+        return outputs
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams, module.TokensPrompt = _LLM, _SamplingParams, _TokensPrompt
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    _LLM.made.clear()
+    return _LLM.made
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """The debug model saved as a checkpoint directory with its tokenizer (vLLM loads only checkpoints)."""
+    cfg, _ = _config(tmp_path)
+    path = tmp_path / "ckpt"
+    load_model(cfg, torch.device("cpu")).save_pretrained(path, tokenizer=load_tokenizer("builtin:debug"))
+    return path
+
+
+@pytest.mark.slow
+def test_the_vllm_backend_gets_our_token_prompts_and_writes_what_transformers_writes(tmp_path, checkpoint, fake_vllm):
+    model = [f"model.path={checkpoint}", "model.tokenizer=null", "regenerate.batch_size=2"]
+    cfg, options = _config(tmp_path, *model, "regenerate.backend=transformers", f"out={tmp_path / 'hf.jsonl'}")
+    assert regenerate(cfg, options) == len(CHATS) and not fake_vllm
+    cfg, options = _config(tmp_path, *model, "regenerate.backend=vllm", f"out={tmp_path / 'vllm.jsonl'}")
+    assert regenerate(cfg, options) == len(CHATS)
+    assert options.out.read_bytes() == (tmp_path / "hf.jsonl").read_bytes()
+
+    (llm,) = fake_vllm
+    assert llm.kwargs == {
+        "model": str(checkpoint),
+        "tokenizer": str(checkpoint),
+        "trust_remote_code": False,
+        "dtype": "float32",
+        "seed": cfg.trainer.seed,
+    }
+    tokenizer = load_tokenizer(str(checkpoint))
+    stop = stop_token_ids(llm.model.text_config, tokenizer)
+    rows = [json.loads(line)["messages"] for line in options.out.read_text().splitlines()]
+    want = [  # every assistant turn, from the conversation before it as written, in our template
+        tokenizer.apply_chat_template(chat[:j], add_generation_prompt=True)["input_ids"]
+        for chat in rows
+        for j, m in enumerate(chat)
+        if m["role"] == "assistant"
+    ]
+    assert sorted(prompt for prompt, _ in llm.requests) == sorted(want)
+    for _, params in llm.requests:
+        assert params == _SamplingParams(
+            temperature=0.0, top_p=1.0, seed=None, stop_token_ids=stop, ignore_eos=True, max_tokens=6, detokenize=False
+        )
+
+
+@pytest.mark.slow
+def test_sampled_vllm_requests_carry_the_options_and_a_seed_per_turn_that_survives_a_resume(
+    tmp_path, checkpoint, fake_vllm
+):
+    sampled = [f"model.path={checkpoint}", "model.tokenizer=null", "regenerate.backend=vllm"]
+    sampled += ["regenerate.temperature=0.7", "regenerate.top_p=0.9", "trainer.seed=5"]
+    cfg, options = _config(tmp_path, *sampled, "regenerate.batch_size=3")
+    regenerate(cfg, options)
+    lines = options.out.read_text().splitlines(keepends=True)
+    options.out.write_text(lines[0])  # as if killed after row 0; resumed with another batch size
+    cfg, options = _config(tmp_path, *sampled, "regenerate.batch_size=1")
+    assert regenerate(cfg, options) == 2
+    assert options.out.read_text().splitlines(keepends=True) == lines
+    first, resumed = ({tuple(p): params for p, params in llm.requests} for llm in fake_vllm)
+    assert len(first) == 4 and set(resumed) < set(first)  # rows 1 and 2 asked again, row 0 not
+    for prompt, params in resumed.items():
+        assert params == first[prompt]  # the same seed whatever the batching and resume point
+    assert {(p.temperature, p.top_p, p.max_tokens) for p in first.values()} == {(0.7, 0.9, 6)}
+    assert len({p.seed for p in first.values()}) == 4  # each turn samples from a seed of its own
+
+
+def test_backend_choice_and_a_missing_vllm_is_one_line(tmp_path, checkpoint, fake_vllm, monkeypatch):
+    served = [f"model.path={checkpoint}", "trainer.device=auto"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_backend("auto", _config(tmp_path, *served)[0]) == "transformers"  # no CUDA device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_backend("auto", _config(tmp_path, *served)[0]) == "vllm"
+    assert resolve_backend("auto", _config(tmp_path, *served, "trainer.device=cpu")[0]) == "transformers"
+    assert resolve_backend("auto", _config(tmp_path, "trainer.device=auto")[0]) == "transformers"  # no checkpoint
+    assert resolve_backend("transformers", _config(tmp_path, *served)[0]) == "transformers"
+    with pytest.raises(ConfigError, match=r"regenerate.backend=vllm loads a checkpoint: set model.path"):
+        resolve_backend("vllm", _config(tmp_path)[0])
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # vLLM not installed: ``import vllm`` raises ImportError
+    assert resolve_backend("auto", _config(tmp_path, *served)[0]) == "transformers"
+    cfg, options = _config(tmp_path, *served, "regenerate.backend=vllm")
+    with pytest.raises(ConfigError) as e:
+        regenerate(cfg, options)
+    assert re.fullmatch(
+        r"regenerate.backend=vllm but vllm cannot be imported \(.+\); set regenerate.backend=\w+", str(e.value)
+    )
+    assert not options.out.exists()
+    with pytest.raises(ConfigError, match="regenerate.backend must be one of auto, transformers, vllm, got 'tgi'"):
+        _config(tmp_path, "regenerate.backend=tgi")

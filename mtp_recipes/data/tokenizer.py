@@ -20,14 +20,19 @@ DEBUG_TOKENIZER = "builtin:debug"
 DEBUG_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "debug_tokenizer"
 
 
+def tokenizer_dir(name_or_path: str | None) -> str:
+    """Where a tokenizer name points (a directory or a Hub id): None, "" and ``builtin:debug`` are the bundled
+    debug tokenizer's directory, which other programs (a serving engine) can load too."""
+    return str(DEBUG_TOKENIZER_DIR) if not name_or_path or name_or_path == DEBUG_TOKENIZER else name_or_path
+
+
 def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
     """Load a fast tokenizer; None, "" and ``builtin:debug`` give the bundled debug tokenizer.
 
     A tokenizer without a pad token gets its EOS token as pad: packing only needs some
     valid id there, since padded slots carry label -100.
     """
-    if not name_or_path or name_or_path == DEBUG_TOKENIZER:
-        name_or_path = str(DEBUG_TOKENIZER_DIR)
+    name_or_path = tokenizer_dir(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
