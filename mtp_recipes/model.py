@@ -12,13 +12,13 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import CONFIG_MAPPING, PretrainedConfig
+from transformers import PretrainedConfig
 
 from mtp_recipes import hf_compat
 from mtp_recipes.checkpoint.hf import (
@@ -32,7 +32,7 @@ from mtp_recipes.checkpoint.hf import (
 )
 from mtp_recipes.checkpoint.keymap import KeyMap
 from mtp_recipes.errors import ConfigError
-from mtp_recipes.families.base import Family, get_family, registered_model_types
+from mtp_recipes.families.base import Family, get_family
 from mtp_recipes.lora import (
     MTP_STEM,
     LoraSettings,
@@ -43,6 +43,7 @@ from mtp_recipes.lora import (
     init_adapters,
 )
 from mtp_recipes.loss import AcceptanceStats, acceptance_stats, main_loss, mtp_loss
+from mtp_recipes.model_config import config_from_dict, family_mtp_config
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.roll import roll_ids
 from mtp_recipes.mtp.stack import MTPStack
@@ -437,44 +438,6 @@ class MTPModel(nn.Module):
             stem=MTP_STEM if adapter else "model",
             extra_files=extra,
         )
-
-
-def config_from_dict(raw: dict[str, Any]) -> PretrainedConfig:
-    """A transformers config from a config.json dict, without remote code."""
-    model_type = raw.get("model_type")
-    if model_type is None:
-        raise ConfigError(
-            f"the model config has no model_type; set model.config.model_type to one of {registered_model_types()}"
-        )
-    get_family(model_type)
-    raw = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
-    try:
-        config = CONFIG_MAPPING[model_type].from_dict(hf_compat.decode_special_floats(raw))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"invalid {model_type} config: {str(e).splitlines()[0]}") from None
-    return config
-
-
-def checkpoint_text_config(model_dir: Path) -> PretrainedConfig:
-    """The language model's config of a checkpoint directory, read from config.json without loading weights."""
-    hf_config = config_from_dict(read_config_dict(model_dir))
-    return get_family(hf_config.model_type).text_config(hf_config)
-
-
-def family_mtp_config(
-    family: Family, hf_config: PretrainedConfig, source: dict[str, Any] | None, overrides: dict[str, Any]
-) -> MTPConfig:
-    """The MTP settings: the family's reading of the config, the user's overrides, and what the family
-    needs from the config.json dict ``source`` that transformers' config object no longer holds."""
-    if overrides.get("block_types") is not None and not family.configurable_blocks:
-        raise ConfigError(
-            f"mtp.block_types={overrides['block_types']!r}: {family.name} MTP depths have one fixed layout; "
-            "leave mtp.block_types null"
-        )
-    text = family.text_config(hf_config)
-    mtp = family.mtp_config(text, **overrides)
-    options = family.source_options(text, source) if source is not None else {}
-    return replace(mtp, family_options={**mtp.family_options, **options}) if options else mtp
 
 
 def _count(labels: torch.Tensor) -> int:

@@ -233,7 +233,7 @@ def _vllm_generator(
 
     from mtp_recipes.checkpoint.hf import resolve_model_dir
     from mtp_recipes.evaluation import stop_token_ids
-    from mtp_recipes.model import checkpoint_text_config
+    from mtp_recipes.model_config import checkpoint_text_config
 
     model_dir = resolve_model_dir(cfg.model.path)
     stop = stop_token_ids(checkpoint_text_config(model_dir), tokenizer)

@@ -150,7 +150,7 @@ def test_stored_configs_rebuild_the_published_parameter_counts():
 
     from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl
 
-    from mtp_recipes.model import config_from_dict
+    from mtp_recipes.model_config import config_from_dict
 
     raw = json.loads((RECIPES / "minimax_m3" / "config.json").read_text())
     with torch.device("meta"):
