@@ -290,6 +290,15 @@ class FinetuneRecipe:
         if self.world.distributed:
             ep_mesh = self.world.ep_mesh
             experts = apply_expert_parallel(model, ep_mesh) if ep_mesh is not None else []
+            if experts:
+                rows = next(experts[0].parameters()).shape[0]
+                log.info(
+                    "expert parallelism: ep=%d, %d MoE layers, %d of %d experts per rank and layer",
+                    ep_mesh.size(),
+                    len(experts),
+                    rows // ep_mesh.size(),
+                    rows,
+                )
             apply_fsdp(
                 model,
                 self.world.mesh,
