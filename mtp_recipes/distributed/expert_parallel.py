@@ -25,7 +25,7 @@ from mtp_recipes.distributed.parallelize import shardable_blocks
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.model import MTPModel
 
-# The name the dispatch is registered under in transformers' ExpertsInterface.
+# The name the dispatch is registered under among transformers' experts implementations.
 EXPERTS_IMPLEMENTATION = "mtp_recipes_expert_parallel"
 
 
