@@ -1,10 +1,11 @@
 """``python -m mtp_recipes.plan --config-name RECIPE [--world-size N] [key=value ...]``: memory per GPU.
 
 Counts the parameters of the configured model (backbone + MTP depths) on the meta device, without
-allocating them, and prints what each GPU holds under FSDP2 over ``N`` ranks: the sharded master
-weights, gradients and AdamW moments, what is gathered at once (the root group, held for the whole step,
-plus the largest block and the next one prefetched, in the compute dtype), and an activation estimate at
-the recipe's ``data.seq_len``. Recipe setup on CUDA refuses, in one line, a plan over
+allocating them, and prints what each GPU holds under FSDP2 over ``N`` ranks (``N / trainer.dp_replicate``
+per replica under HSDP): the sharded master weights, gradients and AdamW moments, what is gathered at once
+(the root group, held for the whole step, plus the largest block and the next one prefetched, in the
+compute dtype; with ``trainer.ep`` a block gathers only its rank's ``1/ep`` of the routed experts), and an
+activation estimate at the recipe's ``data.seq_len``. Recipe setup on CUDA refuses, in one line, a plan over
 ``trainer.gpu_memory_gb``: better than an out-of-memory error an hour into loading 600 GB.
 """
 
@@ -34,6 +35,8 @@ class MemoryPlan:
     """Bytes per GPU, by what holds them."""
 
     world_size: int
+    dp_replicate: int
+    ep: int
     gpu_memory_gb: float
     parameters: int
     trainable: int
@@ -57,13 +60,14 @@ class MemoryPlan:
             ("parameters (sharded master weights)", self.params),
             ("gradients (sharded)", self.grads),
             ("optimizer (AdamW moments, sharded)", self.optimizer),
-            ("largest all-gather (root + 2 blocks, compute dtype)", self.gathered),
+            ("largest all-gather (root + 2 blocks, compute dtype; experts: 1/ep)", self.gathered),
             ("activations (estimate)", self.activations),
             ("**total**", self.total),
         ]
+        layout = f" (dp_replicate={self.dp_replicate}, ep={self.ep})" if self.dp_replicate * self.ep > 1 else ""
         head = (
             f"{self.parameters / 1e9:.1f}B parameters ({self.trainable / 1e9:.1f}B trained) on {self.world_size} "
-            f"GPUs of {self.gpu_memory_gb:g} GB: {'fits' if self.fits else 'does NOT fit'}\n\n"
+            f"GPUs{layout} of {self.gpu_memory_gb:g} GB: {'fits' if self.fits else 'does NOT fit'}\n\n"
         )
         lines = ["| per GPU | GiB |", "|---|---:|", *(f"| {name} | {value / GIB:.1f} |" for name, value in rows)]
         return head + "\n".join(lines)
@@ -111,27 +115,40 @@ def memory_plan(cfg: DictConfig, world_size: int) -> MemoryPlan:
 
     with torch.device("meta"):
         model = MTPModel.from_config(_config_dict(cfg), **model_kwargs(cfg))
+    t = cfg.trainer
+    if world_size % t.dp_replicate or (world_size // t.dp_replicate) % t.ep:
+        raise ConfigError(
+            f"trainer.dp_replicate={t.dp_replicate} and trainer.ep={t.ep} must divide the {world_size} ranks in turn"
+        )
+    shards = world_size // t.dp_replicate  # every parameter, experts too, is split over one replica's ranks
     master = next(model.parameters()).element_size()
-    compute = 4 if cfg.trainer.precision == "fp32" else 2  # bf16 on GPU unless fp32 is asked for
+    compute = 4 if t.precision == "fp32" else 2  # bf16 on GPU unless fp32 is asked for
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    blocks = [sum(p.numel() for p in block.parameters()) for block in shardable_blocks(model)]
+    blocks, gathered = [], []
+    for block in shardable_blocks(model):
+        size = sum(p.numel() for p in block.parameters())
+        experts = sum(p.numel() for m in model.family.expert_modules(block) for p in m.parameters())
+        blocks.append(size)
+        gathered.append(size - experts + experts / t.ep)  # a rank gathers its own experts only
     root = total - sum(blocks)
     hidden = model.text_config.hidden_size
     tokens = cfg.data.batch_size * cfg.data.seq_len
-    if cfg.trainer.activation_checkpointing:
+    if t.activation_checkpointing:
         activations = tokens * hidden * (CHECKPOINTED_BYTES * len(blocks) + ACTIVATION_BYTES)
     else:
         activations = tokens * hidden * ACTIVATION_BYTES * len(blocks)
     return MemoryPlan(
         world_size=world_size,
-        gpu_memory_gb=cfg.trainer.gpu_memory_gb,
+        dp_replicate=t.dp_replicate,
+        ep=t.ep,
+        gpu_memory_gb=t.gpu_memory_gb,
         parameters=total,
         trainable=trainable,
-        params=master * total / world_size,
-        grads=master * trainable / world_size,
-        optimizer=2 * master * trainable / world_size,
-        gathered=compute * (root + 2 * max(blocks, default=0)),
+        params=master * total / shards,
+        grads=master * trainable / shards,
+        optimizer=2 * master * trainable / shards,
+        gathered=compute * (root + 2 * max(gathered, default=0)),
         activations=activations,
     )
 

@@ -54,3 +54,25 @@ def test_setup_refuses_an_unfitting_plan_on_cuda_only(capsys):
     out = capsys.readouterr().out
     plan = memory_plan(config(), 2)
     assert "on 2 GPUs of 80 GB: fits" in out and f"| **total** | {plan.total / GIB:.1f} |" in out
+
+
+def test_replicas_hold_a_whole_sharded_copy_and_ep_gathers_a_ranks_own_experts():
+    """HSDP shards over one replica's ranks; with trainer.ep a block all-gathers only 1/ep of its experts."""
+    four = memory_plan(config(), 4)
+    hsdp = memory_plan(config("trainer.dp_replicate=2"), 4)
+    assert hsdp.params == pytest.approx(2 * four.params) and hsdp.optimizer == pytest.approx(2 * four.optimizer)
+    torch.manual_seed(0)
+    real = MTPModel.from_config(debug_model_config("deepseek_v3_debug"))
+    blocks = [*real.backbone.model.layers, *real.mtp.depths[0].blocks]  # dense, MoE, MoE (the MTP block)
+    sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    experts = [sum(p.numel() for p in b.mlp.experts.parameters()) if hasattr(b.mlp, "experts") else 0 for b in blocks]
+    assert experts[0] == 0 and experts[1] == experts[2] > 0
+    root = sum(p.numel() for p in real.parameters()) - sum(sizes)
+    ep = memory_plan(config("trainer.ep=2"), 4)
+    assert (ep.params, ep.grads, ep.optimizer) == (four.params, four.grads, four.optimizer)  # experts: over ep x efsdp
+    assert four.gathered == 2 * (root + 2 * max(sizes))  # bf16: 2 bytes
+    assert ep.gathered == pytest.approx(2 * (root + 2 * max(s - e / 2 for s, e in zip(sizes, experts))))
+    assert ep.gathered < four.gathered
+    assert "(dp_replicate=1, ep=2)" in ep.table()
+    with pytest.raises(ConfigError, match="trainer.ep=3 must divide"):
+        memory_plan(config("trainer.ep=3"), 4)

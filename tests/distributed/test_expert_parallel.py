@@ -16,11 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mtp_recipes.config import to_schema
+from mtp_recipes.distributed.mesh import init_world
+from mtp_recipes.errors import ConfigError
 from mtp_recipes.model import MTPModel
 from tests.distributed.test_fsdp_and_resume import COMMON, ENV, cli, finish, losses
 from tests.helpers import debug_model_config
+from tests.recipes.test_finetune import composed
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 EP_LOG = "expert parallelism: ep=2"
 
@@ -33,6 +36,7 @@ def torchrun(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_dispatch_and_combine_equal_the_experts_module_run_whole(tmp_path):
     """Every family's experts (gated or not, through ExpertsInterface or the class swap), eager in float64 and
     transformers' grouped_mm in float32: outputs and all gradients equal the module run on all tokens."""
@@ -73,6 +77,7 @@ def run_ep(tmp_path: Path, name: str, *args: str, nproc: int) -> str:
     return out + err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["deepseek_v3_debug", "nemotron_h_debug"])
 def test_ep2_on_two_ranks_equals_one_process(model, tmp_path):
     """The backbone's and the MTP depth's MoE layers split over ep=2 (2 of 4 experts per rank)."""
@@ -82,6 +87,7 @@ def test_ep2_on_two_ranks_equals_one_process(model, tmp_path):
     assert_same_run(tmp_path / "ep", tmp_path / "one", 3)
 
 
+@pytest.mark.slow
 def test_ep2_within_dp_shard4_and_with_replicas_equal_one_process(tmp_path):
     """4 ranks: ep=2 x efsdp=2 (FSDP over each rank's experts), and dp_replicate=2 x ep=2 (HSDP, efsdp=1).
 
@@ -103,6 +109,7 @@ def test_ep2_within_dp_shard4_and_with_replicas_equal_one_process(tmp_path):
         assert experts and all(len(m.chunks) == chunks for m in experts), run
 
 
+@pytest.mark.slow
 def test_ep_load_reads_only_each_ranks_experts_and_exports_the_same(tmp_path):
     """model.path under ep=2: each rank reads its experts' on-disk tensors only; the gathered model equals the
     1-process load and the export equals the 1-process export file by file."""
@@ -127,6 +134,7 @@ def descendants(pid: int) -> list[int]:
     return children + [d for child in children for d in descendants(child)]
 
 
+@pytest.mark.slow
 def test_sigkill_with_ep_then_resume_matches_an_uninterrupted_run(tmp_path):
     """Every process of an ep=2 run killed at once (a lost node); trainer.resume=auto on the same layout."""
     args = ["model=deepseek_v3_debug", "trainer.precision=fp32", "trainer.ep=2", "data.batch_size=2",
@@ -158,3 +166,21 @@ def test_sigkill_with_ep_then_resume_matches_an_uninterrupted_run(tmp_path):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7, msg=k)
 
+
+
+def test_an_ep_that_cannot_split_is_one_line(monkeypatch):
+    with pytest.raises(ConfigError, match="trainer.ep must be >= 1"):
+        to_schema(composed("trainer.ep=0"))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process: a replica of 1 rank
+    with pytest.raises(ConfigError, match=r"trainer.ep=2 does not divide the 1 ranks of a replica") as err:
+        init_world("cpu", ep=2)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_ep_that_does_not_divide_the_experts_stops_at_setup(tmp_path):
+    proc = cli("model=nemotron_h_debug", "model.config.n_routed_experts=3", "trainer.ep=2", "trainer.max_steps=1",
+               f"hydra.run.dir={tmp_path}/run", nproc=2, cwd=tmp_path)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert "error: trainer.ep=2 does not divide the 3 routed experts of each MoE layer" in err, err[-2000:]
