@@ -21,20 +21,45 @@ from mtp_recipes import hf_compat
 
 def tiny_nemotron(**overrides) -> NemotronHConfig:
     fields = dict(
-        vocab_size=64, hidden_size=32, layers_block_type=["linear_attention", "full_attention", "moe"],
-        mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2, chunk_size=8,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48,
-        moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, moe_shared_expert_intermediate_size=16,
+        vocab_size=64,
+        hidden_size=32,
+        layers_block_type=["linear_attention", "full_attention", "moe"],
+        mamba_num_heads=4,
+        mamba_head_dim=8,
+        ssm_state_size=8,
+        n_groups=2,
+        chunk_size=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_shared_expert_intermediate_size=16,
     )
     return NemotronHConfig(**{**fields, **overrides})
 
 
 def tiny_deepseek() -> DeepseekV3Config:
     return DeepseekV3Config(
-        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
-        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
-        num_experts_per_tok=2, n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
-        qk_nope_head_dim=8, v_head_dim=8,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
     )
 
 
@@ -180,8 +205,15 @@ def test_rotary_per_layer_type():
     from transformers.models.step3p7 import modeling_step3p7 as step
 
     config = Step3p7TextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, layer_types=["full_attention", "sliding_attention"], sliding_window=4,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        layer_types=["full_attention", "sliding_attention"],
+        sliding_window=4,
     )
     rotary = step.Step3p7RotaryEmbedding(config)
     kinds = hf_compat.rotary_layer_types(rotary)
@@ -199,8 +231,14 @@ def experts_modules() -> dict[str, nn.Module]:
 
     torch.manual_seed(0)
     deepseek = AutoModelForCausalLM.from_config(tiny_deepseek(), experts_implementation="eager").model.layers[1]
-    config = Step3p7TextConfig(hidden_size=32, moe_intermediate_size=8, moe_num_experts=4, num_attention_heads=2,
-                               num_attention_groups=1, head_dim=8)
+    config = Step3p7TextConfig(
+        hidden_size=32,
+        moe_intermediate_size=8,
+        moe_num_experts=4,
+        num_attention_heads=2,
+        num_attention_groups=1,
+        head_dim=8,
+    )
     modules = {"interface": deepseek.mlp.experts, "own forward": step.Step3p7Experts(config, swiglu_limit=0.5)}
     with torch.no_grad():
         for p in modules["own forward"].parameters():  # built outside a model: no weight init ran
@@ -267,10 +305,21 @@ def test_warning_outside_the_tested_range(monkeypatch, caplog):
 
 
 FENCED = (
-    "_attn_implementation", "_experts_implementation", "_init_weights", "_keys_to_ignore_on_load",
-    "_keep_in_fp32", "_weight_conversions", "_gradient_checkpointing_func", "_non_persistent_buffers_set",
-    "_decode_special_floats", "core_model_loading", "conversion_mapping", "__class__ =", "integrations.moe",
-    "ExpertsInterface", "ALL_EXPERTS_FUNCTIONS",
+    "_attn_implementation",
+    "_experts_implementation",
+    "_init_weights",
+    "_keys_to_ignore_on_load",
+    "_keep_in_fp32",
+    "_weight_conversions",
+    "_gradient_checkpointing_func",
+    "_non_persistent_buffers_set",
+    "_decode_special_floats",
+    "core_model_loading",
+    "conversion_mapping",
+    "__class__ =",
+    "integrations.moe",
+    "ExpertsInterface",
+    "ALL_EXPERTS_FUNCTIONS",
 )
 
 

@@ -101,9 +101,16 @@ def measure(path: str, world) -> dict:
             filecmp.cmp(one / f, out / f, shallow=False) for f in files
         )
     return {
-        "path": path, "rank": world.rank, "growth": sampler.peak - sampler.base, "own": own, "equal": equal,
-        "read": read, "unsharded": unsharded, "export_growth": exporting.peak - exporting.base,
-        "largest": largest, "same_export": same_export,
+        "path": path,
+        "rank": world.rank,
+        "growth": sampler.peak - sampler.base,
+        "own": own,
+        "equal": equal,
+        "read": read,
+        "unsharded": unsharded,
+        "export_growth": exporting.peak - exporting.base,
+        "largest": largest,
+        "same_export": same_export,
     }
 
 

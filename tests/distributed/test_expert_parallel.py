@@ -30,9 +30,20 @@ EP_LOG = "expert parallelism: ep=2"
 
 def torchrun(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(Path(__file__).with_name(script)),
-         *args],
-        cwd=cwd, env={**ENV, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(Path(__file__).with_name(script)),
+            *args,
+        ],
+        cwd=cwd,
+        env={**ENV, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -40,8 +51,10 @@ def torchrun(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_dispatch_and_combine_equal_the_experts_module_run_whole(tmp_path):
     """Every family's experts (gated or not, through ExpertsInterface or the class swap), eager in float64 and
     transformers' grouped_mm in float32: outputs and all gradients equal the module run on all tokens."""
-    specs = [f"{name}:eager:float64" for name in ("deepseek_v3_debug", "nemotron_h_debug", "step3p5_debug",
-                                                  "minimax_m3_debug")]
+    specs = [
+        f"{name}:eager:float64"
+        for name in ("deepseek_v3_debug", "nemotron_h_debug", "step3p5_debug", "minimax_m3_debug")
+    ]
     specs += ["deepseek_v3_debug:grouped_mm:float32", "nemotron_h_debug:grouped_mm:float32"]
     result = torchrun("ep_dispatch_worker.py", *specs, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -94,8 +107,13 @@ def test_bf16_with_activation_checkpointing_equals_fsdp_without_ep(tmp_path):
     same 2 ranks without EP. The experts' weight gradients are rounded in other places (one bf16 matmul over
     both ranks' tokens on the owner, vs. one per rank summed in fp32), so the losses agree to bf16's
     roundoff (measured: 1.7e-4), as in the bf16 FSDP test (2e-3), not to fp32's."""
-    args = ["model=minimax_m3_debug", "trainer.precision=bf16", "trainer.activation_checkpointing=true",
-            "trainer.max_steps=3", "data.batch_size=2"]
+    args = [
+        "model=minimax_m3_debug",
+        "trainer.precision=bf16",
+        "trainer.activation_checkpointing=true",
+        "trainer.max_steps=3",
+        "data.batch_size=2",
+    ]
     run_ep(tmp_path, "ep", *args, "trainer.ep=2", nproc=2)
     finish(cli(*args, f"hydra.run.dir={tmp_path}/fsdp", nproc=2, cwd=tmp_path))
     a, b = losses(tmp_path / "ep"), losses(tmp_path / "fsdp")
@@ -155,14 +173,33 @@ def descendants(pid: int) -> list[int]:
 @pytest.mark.slow
 def test_sigkill_with_ep_then_resume_matches_an_uninterrupted_run(tmp_path):
     """Every process of an ep=2 run killed at once (a lost node); trainer.resume=auto on the same layout."""
-    args = ["model=deepseek_v3_debug", "trainer.precision=fp32", "trainer.ep=2", "data.batch_size=2",
-            "trainer.max_steps=20", "trainer.checkpoint_every=4"]
+    args = [
+        "model=deepseek_v3_debug",
+        "trainer.precision=fp32",
+        "trainer.ep=2",
+        "data.batch_size=2",
+        "trainer.max_steps=20",
+        "trainer.checkpoint_every=4",
+    ]
     run_ep(tmp_path, "ref", *args, nproc=2)
     run = tmp_path / "crash"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mtp_recipes.finetune",
-         *COMMON, *args, f"hydra.run.dir={run}"],
-        cwd=tmp_path, env={**ENV, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "mtp_recipes.finetune",
+            *COMMON,
+            *args,
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        env={**ENV, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
     while not (run / "resume" / "step_000004").exists():
@@ -185,7 +222,6 @@ def test_sigkill_with_ep_then_resume_matches_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
-
 def test_an_ep_that_cannot_split_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match="trainer.ep must be >= 1"):
         to_schema(composed("trainer.ep=0"))
@@ -197,8 +233,15 @@ def test_an_ep_that_cannot_split_is_one_line(monkeypatch):
 
 @pytest.mark.slow
 def test_ep_that_does_not_divide_the_experts_stops_at_setup(tmp_path):
-    proc = cli("model=nemotron_h_debug", "model.config.n_routed_experts=3", "trainer.ep=2", "trainer.max_steps=1",
-               f"hydra.run.dir={tmp_path}/run", nproc=2, cwd=tmp_path)
+    proc = cli(
+        "model=nemotron_h_debug",
+        "model.config.n_routed_experts=3",
+        "trainer.ep=2",
+        "trainer.max_steps=1",
+        f"hydra.run.dir={tmp_path}/run",
+        nproc=2,
+        cwd=tmp_path,
+    )
     out, err = proc.communicate(timeout=600)
     assert proc.returncode != 0
     assert "error: trainer.ep=2 does not divide the 3 routed experts of each MoE layer" in err, err[-2000:]
