@@ -113,13 +113,13 @@ def memory_plan(cfg: DictConfig, world_size: int) -> MemoryPlan:
     from mtp_recipes.distributed.parallelize import shardable_blocks
     from mtp_recipes.model import MTPModel
 
-    with torch.device("meta"):
-        model = MTPModel.from_config(_config_dict(cfg), **model_kwargs(cfg))
     t = cfg.trainer
     if world_size % t.dp_replicate or (world_size // t.dp_replicate) % t.ep:
         raise ConfigError(
             f"trainer.dp_replicate={t.dp_replicate} and trainer.ep={t.ep} must divide the {world_size} ranks in turn"
         )
+    with torch.device("meta"):
+        model = MTPModel.from_config(_config_dict(cfg), **model_kwargs(cfg))
     shards = world_size // t.dp_replicate  # every parameter, experts too, is split over one replica's ranks
     master = next(model.parameters()).element_size()
     compute = 4 if t.precision == "fp32" else 2  # bf16 on GPU unless fp32 is asked for

@@ -10,6 +10,7 @@ functions that take a model and a mesh, as in torchtitan.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -51,7 +52,7 @@ def apply_fsdp(
     mesh: DeviceMesh,
     *,
     param_dtype: torch.dtype | None = None,
-    experts: list[nn.Module] = (),
+    experts: Sequence[nn.Module] = (),
     expert_mesh: DeviceMesh | None = None,
 ) -> MTPModel:
     """Shard ``model`` over ``mesh`` with FSDP2.
@@ -90,10 +91,8 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     grads = [p.grad for p in params]
     if not grads:
         return torch.zeros(())
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    norms = torch.stack([torch.linalg.vector_norm(g).float() for g in local])
-    copies = torch.tensor([_copies(g) for g in grads], dtype=norms.dtype, device=norms.device)
-    total = (norms.square() / copies).sum()
+    squares = [torch.linalg.vector_norm(_local(g)).float().square() / _copies(g) for g in grads]
+    total = torch.stack(squares).sum()
     if any(isinstance(g, DTensor) for g in grads):
         torch.distributed.all_reduce(total)
     total = total.sqrt()
@@ -103,6 +102,10 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     for group in by_mesh.values():
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
+
+
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    return grad.to_local() if isinstance(grad, DTensor) else grad
 
 
 def _copies(grad: torch.Tensor) -> int:
