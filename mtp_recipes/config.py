@@ -110,6 +110,7 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block (GPU)
     dp_replicate: int = 1  # HSDP: model replicas (e.g. nodes), each sharded over world_size / dp_replicate ranks
+    ep: int = 1  # expert parallelism: routed experts split over groups of ep ranks within a replica
     gpu_memory_gb: float = 80.0  # per GPU; on CUDA, setup refuses a memory plan over it (python -m mtp_recipes.plan)
     progress_bar: bool = True
     eval_every: int = 0  # validation on the held-out rows every N steps, and after the last step; 0: only then
@@ -174,6 +175,7 @@ def validate(cfg: DictConfig) -> None:
         (cfg.trainer.checkpoint_every >= 0 and cfg.trainer.save_every >= 0, "checkpoint/save intervals must be >= 0"),
         (cfg.trainer.keep_last >= 1, "trainer.keep_last must be >= 1"),
         (cfg.trainer.dp_replicate >= 1, "trainer.dp_replicate must be >= 1"),
+        (cfg.trainer.ep >= 1, f"trainer.ep must be >= 1, got {cfg.trainer.ep}"),
         (cfg.trainer.eval_every >= 0, f"trainer.eval_every must be >= 0, got {cfg.trainer.eval_every}"),
         (
             not (cfg.trainer.overwrite and cfg.trainer.resume is not None),

@@ -7,7 +7,9 @@ test run exactly what moved.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +31,7 @@ from transformers.core_model_loading import (
     rename_source_key,
     revert_weight_conversion,
 )
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
 logger = logging.getLogger("mtp_recipes")
 
@@ -159,6 +162,73 @@ def enable_block_checkpointing(block: nn.Module, checkpoint_fn: Callable[..., An
         raise ValueError(f"{type(block).__name__} does not support activation checkpointing")
     block.gradient_checkpointing = True
     block._gradient_checkpointing_func = checkpoint_fn
+
+
+# ---- routed experts ------------------------------------------------------------------------------
+# transformers' experts modules hold merged weights ``[num_experts, ...]`` and compute
+# ``forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]``; a class decorated
+# with ``use_experts_implementation`` dispatches that call to the function its config's
+# ``_experts_implementation`` names in ``ExpertsInterface``, called as ``fn(module, *args)``.
+ExpertsFunction = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def uses_experts_interface(experts: nn.Module) -> bool:
+    """Whether ``experts``'s class dispatches its forward through ``ExpertsInterface`` (Step-3.5's does not).
+
+    The decorator keeps the class's own forward as ``__wrapped__`` and gives the module its config.
+    """
+    return hasattr(type(experts).forward, "__wrapped__") and hasattr(experts, "config")
+
+
+def experts_function(experts: nn.Module) -> ExpertsFunction:
+    """What ``experts`` computes with now, as a function of (module, hidden, top_k_index, top_k_weights).
+
+    For a dispatching class, the implementation its config names (``eager``: the class's own forward);
+    otherwise the class's forward. No public reader of the chosen implementation exists.
+    """
+    own = inspect.unwrap(type(experts).forward)
+    if not uses_experts_interface(experts):
+        return own
+    return ALL_EXPERTS_FUNCTIONS.get_interface(experts.config._experts_implementation, own)
+
+
+def route_experts(experts: nn.Module, name: str, function: ExpertsFunction) -> None:
+    """Make ``experts`` compute with ``function``: registered in ``ExpertsInterface`` as ``name`` and chosen
+    on the module's config; for a class without that seam, a subclass whose forward is ``function``.
+
+    The config is the one the module was built with (shared by the backbone's experts modules, one copy per
+    MTP depth), so every experts module built from it switches: call this for all of them.
+    """
+    if uses_experts_interface(experts):
+        ExpertsInterface.register(name, function)
+        experts.config._experts_implementation = name
+        return
+    swap_class(experts, _routed_class(type(experts), function))
+
+
+@functools.cache
+def _routed_class(cls: type[nn.Module], function: ExpertsFunction) -> type[nn.Module]:
+    def forward(self: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        return function(self, hidden, top_k_index, top_k_weights)
+
+    return type(f"Routed{cls.__name__}", (cls,), {"forward": forward})
+
+
+class LocalExperts:
+    """An experts module as seen by an experts function when only some of its experts are here.
+
+    transformers' experts functions read the merged weights and ``num_experts`` as attributes of the module
+    they are given and call its own methods (``_apply_gate``, ``act_fn``): this stand-in answers the weights
+    with the given rows (experts renumbered from 0) and everything else from the module.
+    """
+
+    def __init__(self, module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        self.__dict__.update(weights)
+        self.num_experts = next(iter(weights.values())).shape[0]
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
 
 
 # ---- rotary embeddings with one table per layer type --------------------------------------------

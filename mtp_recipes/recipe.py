@@ -32,8 +32,14 @@ from mtp_recipes.checkpoint.resume import (
 )
 from mtp_recipes.config import lambda_at, model_kwargs, to_schema
 from mtp_recipes.data import build_train_and_eval, load_tokenizer
+from mtp_recipes.distributed.expert_parallel import apply_expert_parallel
 from mtp_recipes.distributed.mesh import all_reduce_sum, barrier, broadcast_object, init_world, shutdown
-from mtp_recipes.distributed.parallelize import apply_activation_checkpointing, apply_compile, apply_fsdp
+from mtp_recipes.distributed.parallelize import (
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_fsdp,
+    clip_grad_norm,
+)
 from mtp_recipes.errors import ConfigError, TrainingError
 from mtp_recipes.metrics import StepTotals, flops_per_token, mfu, peak_flops
 from mtp_recipes.model import MTPModel, MTPOutput
@@ -64,7 +70,7 @@ class FinetuneRecipe:
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.world = init_world(cfg.trainer.device, cfg.trainer.dp_replicate)
+        self.world = init_world(cfg.trainer.device, cfg.trainer.dp_replicate, cfg.trainer.ep)
         self._share_run_dir()
         if not self.world.is_main:
             log.setLevel(logging.WARNING)
@@ -283,13 +289,30 @@ class FinetuneRecipe:
         return model
 
     def _parallelize(self, model: MTPModel) -> None:
-        """Activation checkpointing, per-block compile, then FSDP2 over the data-parallel mesh."""
+        """Activation checkpointing, per-block compile, expert parallelism, then FSDP2 over the data-parallel mesh."""
         if self.cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(model)
         if self.cfg.trainer.compile:
             apply_compile(model)
         if self.world.distributed:
-            apply_fsdp(model, self.world.mesh, param_dtype=self.compute_dtype)
+            ep_mesh = self.world.ep_mesh
+            experts = apply_expert_parallel(model, ep_mesh) if ep_mesh is not None else []
+            if experts:
+                rows = next(experts[0].parameters()).shape[0]
+                log.info(
+                    "expert parallelism: ep=%d, %d MoE layers, %d of %d experts per rank and layer",
+                    ep_mesh.size(),
+                    len(experts),
+                    rows // ep_mesh.size(),
+                    rows,
+                )
+            apply_fsdp(
+                model,
+                self.world.mesh,
+                param_dtype=self.compute_dtype,
+                experts=experts,
+                expert_mesh=self.world.expert_mesh,
+            )
 
     def _build_tokenizer(self):
         name = self.cfg.model.tokenizer
@@ -457,8 +480,7 @@ class FinetuneRecipe:
         """Clip to ``optim.max_grad_norm`` (0: measure only); the global norm, on the device."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.optim.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return clip_grad_norm(params, max_norm if max_norm > 0 else float("inf"))
 
     def _log(self, step: dict[str, float], lr: float, tokens_per_s: float, bar: tqdm) -> None:
         """One metrics.jsonl record per step (rank 0): total, main CE, each depth's unscaled CE, λ, lr,

@@ -6,6 +6,7 @@
 #   bash scripts/gpu_checks.sh mamba    # bench_mamba at the anchor's 1.2B mixer shape (ours: torch + Triton)
 #   bash scripts/gpu_checks.sh loss     # bench_loss at T=8192 H=4096 V=131072, D=0,1,3
 #   bash scripts/gpu_checks.sh step     # bench_step: the anchor 1.2B Nemotron-H, B=1,2, S=4096
+#   bash scripts/gpu_checks.sh ep       # 2+ GPUs: DeepSeek-V3 debug recipe tokens/s, trainer.ep=1 vs ep=all GPUs
 #
 # Results land in $OUT when it is set (the device tool brings that folder back), else in bench_results/;
 # copy the figures into docs/benchmarks.md with the date and device.
@@ -45,8 +46,26 @@ EOF
   step)
     timeout 570 python benchmarks/bench_step.py --out "$out/step.json"
     ;;
+  ep)
+    n=$(python -c "import torch; print(torch.cuda.device_count())")
+    if [ "$n" -lt 2 ]; then echo "ep: needs 2 or more GPUs, found $n" | tee "$out/ep.txt"; exit 0; fi
+    for ep in 1 "$n"; do  # 4 experts per GPU, so that ep=n divides them
+      timeout 270 torchrun --nproc_per_node "$n" -m mtp_recipes.finetune model=deepseek_v3_debug \
+        model.config.n_routed_experts=$((4 * n)) trainer.ep="$ep" trainer.max_steps=40 trainer.eval_every=0 \
+        trainer.progress_bar=false data.seq_len=1024 data.batch_size=4 trainer.overwrite=true \
+        hydra.run.dir="$out/ep$ep"
+    done
+    python - "$out" "$n" <<'EOF' | tee "$out/ep.txt"
+import json, statistics, sys
+out, n = sys.argv[1], sys.argv[2]
+for ep in ("1", n):
+    rows = [json.loads(line) for line in open(f"{out}/ep{ep}/metrics.jsonl")]
+    speed = [r["tokens_per_s"] for r in rows if r["split"] == "train"][5:]
+    print(f"trainer.ep={ep} on {n} GPUs: {statistics.median(speed):.0f} tokens/s (median of steps 6-40)")
+EOF
+    ;;
   *)
-    sed -n '2,11p' "$0"
+    sed -n '2,12p' "$0"
     exit 2
     ;;
 esac

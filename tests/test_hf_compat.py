@@ -21,20 +21,45 @@ from mtp_recipes import hf_compat
 
 def tiny_nemotron(**overrides) -> NemotronHConfig:
     fields = dict(
-        vocab_size=64, hidden_size=32, layers_block_type=["linear_attention", "full_attention", "moe"],
-        mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2, chunk_size=8,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48,
-        moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, moe_shared_expert_intermediate_size=16,
+        vocab_size=64,
+        hidden_size=32,
+        layers_block_type=["linear_attention", "full_attention", "moe"],
+        mamba_num_heads=4,
+        mamba_head_dim=8,
+        ssm_state_size=8,
+        n_groups=2,
+        chunk_size=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_shared_expert_intermediate_size=16,
     )
     return NemotronHConfig(**{**fields, **overrides})
 
 
 def tiny_deepseek() -> DeepseekV3Config:
     return DeepseekV3Config(
-        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
-        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
-        num_experts_per_tok=2, n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
-        qk_nope_head_dim=8, v_head_dim=8,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
     )
 
 
@@ -180,8 +205,15 @@ def test_rotary_per_layer_type():
     from transformers.models.step3p7 import modeling_step3p7 as step
 
     config = Step3p7TextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, layer_types=["full_attention", "sliding_attention"], sliding_window=4,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        layer_types=["full_attention", "sliding_attention"],
+        sliding_window=4,
     )
     rotary = step.Step3p7RotaryEmbedding(config)
     kinds = hf_compat.rotary_layer_types(rotary)
@@ -190,6 +222,71 @@ def test_rotary_per_layer_type():
     cos, sin = hf_compat.rotary_cos_sin(rotary, hidden, positions, "full_attention")
     assert cos.shape[:2] == (1, 5) and torch.allclose(cos[0, 0], torch.ones_like(cos[0, 0])), touch("rotary_cos_sin")
     assert torch.allclose(cos.pow(2) + sin.pow(2), torch.ones_like(cos)), touch("rotary_cos_sin")
+
+
+def experts_modules() -> dict[str, nn.Module]:
+    """A DeepSeek-V3 experts module (dispatches through ExpertsInterface) and a Step-3.5 one (does not)."""
+    from transformers.models.step3p7 import Step3p7TextConfig
+    from transformers.models.step3p7 import modeling_step3p7 as step
+
+    torch.manual_seed(0)
+    deepseek = AutoModelForCausalLM.from_config(tiny_deepseek(), experts_implementation="eager").model.layers[1]
+    config = Step3p7TextConfig(
+        hidden_size=32,
+        moe_intermediate_size=8,
+        moe_num_experts=4,
+        num_attention_heads=2,
+        num_attention_groups=1,
+        head_dim=8,
+    )
+    modules = {"interface": deepseek.mlp.experts, "own forward": step.Step3p7Experts(config, swiglu_limit=0.5)}
+    with torch.no_grad():
+        for p in modules["own forward"].parameters():  # built outside a model: no weight init ran
+            p.normal_(std=0.1)
+    return modules
+
+
+def routed(num_experts: int, tokens: int = 6):
+    g = torch.Generator().manual_seed(1)
+    index = torch.rand(tokens, num_experts, generator=g).argsort(-1)[:, :2]
+    return torch.randn(tokens, 32, generator=g), index, torch.rand(tokens, 2, generator=g)
+
+
+def test_experts_function_and_local_experts():
+    """The function we read is what the module computes with; run on a stand-in holding experts 2..3 (as 0..1),
+    it equals the whole module on tokens routed to 2..3."""
+    for kind, experts in experts_modules().items():
+        assert hf_compat.uses_experts_interface(experts) == (kind == "interface"), touch("uses_experts_interface")
+        x, index, w = routed(4)
+        fn = hf_compat.experts_function(experts)
+        with torch.no_grad():
+            torch.testing.assert_close(fn(experts, x, index, w), experts(x, index, w), msg=touch("experts_function"))
+            last_two = {n: p[2:] for n, p in experts.named_parameters(recurse=False)}
+            local = fn(hf_compat.LocalExperts(experts, last_two), x, index % 2, w)
+            torch.testing.assert_close(local, experts(x, index % 2 + 2, w), msg=touch("LocalExperts"))
+    # the choice follows the config: transformers' grouped_mm for a module built with it
+    grouped = AutoModelForCausalLM.from_config(tiny_deepseek(), experts_implementation="grouped_mm")
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    assert hf_compat.experts_function(grouped.model.layers[1].mlp.experts) is grouped_mm_experts_forward, touch(
+        "experts_function"
+    )
+
+
+def test_route_experts():
+    """A module routed to our function computes with it: through ExpertsInterface, or by a class swap."""
+    for kind, experts in experts_modules().items():
+        calls = []
+
+        def recording(module, hidden, index, weights, calls=calls):
+            calls.append(module)
+            return hidden * 0
+
+        cls = type(experts)
+        hf_compat.route_experts(experts, "mtp_recipes_test_recording", recording)
+        x, index, w = routed(4)
+        assert torch.equal(experts(x, index, w), x * 0) and calls == [experts], touch("route_experts")
+        assert isinstance(experts, cls) and (type(experts) is cls) == (kind == "interface"), touch("route_experts")
 
 
 def test_warning_outside_the_tested_range(monkeypatch, caplog):
@@ -208,9 +305,21 @@ def test_warning_outside_the_tested_range(monkeypatch, caplog):
 
 
 FENCED = (
-    "_attn_implementation", "_experts_implementation", "_init_weights", "_keys_to_ignore_on_load",
-    "_keep_in_fp32", "_weight_conversions", "_gradient_checkpointing_func", "_non_persistent_buffers_set",
-    "_decode_special_floats", "core_model_loading", "conversion_mapping", "__class__ =",
+    "_attn_implementation",
+    "_experts_implementation",
+    "_init_weights",
+    "_keys_to_ignore_on_load",
+    "_keep_in_fp32",
+    "_weight_conversions",
+    "_gradient_checkpointing_func",
+    "_non_persistent_buffers_set",
+    "_decode_special_floats",
+    "core_model_loading",
+    "conversion_mapping",
+    "__class__ =",
+    "integrations.moe",
+    "ExpertsInterface",
+    "ALL_EXPERTS_FUNCTIONS",
 )
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from mtp_recipes import hf_compat
 from mtp_recipes.checkpoint.atomic import atomic_directory
@@ -386,15 +386,17 @@ def _shard_dim(param: torch.Tensor) -> int | None:
 
 
 def _local_rows(param: torch.Tensor) -> tuple[int, int] | None:
-    """The rows ``[a, b)`` of a dim-0-sharded DTensor (FSDP2) held here; ``None`` for any other tensor."""
-    dim = _shard_dim(param)
-    if dim is None:
+    """The rows ``[a, b)`` of a DTensor held here when it is split by rows only (FSDP2, HSDP, expert
+    parallelism with FSDP over the experts); ``None`` for any other tensor.
+
+    The offsets are the DTensor's own (the chunk torch.distributed.checkpoint saves for this rank).
+    """
+    if not isinstance(param, DTensor) or param.dim() == 0:
         return None
-    n, mesh = param.shape[0], param.device_mesh
-    size = -(-n // mesh.size(dim))  # torch.chunk's split, as FSDP2 shards
-    start = min(mesh.get_local_rank(dim) * size, n)
-    end = min(start + size, n)
-    return (start, end) if param.to_local().shape[0] == end - start else None
+    (chunk,) = param.__create_chunk_list__()
+    if any(chunk.offsets[1:]) or tuple(chunk.sizes[1:]) != tuple(param.shape[1:]):
+        return None
+    return chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0]
 
 
 def copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -407,8 +409,15 @@ def copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
 def _gather_to_writer(value: DTensor, writer: bool) -> torch.Tensor | None:
     """The full tensor on the writer (the mesh's first rank), ``None`` elsewhere: a gather, not an all-gather.
 
-    Under HSDP only the writer's replica takes part. Other placements fall back to ``full_tensor()``.
+    Under HSDP only the writer's replica takes part. Rows split over several mesh dimensions (experts over
+    ``ep``, each rank's experts then over ``efsdp`` by FSDP) are first made whole over all of them but
+    ``ep`` (each rank then holds its share of the experts), then gathered over ``ep`` to the writer. Other
+    placements fall back to ``full_tensor()``.
     """
+    if _shard_dim(value) is None and any(p.is_shard(0) for p in value.placements):
+        keep = max(i for i, p in enumerate(value.placements) if p.is_shard(0))  # a plain split: ep
+        placements = [Shard(0) if i == keep else Replicate() for i in range(value.device_mesh.ndim)]
+        value = value.redistribute(placements=placements)
     mesh, dim = value.device_mesh, _shard_dim(value)
     if dim is None:
         return value.full_tensor()

@@ -4,6 +4,12 @@ The mesh has one data-parallel dimension ``("dp",)`` (FSDP over every rank) or, 
 ``trainer.dp_replicate = R > 1``, two: ``("dp_replicate", "dp_shard")`` of shape ``(R, N / R)``, which
 FSDP2 turns into HSDP (each replica sharded within, gradients all-reduced across replicas).
 
+With ``trainer.ep = E > 1`` (expert parallelism) a second mesh ``("dp_replicate", "efsdp", "ep")`` of shape
+``(R, N / R / E, E)`` lays the same ranks out for the routed experts: each ``ep`` group (E consecutive ranks
+of one dp_shard group) splits the experts, and FSDP shards each rank's experts over ``efsdp`` (and
+replicates them over ``dp_replicate``). Every rank still trains on its own batch: EP changes where expert
+weights live and where tokens are computed, not the data parallelism.
+
 ``python -m mtp_recipes.finetune`` (one process) and ``torchrun --nproc_per_node N -m
 mtp_recipes.finetune`` (N processes) run the same code: without torchrun's variables the world has
 one rank and no process group is created.
@@ -23,12 +29,18 @@ from mtp_recipes.errors import ConfigError
 
 @dataclass(frozen=True)
 class World:
-    """Where this process stands: its rank, the world size, its device and the data-parallel mesh."""
+    """Where this process stands: its rank, the world size, its device and the data-parallel mesh.
+
+    With expert parallelism, ``ep_mesh`` is this rank's ``ep`` group (experts split over it) and
+    ``expert_mesh`` the data-parallel mesh of its experts (``efsdp``, or ``dp_replicate`` x ``efsdp``).
+    """
 
     rank: int
     world_size: int
     device: torch.device
     mesh: DeviceMesh | None
+    ep_mesh: DeviceMesh | None = None
+    expert_mesh: DeviceMesh | None = None
 
     @property
     def is_main(self) -> bool:
@@ -39,11 +51,17 @@ class World:
         return self.mesh is not None
 
 
-def init_world(device: str = "auto", dp_replicate: int = 1) -> World:
+def init_world(device: str = "auto", dp_replicate: int = 1, ep: int = 1) -> World:
     """Join the process group torchrun describes (gloo on CPU, nccl on GPU), or stay a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size % dp_replicate:
         raise ConfigError(f"trainer.dp_replicate={dp_replicate} does not divide the {world_size} ranks")
+    shard = world_size // dp_replicate
+    if shard % ep:
+        raise ConfigError(
+            f"trainer.ep={ep} does not divide the {shard} ranks of a replica ({world_size} ranks / "
+            f"trainer.dp_replicate={dp_replicate}): expert-parallel groups lie within one replica"
+        )
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -62,7 +80,12 @@ def init_world(device: str = "auto", dp_replicate: int = 1) -> World:
     else:
         shape, names = (world_size,), ("dp",)
     mesh = init_device_mesh(dev.type, shape, mesh_dim_names=names)
-    return World(dist.get_rank(), world_size, dev, mesh)
+    if ep == 1:
+        return World(dist.get_rank(), world_size, dev, mesh)
+    names = ("dp_replicate", "efsdp", "ep")
+    experts = init_device_mesh(dev.type, (dp_replicate, shard // ep, ep), mesh_dim_names=names)
+    expert_dp = experts["dp_replicate", "efsdp"] if dp_replicate > 1 else experts["efsdp"]
+    return World(dist.get_rank(), world_size, dev, mesh, experts["ep"], expert_dp)
 
 
 def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:

@@ -9,6 +9,8 @@ functions that take a model and a mesh, as in torchtitan.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from mtp_recipes.hf_compat import enable_block_checkpointing, swap_class
@@ -44,26 +47,73 @@ def apply_compile(model: MTPModel) -> None:
         block.compile()
 
 
-def apply_fsdp(model: MTPModel, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None) -> MTPModel:
+def apply_fsdp(
+    model: MTPModel,
+    mesh: DeviceMesh,
+    *,
+    param_dtype: torch.dtype | None = None,
+    experts: Sequence[nn.Module] = (),
+    expert_mesh: DeviceMesh | None = None,
+) -> MTPModel:
     """Shard ``model`` over ``mesh`` with FSDP2.
 
     ``param_dtype`` (bf16 on GPU) is the compute dtype of the gathered parameters and of buffers used as
     ``nn.Linear`` weights (:func:`weight_buffers_follow_compute_dtype`); gradients are reduced in float32.
     Every rank divides its loss by the *global* target counts, so gradients are summed over ranks, not
-    averaged.
+    averaged. ``experts`` (already split over an ``ep`` group, :func:`apply_expert_parallel`) are sharded
+    on their own, over ``expert_mesh``: their gradients are summed over the ranks holding the same experts
+    only, and each already holds the gradients of every token its ``ep`` group routed to it.
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
-    kwargs = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
+    extra = {"mp_policy": mp} if mp else {}
     if mp:
         weight_buffers_follow_compute_dtype(model)
+    for module in experts:
+        fully_shard(module, mesh=expert_mesh, **extra)
     for block in shardable_blocks(model):
-        fully_shard(block, **kwargs)
-    fully_shard(model, reshard_after_forward=False, **kwargs)
+        fully_shard(block, mesh=mesh, **extra)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, **extra)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-multiplied sum
     return model
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale the gradients of ``params`` to a global norm of at most ``max_norm``; return the norm before.
+
+    The squared norm is summed from every rank's local shards in one all-reduce, each counted once per
+    copy (a shard replicated over ``dp_replicate`` is held by R ranks), so every rank gets the same norm
+    whatever mesh a gradient lives on. ``torch.nn.utils.clip_grad_norm_`` would stack per-tensor norms,
+    which DTensor refuses across meshes (expert-parallel experts live on their own).
+    """
+    grads = [p.grad for p in params]
+    if not grads:
+        return torch.zeros(())
+    squares = [torch.linalg.vector_norm(_local(g)).float().square() / _copies(g) for g in grads]
+    total = torch.stack(squares).sum()
+    if any(isinstance(g, DTensor) for g in grads):
+        torch.distributed.all_reduce(total)
+    total = total.sqrt()
+    by_mesh: dict[object, list[nn.Parameter]] = {}
+    for p in params:  # one clip per mesh: DTensor's foreach ops do not mix meshes either
+        by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    for group in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    return grad.to_local() if isinstance(grad, DTensor) else grad
+
+
+def _copies(grad: torch.Tensor) -> int:
+    """How many ranks hold each shard of ``grad``: the sizes of the mesh dimensions it is replicated over."""
+    if not isinstance(grad, DTensor):
+        return 1
+    mesh = grad.device_mesh
+    return math.prod(mesh.size(i) for i, p in enumerate(grad.placements) if p.is_replicate())
 
 
 class InputDtypeLinear(nn.Linear):

@@ -164,6 +164,15 @@ class Family(ABC):
     def backbone_blocks(self, backbone: PreTrainedModel) -> list[nn.Module]:
         return list(backbone.get_decoder().layers)
 
+    def expert_modules(self, block: nn.Module) -> list[nn.Module]:
+        """The modules of ``block`` that hold its routed experts (expert parallelism splits their rows).
+
+        By default every module with ``num_experts`` whose own parameters all have that many rows, one of
+        them at least 3-D: the merged ``[num_experts, out, in]`` weights (and ``[num_experts, out]`` biases)
+        of transformers' experts modules. A router (one 2-D ``[num_experts, hidden]`` weight) is not one.
+        """
+        return [m for m in block.modules() if _holds_experts(m)]
+
     def init_depth_from_backbone(self, depth: MTPDepth, backbone: PreTrainedModel) -> None:
         """``mtp.init=from_scratch``: start each block from the last backbone block of its kind, if any.
 
@@ -205,6 +214,16 @@ class Family(ABC):
     def tied_export_copies(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> dict[str, str]:
         """Extra HF tensors written on export as copies of backbone tensors: ``{hf_name: backbone_key}``."""
         return {}
+
+
+def _holds_experts(module: nn.Module) -> bool:
+    params = list(module.parameters(recurse=False))
+    rows = getattr(module, "num_experts", None)
+    return (
+        isinstance(rows, int)
+        and any(p.dim() >= 3 for p in params)
+        and all(p.dim() >= 2 and p.shape[0] == rows for p in params)
+    )
 
 
 def packed_mask(

@@ -1,5 +1,7 @@
 """Run under torchrun: load a checkpoint sharded (meta build -> FSDP2 -> fill), report each rank's memory.
 
+``--ep=N`` first: split the routed experts over ``ep`` groups of N ranks before FSDP2 (expert parallelism).
+
 Rank 0 prints one JSON line per rank: the peak RSS growth during the load, the bytes of the rank's own shards,
 the bytes it read from the checkpoint (counted by wrapping the reader), the largest tensor it holds unsharded,
 whether every gathered tensor equals the single-process load, the peak RSS growth of its export (rank 0
@@ -20,6 +22,7 @@ import torch.distributed as dist
 
 from mtp_recipes.checkpoint import hf
 from mtp_recipes.checkpoint.hf import TensorReader
+from mtp_recipes.distributed.expert_parallel import apply_expert_parallel
 from mtp_recipes.distributed.mesh import init_world
 from mtp_recipes.distributed.parallelize import apply_fsdp
 from mtp_recipes.model import MTPModel
@@ -56,13 +59,19 @@ class CountingReader(TensorReader):
         return value
 
 
+def shard(model: MTPModel, world) -> None:
+    """FSDP2, with the experts split over ``ep`` first when the world has an ``ep`` mesh."""
+    experts = apply_expert_parallel(model, world.ep_mesh) if world.ep_mesh is not None else []
+    apply_fsdp(model, world.mesh, experts=experts, expert_mesh=world.expert_mesh)
+
+
 def measure(path: str, world) -> dict:
     """This rank's figures for one sharded load of ``path``."""
     CountingReader.read_bytes = 0
     hf.TensorReader = CountingReader  # what load_model_state constructs
     sampler = PeakRSS()
     sampler.start()
-    model = MTPModel.from_pretrained(path, shard=lambda m: apply_fsdp(m, world.mesh), device="cpu")
+    model = MTPModel.from_pretrained(path, shard=lambda m: shard(m, world), device="cpu")
     sampler.running = False
     sampler.join()
     hf.TensorReader = TensorReader
@@ -92,14 +101,22 @@ def measure(path: str, world) -> dict:
             filecmp.cmp(one / f, out / f, shallow=False) for f in files
         )
     return {
-        "path": path, "rank": world.rank, "growth": sampler.peak - sampler.base, "own": own, "equal": equal,
-        "read": read, "unsharded": unsharded, "export_growth": exporting.peak - exporting.base,
-        "largest": largest, "same_export": same_export,
+        "path": path,
+        "rank": world.rank,
+        "growth": sampler.peak - sampler.base,
+        "own": own,
+        "equal": equal,
+        "read": read,
+        "unsharded": unsharded,
+        "export_growth": exporting.peak - exporting.base,
+        "largest": largest,
+        "same_export": same_export,
     }
 
 
 def main(paths: list[str]) -> None:
-    world = init_world("cpu")
+    ep = int(paths.pop(0).split("=")[1]) if paths[0].startswith("--ep=") else 1
+    world = init_world("cpu", ep=ep)
     for path in paths:
         everyone = [None] * world.world_size
         dist.all_gather_object(everyone, measure(path, world))
