@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtp_recipes.families.base import Family, transformers_experts
+
 # Dense bf16 tensor-core peak (no sparsity) from the vendor datasheets, in FLOP/s. Matched as
 # substrings of torch.cuda.get_device_name(), most specific first.
 _PEAK_BF16: tuple[tuple[str, float], ...] = (
@@ -36,19 +38,18 @@ _PEAK_BF16: tuple[tuple[str, float], ...] = (
 )
 
 
-def routed_expert_weights(root: nn.Module) -> Iterator[nn.Parameter]:
-    """The routed-expert stacks under ``root``, recognised the way transformers 5 stores them: 3-D
-    ``[n_experts, ...]`` weights of a module whose class name ends in ``Experts``."""
-    for module in root.modules():
-        if type(module).__name__.endswith("Experts"):
-            yield from (p for p in module.parameters(recurse=False) if p.dim() == 3)
+def routed_expert_weights(root: nn.Module, family: Family | None = None) -> Iterator[nn.Parameter]:
+    """The routed-expert stacks under ``root``: the 3-D ``[n_experts, ...]`` weights of the modules the family
+    names as its experts (the ones expert parallelism splits; transformers' own without a family)."""
+    for module in family.expert_modules(root) if family is not None else transformers_experts(root):
+        yield from (p for p in module.parameters(recurse=False) if p.dim() == 3)
 
 
-def _active_params(modules: list[nn.Module], top_k: int | None, skip: set[int]) -> float:
+def _active_params(modules: list[nn.Module], family: Family | None, top_k: int | None, skip: set[int]) -> float:
     """Parameters of ``modules`` not in ``skip`` (ids), routed-expert stacks scaled by ``top_k / n_experts``."""
     total = 0.0
     for root in modules:
-        routed = {id(p) for p in routed_expert_weights(root)}
+        routed = {id(p) for p in routed_expert_weights(root, family)}
         if routed and top_k is None:
             raise ValueError(f"{type(root).__name__} has routed experts but the config has no top-k")
         for param in {id(p): p for p in root.parameters()}.values():
@@ -88,9 +89,10 @@ def flops_per_token(model: nn.Module, seq_len: int | None = None) -> float:
         head_uses = [main_head, *(model.mtp_heads() if depths else [])]
     skip = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     skip |= {id(w) for w in head_uses}
-    top_k = model.family.routed_top_k(config) if mtp is not None else getattr(config, "num_experts_per_tok", None)
-    active = _active_params([backbone], top_k, skip)
-    active += sum(_active_params([depth], top_k, skip) for depth in depths)
+    family = model.family if mtp is not None else None
+    top_k = family.routed_top_k(config) if family is not None else getattr(config, "num_experts_per_tok", None)
+    active = _active_params([backbone], family, top_k, skip)
+    active += sum(_active_params([depth], family, top_k, skip) for depth in depths)
     active += sum(w.numel() for w in head_uses)
     flops = 6 * active
     if seq_len is not None:

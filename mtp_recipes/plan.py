@@ -112,11 +112,11 @@ def mesh_sizes(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     return shard, ep
 
 
-def _gathered_size(block: nn.Module, ep: int) -> float:
+def _gathered_size(block: nn.Module, family: Any, ep: int) -> float:
     """Elements one rank gathers for ``block``: all of it but the routed experts, of which its ``1 / ep``."""
     from mtp_recipes.metrics import routed_expert_weights
 
-    experts = sum(p.numel() for p in routed_expert_weights(block))
+    experts = sum(p.numel() for p in routed_expert_weights(block, family))
     return sum(p.numel() for p in block.parameters()) - experts + experts / ep
 
 
@@ -151,7 +151,8 @@ def memory_plan(cfg: DictConfig, world_size: int) -> MemoryPlan:
         grads=trained_bytes / shard,
         optimizer=2 * trained_bytes / shard,
         buffers=sum(b.numel() * b.element_size() for b in model.buffers()),
-        gathered=(4 if fp32 else 2) * (root + 2 * max((_gathered_size(b, ep) for b in blocks), default=0)),
+        gathered=(4 if fp32 else 2)
+        * (root + 2 * max((_gathered_size(b, model.family, ep) for b in blocks), default=0)),
         activations=activations,
     )
 

@@ -171,7 +171,7 @@ class Family(ABC):
         them at least 3-D: the merged ``[num_experts, out, in]`` weights (and ``[num_experts, out]`` biases)
         of transformers' experts modules. A router (one 2-D ``[num_experts, hidden]`` weight) is not one.
         """
-        return [m for m in block.modules() if _holds_experts(m)]
+        return transformers_experts(block)
 
     def init_depth_from_backbone(self, depth: MTPDepth, backbone: PreTrainedModel) -> None:
         """``mtp.init=from_scratch``: start each block from the last backbone block of its kind, if any.
@@ -216,14 +216,20 @@ class Family(ABC):
         return {}
 
 
-def _holds_experts(module: nn.Module) -> bool:
-    params = list(module.parameters(recurse=False))
-    rows = getattr(module, "num_experts", None)
-    return (
-        isinstance(rows, int)
-        and any(p.dim() >= 3 for p in params)
-        and all(p.dim() >= 2 and p.shape[0] == rows for p in params)
-    )
+def transformers_experts(root: nn.Module) -> list[nn.Module]:
+    """Transformers 5's routed-experts modules under ``root``: a module with ``num_experts`` whose own parameters
+    all have that many rows, one of them at least 3-D (a router's one 2-D weight is not one)."""
+
+    def holds_experts(module: nn.Module) -> bool:
+        params = list(module.parameters(recurse=False))
+        rows = getattr(module, "num_experts", None)
+        return (
+            isinstance(rows, int)
+            and any(p.dim() >= 3 for p in params)
+            and all(p.dim() >= 2 and p.shape[0] == rows for p in params)
+        )
+
+    return [m for m in root.modules() if holds_experts(m)]
 
 
 def packed_mask(
