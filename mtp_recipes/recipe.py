@@ -102,12 +102,9 @@ class FinetuneRecipe:
                 "nothing to train: mtp.train_only=true freezes the backbone and the model has no MTP depth; "
                 "set mtp.num_layers >= 1 or mtp.train_only=false"
             )
+        o = cfg.optim
         self.optimizer = torch.optim.AdamW(
-            trainable,
-            lr=cfg.optim.lr,
-            betas=tuple(cfg.optim.betas),
-            eps=cfg.optim.eps,
-            weight_decay=cfg.optim.weight_decay,
+            trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         if resume is not None:
@@ -119,13 +116,16 @@ class FinetuneRecipe:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         self.metrics_file = self._open_metrics() if self.world.is_main else None
         self.wandb = _start_wandb(cfg, self.run_dir) if self.world.is_main else None
+        self._log_setup(sum(p.numel() for p in trainable))
+
+    def _log_setup(self, trainable: int) -> None:
         log.info("run dir %s", self.run_dir)
         m = self.model.mtp_config
         log.info(
             "%s x%d | %.2fM trainable parameters | MTP D=%d %s λ=%g",
             self.device,
             self.world.world_size,
-            sum(p.numel() for p in trainable) / 1e6,
+            trainable / 1e6,
             m.num_layers,
             "/".join(m.block_types),
             m.loss_scaling_factor,

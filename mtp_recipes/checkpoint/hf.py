@@ -249,30 +249,49 @@ def load_model_state(
     prefix = next((p for p in model.family.checkpoint_prefixes if any(k.startswith(p) for k in files)), "")
     model.checkpoint_layout = CheckpointLayout(prefix, {k: f for k, f in files.items() if not k.startswith(prefix)})
     meta = {k[len(prefix) :]: reader.meta(k) for k in reader.keys() if k.startswith(prefix)}
-    dtypes = {k: t.dtype for k, t in meta.items()}
     hf_meta = from_disk(model.backbone, meta)
-
-    keymap = model.keymap()
-    params = model.checkpoint_state()
-    expected = {keymap.to_hf(k): k for k in params}
-    tied = model.tied_keys()
-    from_scratch = model.mtp_config.init == "from_scratch"
     # Export-only copies of backbone tensors (Family.tied_export_copies): tied in training, so they are
     # accepted when present, checked against their source, and never loaded.
     copy_sources = model.family.tied_export_copies(model.text_config, model.mtp_config)
     copies = {k: hf_meta.pop(k) for k in copy_sources if k in hf_meta}
+    where = f"checkpoint {model_dir}"
+    new_depths = _check_keys(model, hf_meta, copies, copy_sources, where)
+    read = _row_reader(model, reader, prefix, meta, hf_meta)
+    _fill(model, hf_meta, read, {k: copy_sources[k] for k in copies if copy_sources[k] in hf_meta}, where)
+    model.backbone.tie_weights()
+    if model.mtp_config.init == "from_scratch":
+        model.init_mtp_from_backbone()
+    for j in sorted(new_depths):
+        model.family.init_depth_from_backbone(model.mtp.depths[j], model.backbone)
+    return {k: t.dtype for k, t in meta.items()}
+
+
+def _check_keys(
+    model: MTPModel,
+    hf_meta: dict[str, torch.Tensor],
+    copies: dict[str, torch.Tensor],
+    copy_sources: dict[str, str],
+    where: str,
+) -> set[int]:
+    """Raise one CheckpointError for missing, unexpected or mis-shaped tensors; return the MTP depths the
+    checkpoint has none of that ``mtp.init=extend`` initialises. ``from_scratch`` drops the checkpoint's MTP
+    tensors from ``hf_meta``."""
+    keymap = model.keymap()
+    params = model.checkpoint_state()
+    expected = {keymap.to_hf(k): k for k in params}
+    tied = model.tied_keys()
     ignore = [re.compile(p) for p in hf_compat.unexpected_key_patterns(model.backbone)]
 
     def is_mtp(hf_key: str) -> bool:
         return keymap.is_mtp(hf_key) or any(p.search(hf_key) for p in ignore)
 
-    if from_scratch:
-        hf_meta = {k: v for k, v in hf_meta.items() if not is_mtp(k)}
+    if model.mtp_config.init == "from_scratch":
+        for key in [k for k in hf_meta if is_mtp(k)]:
+            del hf_meta[key]
     missing = [k for k in expected if k not in hf_meta and expected[k] not in tied]
-    if from_scratch:
+    if model.mtp_config.init == "from_scratch":
         missing = [k for k in missing if not is_mtp(k)]
     unexpected = [k for k in hf_meta if k not in expected]
-    where = f"checkpoint {model_dir}"
     mtp_missing = [k for k in missing if is_mtp(k)]
     new_depths: set[int] = set()
     if model.mtp_config.init == "extend":
@@ -281,10 +300,10 @@ def load_model_state(
         new_depths = {j for j in set(depth_of.values()) if all(k not in hf_meta for k, i in depth_of.items() if i == j)}
         mtp_missing = [k for k in mtp_missing if depth_of.get(k) not in new_depths]
         missing = [k for k in missing if depth_of.get(k) not in new_depths]
+    mtp = model.mtp_config
     if mtp_missing:
-        d = model.mtp_config.num_layers
         raise CheckpointError(
-            f"{where} lacks {len(mtp_missing)} MTP tensor(s) the model needs for D={d} "
+            f"{where} lacks {len(mtp_missing)} MTP tensor(s) the model needs for D={mtp.num_layers} "
             f"(e.g. {_examples(mtp_missing)}): set mtp.init=extend to keep the checkpoint's depths and "
             "initialise the missing ones, or mtp.init=from_scratch to initialise every depth anew"
         )
@@ -292,7 +311,7 @@ def load_model_state(
     if mtp_unexpected:
         raise CheckpointError(
             f"{where} has MTP tensor(s) the model does not expect ({_examples(mtp_unexpected)}); "
-            f"the model has {model.mtp_config.num_layers} depth(s) of blocks {list(model.mtp_config.block_types)}: "
+            f"the model has {mtp.num_layers} depth(s) of blocks {list(mtp.block_types)}: "
             "make the mtp settings match the checkpoint, or set mtp.init=from_scratch to discard them"
         )
     if missing or unexpected:
@@ -300,10 +319,23 @@ def load_model_state(
             f"{where} does not match the model config: missing {_examples(missing) or 'nothing'}; "
             f"unexpected {_examples(unexpected) or 'nothing'}"
         )
+    _check_shapes(hf_meta, {k: params[v] for k, v in expected.items()}, copies, copy_sources, where)
+    return new_depths
+
+
+def _check_shapes(
+    hf_meta: dict[str, torch.Tensor],
+    params: dict[str, torch.Tensor],
+    copies: dict[str, torch.Tensor],
+    copy_sources: dict[str, str],
+    where: str,
+) -> None:
+    """One CheckpointError naming the tensors whose shape differs from the model's parameter (``params`` by
+    checkpoint key) or, for an export copy, from its source."""
     bad_shapes = [
-        f"{k} {tuple(v.shape)} vs model {tuple(params[expected[k]].shape)}"
+        f"{k} {tuple(v.shape)} vs model {tuple(params[k].shape)}"
         for k, v in hf_meta.items()
-        if v.shape != params[expected[k]].shape
+        if v.shape != params[k].shape
     ]
     bad_shapes += [
         f"{k} {tuple(v.shape)} vs {copy_sources[k]} {tuple(hf_meta[copy_sources[k]].shape)}"
@@ -313,11 +345,16 @@ def load_model_state(
     if bad_shapes:
         raise CheckpointError(f"{where} has tensors of the wrong shape: {_examples(bad_shapes, 3)}")
 
+
+def _row_reader(
+    model: MTPModel, reader: TensorReader, prefix: str, meta: dict[str, torch.Tensor], hf_meta: dict[str, torch.Tensor]
+) -> Callable[[str, tuple[int, int] | None], torch.Tensor]:
+    """``read(hf_key, rows)``: the in-memory tensor ``hf_key``, or only its rows ``[a, b)``, reading only the
+    bytes they need."""
     groups = disk_groups(model.backbone, list(meta))
     renamed = renamed_only(model.backbone, list(meta))
 
     def read(hf_key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The in-memory tensor ``hf_key``, or only its rows ``[a, b)``, reading only the bytes they need."""
         keys = groups[hf_key]
         if rows is None:
             return from_disk(model.backbone, {k: reader.get(prefix + k) for k in keys})[hf_key]
@@ -335,11 +372,23 @@ def load_model_state(
                 return value
         return read(hf_key)[rows[0] : rows[1]]  # any other conversion: whole tensor, then this rank's rows
 
-    # Export copies are compared with their source while it is in hand: the rows this rank reads of both.
+    return read
+
+
+def _fill(
+    model: MTPModel,
+    hf_meta: dict[str, torch.Tensor],
+    read: Callable[[str, tuple[int, int] | None], torch.Tensor],
+    copy_sources: dict[str, str],
+    where: str,
+) -> None:
+    """Copy every checkpoint tensor into its parameter (each rank its own rows); the export copies
+    (``copy_sources``: copy -> source) are compared with their source while it is in hand."""
+    keymap, params = model.keymap(), model.checkpoint_state()
+    expected = {keymap.to_hf(k): k for k in params}
     copies_of: dict[str, list[str]] = {}
-    for name in copies:
-        if copy_sources[name] in hf_meta:
-            copies_of.setdefault(copy_sources[name], []).append(name)
+    for name, source in copy_sources.items():
+        copies_of.setdefault(source, []).append(name)
     differing = []
     with torch.no_grad():
         for hf_key in hf_meta:
@@ -359,12 +408,6 @@ def load_model_state(
             _examples(differing),
             _examples(sorted({copy_sources[k] for k in differing})),
         )
-    model.backbone.tie_weights()
-    if from_scratch:
-        model.init_mtp_from_backbone()
-    for j in sorted(new_depths):
-        model.family.init_depth_from_backbone(model.mtp.depths[j], model.backbone)
-    return dtypes
 
 
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
