@@ -18,7 +18,7 @@ estimate on the held-out reference text, and the held-out main CE. Each fine-tun
 Every step is a ``finetune`` / ``evaluate`` command line (printed as it runs, logged under ``--out``); a step
 whose output exists is reused, so an interrupted run continues where it stopped. Run from the repository root::
 
-    python benchmarks/bench_drift.py                  # ~40 min on 2 CPU cores
+    python benchmarks/bench_drift.py                  # about an hour on a shared 2-core CPU
     python benchmarks/bench_drift.py --quick          # a few minutes: tiny step counts, one seed (a smoke test)
 
 It writes ``results.json`` and ``table.md`` into ``--out`` (default ``bench_results/drift``).
