@@ -21,6 +21,9 @@ whose output exists is reused, so an interrupted run continues where it stopped.
     python benchmarks/bench_drift.py                  # about an hour on a shared 2-core CPU
     python benchmarks/bench_drift.py --quick          # a few minutes: tiny step counts, one seed (a smoke test)
 
+On two or more cores the seeds can run side by side (``--seeds 0`` and ``--seeds 1`` in two processes with the same
+``--out``, after the base exists); a last run with both seeds then only collects the table.
+
 It writes ``results.json`` and ``table.md`` into ``--out`` (default ``bench_results/drift``).
 """
 
