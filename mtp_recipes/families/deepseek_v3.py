@@ -16,9 +16,9 @@ for the unrolled position ids.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
@@ -62,10 +62,8 @@ class DeepseekV3(Family):
         cfg = sub_config(hf_config, first_k_dense_replace=0)
         block = hf.DeepseekV3DecoderLayer(cfg, layer_idx=hf_config.num_hidden_layers + index)
 
-        def norm() -> nn.Module:
-            return hf.DeepseekV3RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
-
-        return MTPDepth(hf_config.hidden_size, norm(), norm(), [block], norm())
+        norm = functools.partial(hf.DeepseekV3RMSNorm, hf_config.hidden_size, eps=hf_config.rms_norm_eps)
+        return MTPDepth.with_norms(hf_config.hidden_size, norm, [block])
 
     def key_prefixes(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> KeyPrefixes:
         layer = f"model.layers.{hf_config.num_hidden_layers + index}."

@@ -14,6 +14,7 @@ are frozen buffers (docs/decisions.md says why).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from torch import nn
@@ -75,10 +76,8 @@ class MiniMaxM3(Family):
         freeze_indexers(block)
         make_document_aware(block)
 
-        def norm() -> nn.Module:
-            return hf.MiniMaxM3VLRMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
-
-        return MTPDepth(hf_config.hidden_size, norm(), norm(), [block], norm())
+        norm = functools.partial(hf.MiniMaxM3VLRMSNorm, hf_config.hidden_size, eps=hf_config.rms_norm_eps)
+        return MTPDepth.with_norms(hf_config.hidden_size, norm, [block])
 
     def key_prefixes(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> KeyPrefixes:
         base = f"model.mtp.layers.{index}."

@@ -12,6 +12,7 @@ state crosses a document start; attention is block-diagonal from the per-documen
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -128,10 +129,8 @@ class NemotronH(Family):
         for block in blocks:
             use_boundary_aware_mamba(block)
 
-        def norm() -> nn.Module:
-            return hf.NemotronHRMSNorm(hf_config.hidden_size, eps=hf_config.layer_norm_epsilon)
-
-        return MTPDepth(hf_config.hidden_size, norm(), norm(), blocks, norm())
+        norm = functools.partial(hf.NemotronHRMSNorm, hf_config.hidden_size, eps=hf_config.layer_norm_epsilon)
+        return MTPDepth.with_norms(hf_config.hidden_size, norm, blocks)
 
     def block_runner(
         self,

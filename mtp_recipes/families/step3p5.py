@@ -11,6 +11,7 @@ transformers trims (:class:`SourceLists`). docs/decisions.md records the key lay
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -173,11 +174,9 @@ class Step3p5(Family):
         cfg.per_layer_config = {0: {"num_attention_heads": hf_config.num_sliding_attention_heads}} if sliding else {}
         block = hf.Step3p7DecoderLayer(cfg, layer_idx=0)
 
-        def norm() -> nn.Module:
-            return hf.Step3p7RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
-
+        norm = functools.partial(hf.Step3p7RMSNorm, hf_config.hidden_size, eps=hf_config.rms_norm_eps)
         head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
-        return MTPDepth(hf_config.hidden_size, norm(), norm(), [block], norm(), head)
+        return MTPDepth.with_norms(hf_config.hidden_size, norm, [block], head)
 
     def block_runner(
         self,

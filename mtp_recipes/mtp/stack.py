@@ -46,6 +46,14 @@ class MTPDepth(nn.Module):
         self.final_norm = final_norm
         self.head = head
 
+    @classmethod
+    def with_norms(
+        cls, hidden_size: int, norm: Callable[[], nn.Module], blocks: list[nn.Module], head: nn.Linear | None = None
+    ) -> MTPDepth:
+        """A depth whose three norms (``enorm``, ``hnorm``, ``final_norm``) are fresh ``norm()`` modules, the
+        backbone's own norm class: how every family builds one."""
+        return cls(hidden_size, norm(), norm(), blocks, norm(), head)
+
     def forward(
         self, embeds: torch.Tensor, prev_hidden: torch.Tensor, run_block: BlockRunner
     ) -> tuple[torch.Tensor, torch.Tensor]:
