@@ -96,12 +96,7 @@ class FinetuneRecipe:
         self.data, self.heldout = build_train_and_eval(cfg.data, self.tokenizer, self.world.rank, self.world.world_size)
         self.validation_text = ""  # the latest held-out numbers, shown in the progress bar
 
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if not trainable:
-            raise ConfigError(
-                "nothing to train: mtp.train_only=true freezes the backbone and the model has no MTP depth; "
-                "set mtp.num_layers >= 1 or mtp.train_only=false"
-            )
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # never empty: MTPConfig checks
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay

@@ -1,6 +1,2 @@
-"""The family-independent MTP core: config, boundary-aware roll, depths and stack."""
-
-from mtp_recipes.mtp.config import MTPConfig
-from mtp_recipes.mtp.stack import MTPDepth, MTPStack
-
-__all__ = ["MTPConfig", "MTPDepth", "MTPStack"]
+"""The family-independent MTP core: config (``config``, importable without torch), boundary-aware roll
+(``roll``), depths and stack (``stack``)."""

@@ -116,7 +116,8 @@ def check_options(options: Mapping[str, Any]) -> None:
         raise ConfigError(f"mtp.self_weight must be in [0, 1], got {options['self_weight']}")
     if options.get("train_only") and d == 0:
         raise ConfigError(
-            "mtp.train_only=true freezes the backbone and mtp.num_layers=0 leaves no MTP depth: nothing would train"
+            "nothing to train: mtp.train_only=true freezes the backbone and mtp.num_layers=0 (set, or the "
+            "checkpoint's) leaves no MTP depth; set mtp.num_layers >= 1 or mtp.train_only=false"
         )
     weights, beta = options.get("depth_weights"), options.get("depth_decay")
     if weights is not None and beta is not None:

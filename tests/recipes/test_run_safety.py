@@ -270,11 +270,11 @@ def test_ctrl_c_on_the_command_line_is_one_line(tmp_path):
 
 # ---- bad values and smaller things ---------------------------------------------------------------------------
 def test_nothing_to_train_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="mtp.train_only=true freezes the backbone and mtp.num_layers=0"):
+    with pytest.raises(ConfigError, match="nothing to train: mtp.train_only=true freezes the backbone"):
         FinetuneRecipe(composed("mtp.num_layers=0", "mtp.train_only=true"), tmp_path)
-    # D = 0 read from the model's own config rather than set
+    # D = 0 read from the model's own config rather than set: refused when the model is built
     recipe = FinetuneRecipe(composed(*FAST, "model.config.num_nextn_predict_layers=0", "mtp.train_only=true"), tmp_path)
-    with pytest.raises(ConfigError, match="nothing to train"):
+    with pytest.raises(ConfigError, match=r"nothing to train: .*mtp.num_layers=0 \(set, or the checkpoint's\)"):
         recipe.setup()
     recipe.cleanup()
 
