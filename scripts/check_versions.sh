@@ -55,12 +55,14 @@ while read -r torch_v tf_v; do
   rows+=("| $torch_v | $tf_v | $status | $summary | ${secs} s |")
 done <<<"$combos"
 
+# Read before the block below truncates docs/compatibility.md (which would count as an uncommitted change).
+commit="$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' plus uncommitted changes')"
 {
   echo "# Compatibility"
   echo
   echo "The versions \`pyproject.toml\` allows, each tested with the whole suite in a fresh venv by"
   echo "\`bash scripts/check_versions.sh\` (CPU, Python $("$PY" -c 'import platform; print(platform.python_version())'), $(date -u +%Y-%m-%d),"
-  echo "commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' plus uncommitted changes')):"
+  echo "commit $commit):"
   echo "every allowed transformers minor (newest patch) with torch $DEFAULT_TORCH, and the lowest allowed"
   echo "torch with the newest allowed transformers. Importing \`mtp_recipes\` with a transformers outside the"
   echo "declared range logs one warning naming the range."
