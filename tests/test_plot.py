@@ -11,8 +11,15 @@ from mtp_recipes.plot import plot_run
 
 def test_plot_writes_a_png_with_every_depth(tmp_path):
     records = [
-        {"step": s, "main_ce": 5 - 0.1 * s, "mtp_ce_1": 6 - 0.1 * s, "mtp_ce_2": 6.5 - 0.1 * s,
-         "mtp_acc_1": 0.01 * s, "mtp_acc_2": 0.005 * s, "acceptance_length": 1 + 0.012 * s}
+        {
+            "step": s,
+            "main_ce": 5 - 0.1 * s,
+            "mtp_ce_1": 6 - 0.1 * s,
+            "mtp_ce_2": 6.5 - 0.1 * s,
+            "mtp_acc_1": 0.01 * s,
+            "mtp_acc_2": 0.005 * s,
+            "acceptance_length": 1 + 0.012 * s,
+        }
         for s in range(1, 11)
     ]
     (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")

@@ -112,7 +112,13 @@ def tokenize_dataset(
     chosen = "text" if fmt == "text" else f"chat ({'ShareGPT ' if column == SHAREGPT_FIELD else ''}{column!r} column)"
     logger.info(
         "%s: format %s, %d rows -> %d documents, %d tokens, %d targets (%.1f%%)",
-        where, chosen, len(dataset), len(docs), tokens, targets, 100 * targets / max(tokens, 1),
+        where,
+        chosen,
+        len(dataset),
+        len(docs),
+        tokens,
+        targets,
+        100 * targets / max(tokens, 1),
     )
     if targets == 0:
         raise DataError(

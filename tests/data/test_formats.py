@@ -33,7 +33,10 @@ def test_text_documents_end_with_eos_and_are_all_trainable(tokenizer) -> None:
 
 def test_chat_masks_everything_but_assistant_turns(tokenizer) -> None:
     doc = tokenize_chat(CONVERSATION, tokenizer)
-    assert doc.input_ids == tokenizer(tokenizer.apply_chat_template(CONVERSATION, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert (
+        doc.input_ids
+        == tokenizer(tokenizer.apply_chat_template(CONVERSATION, tokenize=False), add_special_tokens=False)["input_ids"]
+    )
     targets = tokenizer.decode([t for t, keep in zip(doc.input_ids, doc.trainable) if keep])
     prompt = tokenizer.decode([t for t, keep in zip(doc.input_ids, doc.trainable) if not keep])
     assert targets == "The number of items.<|im_end|>\nThe number of keys.<|im_end|>\n"
@@ -63,8 +66,10 @@ def test_auto_format_prefers_messages(tokenizer) -> None:
         ([{"text": "x"}], {"format": "chat"}, r"no column 'messages'.*data.messages_field"),
         ([{"messages": "hello"}], {"format": "chat"}, r"row 0: messages field 'messages' is str"),
         (
-            [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
-             {"messages": [{"role": "user"}]}],
+            [
+                {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+                {"messages": [{"role": "user"}]},
+            ],
             {},
             r"row 1: message 0",
         ),
@@ -115,23 +120,31 @@ def targets_of(doc, tokenizer) -> str:
 
 
 def test_sharegpt_conversations_are_mapped_and_logged(tokenizer, caplog) -> None:
-    sharegpt = [{"from": "system", "value": "You answer tersely."}, {"from": "human", "value": "What does len() return?"},
-                {"from": "gpt", "value": "The number of items."}]
+    sharegpt = [
+        {"from": "system", "value": "You answer tersely."},
+        {"from": "human", "value": "What does len() return?"},
+        {"from": "gpt", "value": "The number of items."},
+    ]
     ds = datasets.Dataset.from_list([{"conversations": sharegpt}])
     with caplog.at_level("INFO", logger="mtp_recipes"):
         (doc,) = tokenize_dataset(ds, tokenizer, where="sg.jsonl")
     assert doc == tokenize_chat(CONVERSATION[:3], tokenizer)
     assert targets_of(doc, tokenizer) == "The number of items.<|im_end|>\n"
     n, t = len(doc.input_ids), sum(doc.trainable[1:])
-    assert f"sg.jsonl: format chat (ShareGPT 'conversations' column), 1 rows -> 1 documents, {n} tokens, {t} targets" \
+    assert (
+        f"sg.jsonl: format chat (ShareGPT 'conversations' column), 1 rows -> 1 documents, {n} tokens, {t} targets"
         in caplog.text
+    )
 
 
 @pytest.mark.parametrize(
     ("conversation", "match"),
     [
         ([{"from": "human", "value": "hi"}, {"from": "bot", "value": "hello"}], r"row 1: message 1 is from 'bot'"),
-        ([{"role": "user", "content": "hi"}, {"role": "model", "content": "hello"}], r"row 1: message 1 has role 'model'"),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "model", "content": "hello"}],
+            r"row 1: message 1 has role 'model'",
+        ),
         ([{"from": "human", "value": "hi"}, {"from": "human", "value": "anyone?"}], r"row 1: .*no assistant turn"),
         ([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], r"row 1: .*no assistant turn"),
     ],
@@ -167,8 +180,9 @@ def test_generation_markers_use_transformers_assistant_mask() -> None:
 
 def test_zero_target_tokens_are_refused_before_training() -> None:
     # A marked template whose generation block is empty: transformers' mask selects nothing.
-    empty_block = STRIP_HISTORY.replace("{{ '<|im_end|>\\n' }}{%- endfor", "{% generation %}{% endgeneration %}"
-                                        "{{ '<|im_end|>\\n' }}{%- endfor")
+    empty_block = STRIP_HISTORY.replace(
+        "{{ '<|im_end|>\\n' }}{%- endfor", "{% generation %}{% endgeneration %}{{ '<|im_end|>\\n' }}{%- endfor"
+    )
     ds = datasets.Dataset.from_list([{"messages": CONVERSATION[1:3]}])
     with pytest.raises(DataError, match=r"x.jsonl: no target tokens in 1 rows"):
         tokenize_dataset(ds, with_template(empty_block), where="x.jsonl")

@@ -85,7 +85,14 @@ def test_build_data_from_chat_jsonl(tmp_path) -> None:
 def test_build_data_builtin_with_omegaconf_and_cap() -> None:
     omegaconf = pytest.importorskip("omegaconf")
     cfg = omegaconf.OmegaConf.create(
-        {"source": "builtin:pydoc", "max_documents": 10, "seq_len": 128, "batch_size": 2, "packing": "greedy", "seed": 5}
+        {
+            "source": "builtin:pydoc",
+            "max_documents": 10,
+            "seq_len": 128,
+            "batch_size": 2,
+            "packing": "greedy",
+            "seed": 5,
+        }
     )
     loader = build_data(cfg, load_tokenizer(None), rank=1, world_size=2)
     assert loader.dataset.stats.documents == 10

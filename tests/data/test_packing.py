@@ -66,7 +66,10 @@ def test_packing_invariants_random(strategy: str, seed: int) -> None:
 
 
 def test_exact_layout_with_split_document() -> None:
-    docs = [Document([1, 2, 3], [True, True, True]), Document([4, 5, 6, 7, 8, 9], [True, False, True, True, True, True])]
+    docs = [
+        Document([1, 2, 3], [True, True, True]),
+        Document([4, 5, 6, 7, 8, 9], [True, False, True, True, True, True]),
+    ]
     packed = pack_documents(docs, 4, PAD, "greedy")
     assert packed.input_ids.tolist() == [[1, 2, 3, PAD], [4, 5, 6, 7], [8, 9, PAD, PAD]]
     # Label at the first piece's last slot is the true next token (8), not -100.

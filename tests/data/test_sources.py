@@ -59,8 +59,10 @@ def test_missing_mixed_and_unknown_sources(tmp_path) -> None:
     [
         ("", r"the file is empty"),
         ("\n  \n", r"the file is empty"),
-        ("".join(json.dumps(r) + "\n" for r in ROWS[:3]) + '{"text": "cut off\n' + json.dumps(ROWS[4]) + "\n",
-         r"data.jsonl line 4 is not valid JSON \(.* at column \d+\); fix or remove that line"),
+        (
+            "".join(json.dumps(r) + "\n" for r in ROWS[:3]) + '{"text": "cut off\n' + json.dumps(ROWS[4]) + "\n",
+            r"data.jsonl line 4 is not valid JSON \(.* at column \d+\); fix or remove that line",
+        ),
         (json.dumps(ROWS[0]) + "\n\n[1, 2]\n", r"data.jsonl line 3 is a JSON list, not an object"),
     ],
 )

@@ -33,12 +33,18 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def cli(*args: str, nproc: int = 1, cwd: Path) -> subprocess.Popen:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else [
-        sys.executable
-    ]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        if nproc > 1
+        else [sys.executable]
+    )
     return subprocess.Popen(
         [*launcher, "-m", "mtp_recipes.finetune", *COMMON, *args],
-        cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -90,8 +96,9 @@ def test_two_processes_equal_one_on_the_same_global_batch(precision, model, tmp_
             assert math.isfinite(a[step][key]) and a[step][key] == pytest.approx(b[step][key], rel=rel), (step, key)
     # only rank 0 wrote, into one run directory
     assert not any(p.name.startswith("two") and p != tmp_path / "two" for p in tmp_path.iterdir())
-    wa, wb = load_file(tmp_path / "two" / "final" / "model.safetensors"), load_file(
-        tmp_path / "one" / "final" / "model.safetensors"
+    wa, wb = (
+        load_file(tmp_path / "two" / "final" / "model.safetensors"),
+        load_file(tmp_path / "one" / "final" / "model.safetensors"),
     )
     assert set(wa) == set(wb)
     assert all(wa[k].dtype == wb[k].dtype for k in wa)  # the compute dtype never leaks into the export
@@ -116,7 +123,8 @@ def test_two_processes_equal_one_on_the_same_global_batch(precision, model, tmp_
 
 
 @pytest.mark.parametrize(
-    "precision, model", [pytest.param("fp32", "nemotron_h_debug", id="fp32"), pytest.param("bf16", "minimax_m3_debug", id="bf16")]
+    "precision, model",
+    [pytest.param("fp32", "nemotron_h_debug", id="fp32"), pytest.param("bf16", "minimax_m3_debug", id="bf16")],
 )
 def test_sigkill_then_resume_matches_an_uninterrupted_run(precision, model, tmp_path):
     args = [f"model={model}", f"trainer.precision={precision}", "data.batch_size=2", "trainer.max_steps=24"]
@@ -150,8 +158,17 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(precision, model, tmp_
 def test_hsdp_two_replicas_of_two_shards_equal_one_process(tmp_path):
     """trainer.dp_replicate=2 on 4 ranks (HSDP: 2 replicas x 2 shards) equals 1 process on the same global batch."""
     args = ["trainer.precision=fp32", "trainer.max_steps=3"]
-    finish(cli(*args, "data.batch_size=1", "trainer.dp_replicate=2", "trainer.checkpoint_every=3",
-               f"hydra.run.dir={tmp_path}/hsdp", nproc=4, cwd=tmp_path))
+    finish(
+        cli(
+            *args,
+            "data.batch_size=1",
+            "trainer.dp_replicate=2",
+            "trainer.checkpoint_every=3",
+            f"hydra.run.dir={tmp_path}/hsdp",
+            nproc=4,
+            cwd=tmp_path,
+        )
+    )
     # HSDP, not FSDP over 4: a sharded tensor of the resume checkpoint is in 2 chunks at most (one per shard
     # rank; buffers and tensors of one row are whole)
     from torch.distributed.checkpoint import FileSystemReader
@@ -210,8 +227,9 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeyp
     recipe.cleanup()
 
     assert latest_resume(tmp_path / "resume") == good
-    resumed = FinetuneRecipe(composed(*COMMON, "data.batch_size=2", "trainer.max_steps=3", "trainer.resume=auto"),
-                             tmp_path)
+    resumed = FinetuneRecipe(
+        composed(*COMMON, "data.batch_size=2", "trainer.max_steps=3", "trainer.resume=auto"), tmp_path
+    )
     resumed.setup()
     assert resumed.step == 2
     for (name, a), b in zip(recipe.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
@@ -229,8 +247,14 @@ def test_sharded_load_keeps_each_rank_near_its_own_share(tmp_path):
     from mtp_recipes.model import MTPModel
     from tests.helpers import debug_model_config
 
-    cfg = debug_model_config("nemotron_h_debug", hidden_size=256, vocab_size=32768, n_routed_experts=16,
-                             moe_intermediate_size=512, intermediate_size=1024)
+    cfg = debug_model_config(
+        "nemotron_h_debug",
+        hidden_size=256,
+        vocab_size=32768,
+        n_routed_experts=16,
+        moe_intermediate_size=512,
+        intermediate_size=1024,
+    )
     torch.manual_seed(0)
     model = MTPModel.from_config(cfg)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -241,8 +265,11 @@ def test_sharded_load_keeps_each_rank_near_its_own_share(tmp_path):
     worker = Path(__file__).with_name("load_worker.py")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), str(ckpt), str(small)],
-        cwd=tmp_path, env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-        capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -270,8 +297,17 @@ def test_two_processes_fine_tune_a_checkpoint_and_export_its_layout(tmp_path):
     source.config.dtype = torch.bfloat16
     ckpt = source.save_pretrained(tmp_path / "src")
     run = tmp_path / "ft"
-    finish(cli("data.batch_size=2", "trainer.max_steps=2", f"model.path={ckpt}", "model.tokenizer=builtin:debug",
-               f"hydra.run.dir={run}", nproc=2, cwd=tmp_path))
+    finish(
+        cli(
+            "data.batch_size=2",
+            "trainer.max_steps=2",
+            f"model.path={ckpt}",
+            "model.tokenizer=builtin:debug",
+            f"hydra.run.dir={run}",
+            nproc=2,
+            cwd=tmp_path,
+        )
+    )
     before, after = load_file(ckpt / "model.safetensors"), load_file(run / "final" / "model.safetensors")
     assert set(after) == set(before)
     assert all(after[k].dtype == before[k].dtype and after[k].shape == before[k].shape for k in after)

@@ -11,16 +11,36 @@ import time
 
 from mtp_recipes.checkpoint.resume import checkpoint_problem, latest_resume
 
-COMMON = ["trainer.progress_bar=false", "trainer.device=cpu", "data.seq_len=64", "data.max_documents=24", "data.batch_size=2"]
+COMMON = [
+    "trainer.progress_bar=false",
+    "trainer.device=cpu",
+    "data.seq_len=64",
+    "data.max_documents=24",
+    "data.batch_size=2",
+]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def test_sigterm_to_torchrun_checkpoints_every_rank_before_the_kill(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mtp_recipes.finetune",
-         *COMMON, "trainer.max_steps=100000", f"hydra.run.dir={run}"],
-        cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "mtp_recipes.finetune",
+            *COMMON,
+            "trainer.max_steps=100000",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 300

@@ -206,7 +206,9 @@ def test_packed_row_equals_transformers_on_each_document_alone():
         for n in docs:
             span = slice(start, start + n)
             alone = {k: batch[k][row : row + 1, span] for k in ("input_ids", "labels")}
-            ref = model(**alone, num_label_tokens=1, num_depth_tokens=[1])  # positions never restart: transformers' path
+            ref = model(
+                **alone, num_label_tokens=1, num_depth_tokens=[1]
+            )  # positions never restart: transformers' path
             ref.loss.backward()
             torch.testing.assert_close(out.hidden_states[row : row + 1, span], ref.hidden_states, rtol=0, atol=1e-9)
             torch.testing.assert_close(

@@ -35,9 +35,7 @@ def _reference(hidden, weight, targets, reduction, ignore=I):
 def _ours(hidden, weight, targets, reduction, chunk_size, ignore=I):
     h = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
-    loss = linear_cross_entropy(
-        h, w, targets, ignore_index=ignore, reduction=reduction, chunk_size=chunk_size
-    )
+    loss = linear_cross_entropy(h, w, targets, ignore_index=ignore, reduction=reduction, chunk_size=chunk_size)
     (loss if loss.dim() == 0 else loss.sum()).backward()
     return loss.detach(), h.grad, w.grad
 

@@ -106,10 +106,12 @@ def test_matches_loop_reference(normalization, shared, use_seq_idx):
 def test_depth_weights_match_the_weighted_loop_reference(shared):
     hiddens, heads, labels, seq_idx = _batch(seed=12 + int(shared), shared=shared)
     weights = [3.0, 1.0, 0.5]
-    out, gh, gw = _run(hiddens, heads, labels, loss_scaling_factor=0.3, seq_idx=seq_idx, chunk_size=5,
-                       depth_weights=weights)
-    ref_loss, ref_pd, _, ref_gh, ref_gw, _ = _reference(hiddens, heads, labels, 0.3, seq_idx, "depth_tokens",
-                                                        weights=weights)
+    out, gh, gw = _run(
+        hiddens, heads, labels, loss_scaling_factor=0.3, seq_idx=seq_idx, chunk_size=5, depth_weights=weights
+    )
+    ref_loss, ref_pd, _, ref_gh, ref_gw, _ = _reference(
+        hiddens, heads, labels, 0.3, seq_idx, "depth_tokens", weights=weights
+    )
     assert _rel_err(out.loss, ref_loss) < 1e-5
     for got, ref in zip(out.per_depth, ref_pd):  # logged CE_k stay unweighted
         assert _rel_err(got, ref) < 1e-5

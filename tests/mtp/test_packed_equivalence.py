@@ -151,8 +151,9 @@ def test_flex_attention_keeps_packed_documents_apart(name):
                 ref.loss.backward()
             torch.testing.assert_close(out.logits[:, span], ref.logits, rtol=1e-5, atol=1e-5)
             for k in range(2):
-                torch.testing.assert_close(out.mtp_hidden_states[k][:, span], ref.mtp_hidden_states[k],
-                                           rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(
+                    out.mtp_hidden_states[k][:, span], ref.mtp_hidden_states[k], rtol=1e-5, atol=1e-5
+                )
             start += length
     if backward:
         for n, g in packed_grads.items():

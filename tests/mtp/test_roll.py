@@ -86,8 +86,7 @@ def test_count_depth_targets():
     counts = count_depth_targets(labels, 2, seq_idx)
     assert counts.dtype == torch.int64
     expected = [
-        sum(v != I for row in _ref_roll(labels.tolist(), k, seq_idx.tolist(), I, I) for v in row)
-        for k in range(3)
+        sum(v != I for row in _ref_roll(labels.tolist(), k, seq_idx.tolist(), I, I) for v in row) for k in range(3)
     ]
     assert counts.tolist() == expected == [14, 11, 8]
     assert count_depth_targets(labels, 0).tolist() == [14]

@@ -39,7 +39,11 @@ def run_cli(*args: str, cwd: Path, offline: bool = True, **extra_env: str) -> su
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **extra_env} if offline else {**os.environ, **extra_env}
     return subprocess.run(
         [sys.executable, "-m", "mtp_recipes.finetune", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -125,8 +129,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 
 
 def test_cli_override_and_error_lines(tmp_path):
-    ok = run_cli(*FAST, "trainer.max_steps=2", "mtp.loss_scaling_factor=0.3", f"hydra.run.dir={tmp_path}/run",
-                 cwd=tmp_path)
+    ok = run_cli(
+        *FAST, "trainer.max_steps=2", "mtp.loss_scaling_factor=0.3", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["lambda"] for r in records if r["split"] == "train"] == [0.3, 0.3]
@@ -140,8 +145,9 @@ def test_cli_override_and_error_lines(tmp_path):
     unknown = run_cli("optim.lrr=1", f"hydra.run.dir={tmp_path}/unknown", cwd=tmp_path)
     assert unknown.returncode != 0 and "lrr" in unknown.stderr and "Traceback" not in unknown.stderr
 
-    missing = run_cli("--config-name", "nemotron_super", "data.source=x.jsonl", f"hydra.run.dir={tmp_path}/sup",
-                      cwd=tmp_path)
+    missing = run_cli(
+        "--config-name", "nemotron_super", "data.source=x.jsonl", f"hydra.run.dir={tmp_path}/sup", cwd=tmp_path
+    )
     assert missing.returncode == 2
     lines = [line for line in missing.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in missing.stderr
@@ -157,8 +163,14 @@ def test_a_bad_mamba_scan_choice_stops_before_any_work(tmp_path):
 
 def test_multirun_sweep_writes_one_run_per_value(tmp_path):
     """One run dir per valid value; a bad value is one line naming its job, and the other jobs still run."""
-    result = run_cli("-m", *FAST, "trainer.max_steps=2", "mtp.loss_scaling_factor=0.05,-1,0.3",
-                     f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    result = run_cli(
+        "-m",
+        *FAST,
+        "trainer.max_steps=2",
+        "mtp.loss_scaling_factor=0.05,-1,0.3",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "Traceback" not in result.stderr
@@ -264,19 +276,26 @@ def test_recipe_fine_tunes_a_checkpoint_and_exports_the_same_layout(tmp_path):
     assert all(after[k].dtype == (torch.float32 if any(n in k for n in fp32) else torch.bfloat16) for k in after)
     assert not torch.equal(after["mtp.layers.0.eh_proj.weight"], before["mtp.layers.0.eh_proj.weight"])
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["split"] for r in records] == ["train", "train", "eval"] and all(math.isfinite(r["loss"]) for r in records)
+    assert [r["split"] for r in records] == ["train", "train", "eval"] and all(
+        math.isfinite(r["loss"]) for r in records
+    )
 
 
 def test_gradient_accumulation_equals_the_big_batch(tmp_path):
     """2 micro-batches of 2 rows == 1 batch of 4 rows: global target counts make the two steps identical."""
     runs = {}
-    for name, overrides in {"accum": ("data.batch_size=2", "trainer.grad_accum_steps=2"),
-                            "big": ("data.batch_size=4", "trainer.grad_accum_steps=1")}.items():
-        recipe = FinetuneRecipe(composed(*FAST, *overrides, "trainer.max_steps=3", "trainer.save_final=false"),
-                                tmp_path / name)
+    for name, overrides in {
+        "accum": ("data.batch_size=2", "trainer.grad_accum_steps=2"),
+        "big": ("data.batch_size=4", "trainer.grad_accum_steps=1"),
+    }.items():
+        recipe = FinetuneRecipe(
+            composed(*FAST, *overrides, "trainer.max_steps=3", "trainer.save_final=false"), tmp_path / name
+        )
         recipe.run()
-        runs[name] = (recipe.model.state_dict(), [json.loads(x) for x in (tmp_path / name / "metrics.jsonl")
-                                                  .read_text().splitlines()])
+        runs[name] = (
+            recipe.model.state_dict(),
+            [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()],
+        )
     (wa, la), (wb, lb) = runs["accum"], runs["big"]
     for a, b in zip(la, lb):
         for key in ("loss", "main_ce", "mtp_ce_1", "mtp_acc_1"):

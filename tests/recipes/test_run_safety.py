@@ -56,9 +56,12 @@ def run_copy(finished, tmp_path) -> Path:
 # ---- clobbering ----------------------------------------------------------------------------------------------
 def test_a_run_dir_holding_a_run_is_refused_and_left_as_it_was(run_copy):
     before = snapshot(run_copy)
-    with pytest.raises(ConfigError, match=r"already holds a run \(config.yaml, metrics.jsonl, final, resume\): "
-                                          r"continue it with trainer.resume=auto, start afresh with "
-                                          r"trainer.overwrite=true") as err:
+    with pytest.raises(
+        ConfigError,
+        match=r"already holds a run \(config.yaml, metrics.jsonl, final, resume\): "
+        r"continue it with trainer.resume=auto, start afresh with "
+        r"trainer.overwrite=true",
+    ) as err:
         FinetuneRecipe(composed(*RUN, "trainer.max_steps=4"), run_copy).run()
     assert "\n" not in str(err.value)
     assert snapshot(run_copy) == before
@@ -73,8 +76,11 @@ def test_overwrite_starts_afresh(run_copy):
 def test_resume_with_max_steps_at_or_below_the_checkpoint_leaves_final_alone(run_copy):
     before = snapshot(run_copy)
     for max_steps in (2, 4):
-        with pytest.raises(ConfigError, match=rf"trainer.max_steps={max_steps} but .*step_000004 is at step 4: "
-                                              "nothing to train, .*final is left as it is"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"trainer.max_steps={max_steps} but .*step_000004 is at step 4: "
+            "nothing to train, .*final is left as it is",
+        ):
             FinetuneRecipe(composed(*RUN, f"trainer.max_steps={max_steps}", "trainer.resume=auto"), run_copy).run()
     assert snapshot(run_copy) == before
 
@@ -235,7 +241,9 @@ def test_ctrl_c_stops_at_the_step_boundary_with_a_resume_checkpoint(tmp_path, ca
     assert recipe.step == 2 and [r["step"] for r in records(tmp_path)] == [1, 2]
     assert latest_resume(tmp_path / "resume") == tmp_path / "resume" / "step_000002"
     assert not (tmp_path / "final").exists()
-    assert "SIGINT: stopped after step 2 with a resume checkpoint" in caplog.text and "trainer.resume=auto" in caplog.text
+    assert (
+        "SIGINT: stopped after step 2 with a resume checkpoint" in caplog.text and "trainer.resume=auto" in caplog.text
+    )
     assert "wrote resume checkpoint" in caplog.text  # with its duration
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
@@ -255,7 +263,11 @@ def test_ctrl_c_on_the_command_line_is_one_line(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mtp_recipes.finetune", *FAST, f"hydra.run.dir={tmp_path}/run"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 60
     while not (tmp_path / "run" / ".hydra").exists():  # inside the job, loading torch
@@ -311,14 +323,27 @@ def test_the_cosine_schedule_ends_at_min_lr_ratio():
         )
         factors = [recipe._lr_factor(s) for s in range(steps)]
         assert factors[-1] == pytest.approx(ratio, abs=1e-12)
-        assert factors[warmup] == pytest.approx(1.0) and all(a >= b for a, b in zip(factors[warmup:], factors[warmup + 1 :]))
+        assert factors[warmup] == pytest.approx(1.0) and all(
+            a >= b for a, b in zip(factors[warmup:], factors[warmup + 1 :])
+        )
 
 
 def test_a_config_error_comes_before_torch_is_imported(tmp_path):
     start = time.perf_counter()
     bad = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "mtp_recipes.finetune", "optim.lr=-1", f"hydra.run.dir={tmp_path}/r"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "mtp_recipes.finetune",
+            "optim.lr=-1",
+            f"hydra.run.dir={tmp_path}/r",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     elapsed = time.perf_counter() - start
     assert bad.returncode == 2

@@ -49,4 +49,3 @@ def causal_conv1d_varlen(
     if activation is not None:
         out = ACT2FN[activation](out)
     return out.to(x.dtype)
-

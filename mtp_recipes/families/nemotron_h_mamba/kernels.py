@@ -174,8 +174,17 @@ def mamba2_chunk_scan(
     backend = scan_backend(hidden_states, stateful=initial_states is not None or return_final_states)
     if backend == "triton":
         return _our_triton_scan(
-            hidden_states, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-            seq_idx=seq_idx, z=z,
+            hidden_states,
+            dt,
+            A,
+            B,
+            C,
+            D=D,
+            dt_bias=dt_bias,
+            dt_softplus=dt_softplus,
+            dt_limit=dt_limit,
+            seq_idx=seq_idx,
+            z=z,
         )
     if backend == "torch":
         return ssd_chunk_scan(

@@ -103,11 +103,23 @@ def mamba2_mixer_forward(
     fused = kernels.fused_mixer_kernel(zxbcdt, padded=attention_mask is not None and attention_mask.dim() == 2)
     if fused is not None:
         return fused(
-            zxbcdt, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, mixer.dt_bias, A, D=mixer.D,
-            chunk_size=dims.chunk_size, seq_idx=seq_idx, dt_limit=(dims.dt_min, float("inf")),
-            activation=dims.activation, rmsnorm_weight=mixer.norm.weight, rmsnorm_eps=dims.eps,
-            outproj_weight=mixer.out_proj.weight, outproj_bias=mixer.out_proj.bias, headdim=dims.head_dim,
-            ngroups=dims.n_groups, norm_before_gate=False,
+            zxbcdt,
+            mixer.conv1d.weight.squeeze(1),
+            mixer.conv1d.bias,
+            mixer.dt_bias,
+            A,
+            D=mixer.D,
+            chunk_size=dims.chunk_size,
+            seq_idx=seq_idx,
+            dt_limit=(dims.dt_min, float("inf")),
+            activation=dims.activation,
+            rmsnorm_weight=mixer.norm.weight,
+            rmsnorm_eps=dims.eps,
+            outproj_weight=mixer.out_proj.weight,
+            outproj_bias=mixer.out_proj.bias,
+            headdim=dims.head_dim,
+            ngroups=dims.n_groups,
+            norm_before_gate=False,
         )
 
     gate, xbc, dt = zxbcdt.split([dims.inner, dims.conv_dim, dims.num_heads], dim=-1)

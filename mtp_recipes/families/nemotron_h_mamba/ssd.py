@@ -182,4 +182,3 @@ def ssd_chunk_scan(
 
     y = skip_and_gate(y.reshape(batch, n_chunks * chunk_size, n_heads, head_dim)[:, :seq_len], x, D, z)
     return (y, state) if return_final_states else y
-

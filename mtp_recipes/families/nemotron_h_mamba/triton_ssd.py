@@ -96,8 +96,11 @@ def _value_mask(m_t, o_v, P):
 def _store_partial(part, value, rows, m_t, i_h, o_k, TOKENS, HEADS, N):
     """Store one value block's share of dq or dk into ``part [value blocks, T, H, N]`` (summed afterwards)."""
     i_v = tl.program_id(2)
-    tl.store(part + ((i_v * TOKENS + rows[:, None]) * HEADS + i_h) * N + o_k[None, :], value,
-             mask=m_t[:, None] & (o_k < N)[None, :])
+    tl.store(
+        part + ((i_v * TOKENS + rows[:, None]) * HEADS + i_h) * N + o_k[None, :],
+        value,
+        mask=m_t[:, None] & (o_k < N)[None, :],
+    )
 
 
 @triton.jit
@@ -109,36 +112,65 @@ def _advance_state(h, b_k, b_v, b_G, G_last, PRECISION: tl.constexpr):
 
 @triton.jit
 def _ssd_fwd_kernel(
-    q, k, v, g, o, cu_seqlens,
-    GROUPS, HEADS, HEADS_PER_GROUP, N, P,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    q,
+    k,
+    v,
+    g,
+    o,
+    cu_seqlens,
+    GROUPS,
+    HEADS,
+    HEADS_PER_GROUP,
+    N,
+    P,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """y_t = exp(G_t) C_t h_{before chunk} + sum_{s<=t in chunk} (q_t . k_s) exp(G_t - G_s) v_s, one value block."""
     i_h, i_g, bos, eos, o_t, o_k, o_v = _tile(cu_seqlens, HEADS_PER_GROUP, BT, BK, BV)
     h = tl.zeros([BK, BV], dtype=tl.float32)
     for start in range(bos, eos, BT):
         rows, m_t, b_q, b_k, b_v, b_G, G_last, decay = _load_chunk(
-            q, k, v, g, start, eos, i_g, i_h, o_t, o_k, o_v, GROUPS, HEADS, N, P, BT)
+            q, k, v, g, start, eos, i_g, i_h, o_t, o_k, o_v, GROUPS, HEADS, N, P, BT
+        )
         scores = _mm(b_q, tl.trans(b_k), PRECISION) * decay
         b_o = _mm(scores.to(b_v.dtype), b_v, PRECISION)
         b_o += tl.exp(b_G)[:, None] * _mm(b_q, h.to(b_q.dtype), PRECISION)
-        tl.store(o + _value_offsets(rows, i_h, o_v, HEADS, P), b_o.to(o.dtype.element_ty),
-                 mask=_value_mask(m_t, o_v, P))
+        tl.store(
+            o + _value_offsets(rows, i_h, o_v, HEADS, P), b_o.to(o.dtype.element_ty), mask=_value_mask(m_t, o_v, P)
+        )
         h = _advance_state(h, b_k, b_v, b_G, G_last, PRECISION)
 
 
 @triton.jit
 def _ssd_bwd_dq_kernel(
-    q, k, v, g, do, dq_part, cu_seqlens,
-    TOKENS, GROUPS, HEADS, HEADS_PER_GROUP, N, P,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    q,
+    k,
+    v,
+    g,
+    do,
+    dq_part,
+    cu_seqlens,
+    TOKENS,
+    GROUPS,
+    HEADS,
+    HEADS_PER_GROUP,
+    N,
+    P,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dq_t = exp(G_t) h_{before chunk} do_t + sum_{s<=t} (do_t . v_s) exp(G_t - G_s) k_s, for one value block."""
     i_h, i_g, bos, eos, o_t, o_k, o_v = _tile(cu_seqlens, HEADS_PER_GROUP, BT, BK, BV)
     h = tl.zeros([BK, BV], dtype=tl.float32)
     for start in range(bos, eos, BT):
         rows, m_t, b_q, b_k, b_v, b_G, G_last, decay = _load_chunk(
-            q, k, v, g, start, eos, i_g, i_h, o_t, o_k, o_v, GROUPS, HEADS, N, P, BT)
+            q, k, v, g, start, eos, i_g, i_h, o_t, o_k, o_v, GROUPS, HEADS, N, P, BT
+        )
         b_do = tl.load(do + _value_offsets(rows, i_h, o_v, HEADS, P), mask=_value_mask(m_t, o_v, P), other=0.0)
         weights = _mm(b_do, tl.trans(b_v), PRECISION) * decay
         b_dq = _mm(weights.to(b_k.dtype), b_k, PRECISION)
@@ -149,9 +181,24 @@ def _ssd_bwd_dq_kernel(
 
 @triton.jit
 def _ssd_bwd_dkv_kernel(
-    q, k, v, g, do, dk_part, dv, cu_seqlens,
-    TOKENS, GROUPS, HEADS, HEADS_PER_GROUP, N, P,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    q,
+    k,
+    v,
+    g,
+    do,
+    dk_part,
+    dv,
+    cu_seqlens,
+    TOKENS,
+    GROUPS,
+    HEADS,
+    HEADS_PER_GROUP,
+    N,
+    P,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Reverse walk with the state gradient dh (of the state after the chunk): dk (one value block's part), dv."""
     i_h, i_g, bos, eos, o_t, o_k, o_v = _tile(cu_seqlens, HEADS_PER_GROUP, BT, BK, BV)
@@ -159,13 +206,15 @@ def _ssd_bwd_dkv_kernel(
     dh = tl.zeros([BK, BV], dtype=tl.float32)
     for i in range(0, n_chunks):
         rows, m_t, b_q, b_k, b_v, b_G, G_last, decay = _load_chunk(
-            q, k, v, g, bos + (n_chunks - 1 - i) * BT, eos, i_g, i_h, o_t, o_k, o_v, GROUPS, HEADS, N, P, BT)
+            q, k, v, g, bos + (n_chunks - 1 - i) * BT, eos, i_g, i_h, o_t, o_k, o_v, GROUPS, HEADS, N, P, BT
+        )
         b_do = tl.load(do + _value_offsets(rows, i_h, o_v, HEADS, P), mask=_value_mask(m_t, o_v, P), other=0.0)
         to_end = tl.exp(G_last - b_G)[:, None]
         scores = _mm(b_q, tl.trans(b_k), PRECISION) * decay  # [query t, key s]
         b_dv = _mm(tl.trans(scores).to(b_do.dtype), b_do, PRECISION) + to_end * _mm(b_k, dh.to(b_k.dtype), PRECISION)
-        tl.store(dv + _value_offsets(rows, i_h, o_v, HEADS, P), b_dv.to(dv.dtype.element_ty),
-                 mask=_value_mask(m_t, o_v, P))
+        tl.store(
+            dv + _value_offsets(rows, i_h, o_v, HEADS, P), b_dv.to(dv.dtype.element_ty), mask=_value_mask(m_t, o_v, P)
+        )
         weights = _mm(b_do, tl.trans(b_v), PRECISION) * decay
         b_dk = _mm(tl.trans(weights).to(b_q.dtype), b_q, PRECISION)
         b_dk += to_end * _mm(b_v, tl.trans(dh).to(b_v.dtype), PRECISION)
@@ -207,8 +256,22 @@ class SSDScan(torch.autograd.Function):
         grid = (n_docs, heads, triton.cdiv(head_dim, bv))
         y = torch.empty_like(v)
         _ssd_fwd_kernel[grid](
-            q, k, v, g, y, cu_seqlens, groups, heads, heads // groups, state_size, head_dim,
-            BT=chunk_tokens, BK=bk, BV=bv, PRECISION=_precision(v), num_warps=NUM_WARPS,
+            q,
+            k,
+            v,
+            g,
+            y,
+            cu_seqlens,
+            groups,
+            heads,
+            heads // groups,
+            state_size,
+            head_dim,
+            BT=chunk_tokens,
+            BK=bk,
+            BV=bv,
+            PRECISION=_precision(v),
+            num_warps=NUM_WARPS,
         )
         ctx.save_for_backward(q, k, v, g, cu_seqlens)
         ctx.chunk_tokens = backward_chunk_tokens
@@ -223,8 +286,19 @@ class SSDScan(torch.autograd.Function):
         bk, bv = _blocks(state_size, head_dim)
         n_v = triton.cdiv(head_dim, bv)
         grid = (cu_seqlens.numel() - 1, heads, n_v)
-        shape = dict(TOKENS=tokens, GROUPS=groups, HEADS=heads, HEADS_PER_GROUP=heads // groups, N=state_size,
-                     P=head_dim, BT=ctx.chunk_tokens, BK=bk, BV=bv, PRECISION=_precision(v), num_warps=NUM_WARPS)
+        shape = dict(
+            TOKENS=tokens,
+            GROUPS=groups,
+            HEADS=heads,
+            HEADS_PER_GROUP=heads // groups,
+            N=state_size,
+            P=head_dim,
+            BT=ctx.chunk_tokens,
+            BK=bk,
+            BV=bv,
+            PRECISION=_precision(v),
+            num_warps=NUM_WARPS,
+        )
         # Per-head, per-value-block partial sums in fp32 (at the anchor's 1.2B shape 2 x 134 MB per value block,
         # freed with the layer's backward). Every token lies in one document, so the kernels write every row.
         dq_part = torch.empty(n_v, tokens, heads, state_size, device=q.device, dtype=torch.float32)
@@ -262,8 +336,13 @@ def ssd_scan(
         if tokens < MIN_DOT or tokens & (tokens - 1):
             raise ValueError(f"chunk lengths must be powers of two >= {MIN_DOT}, got {tokens}")
     return SSDScan.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous(),
-        cu_seqlens.to(device=v.device, dtype=torch.int32).contiguous(), chunk_tokens, backward_chunk_tokens,
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        g.float().contiguous(),
+        cu_seqlens.to(device=v.device, dtype=torch.int32).contiguous(),
+        chunk_tokens,
+        backward_chunk_tokens,
     )
 
 

@@ -19,12 +19,25 @@ LENGTHS = [7, 13, 9]  # chunk_size 8: boundaries inside chunks, one doc spanning
 
 def tiny_config() -> NemotronHConfig:
     return NemotronHConfig(
-        vocab_size=64, hidden_size=32, layers_block_type=["linear_attention", "full_attention", "mlp", "moe"],
-        mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2, chunk_size=8,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48,
-        moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, moe_shared_expert_intermediate_size=16,
+        vocab_size=64,
+        hidden_size=32,
+        layers_block_type=["linear_attention", "full_attention", "mlp", "moe"],
+        mamba_num_heads=4,
+        mamba_head_dim=8,
+        ssm_state_size=8,
+        n_groups=2,
+        chunk_size=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_shared_expert_intermediate_size=16,
         # float64 end to end: grouped_mm experts refuse fp64, eager attention softmaxes in fp32
-        experts_implementation="eager", attn_implementation="sdpa",
+        experts_implementation="eager",
+        attn_implementation="sdpa",
     )
 
 
@@ -41,8 +54,13 @@ def reference_mixer(mixer: torch.nn.Module, h: torch.Tensor, seq_idx: torch.Tens
     x, B, C = xbc.transpose(1, 2).split([inner, groups * state, groups * state], dim=-1)
     dt = F.softplus(dt + p["dt_bias"]).clamp(min=cfg.time_step_min)
     y, _ = scan_reference(
-        x.reshape(batch, seq_len, heads, head_dim), dt, -torch.exp(p["A_log"]),
-        B.reshape(batch, seq_len, groups, state), C.reshape(batch, seq_len, groups, state), D=p["D"], seq_idx=seq_idx,
+        x.reshape(batch, seq_len, heads, head_dim),
+        dt,
+        -torch.exp(p["A_log"]),
+        B.reshape(batch, seq_len, groups, state),
+        C.reshape(batch, seq_len, groups, state),
+        D=p["D"],
+        seq_idx=seq_idx,
     )
     y = y.reshape(batch, seq_len, groups, -1) * F.silu(gate).reshape(batch, seq_len, groups, -1)
     y = y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + cfg.layer_norm_epsilon)
@@ -159,8 +177,9 @@ def test_causal_lm_passes_seq_idx_and_trains(packed):
     mixer = lm.model.layers[0].mixer
     grads = (mixer.A_log, mixer.D, mixer.dt_bias, mixer.conv1d.weight, mixer.norm.weight, mixer.in_proj.weight)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in grads)
-    alone = torch.cat([lm(input_ids=ids[:, s : s + n], use_cache=False).logits
-                       for s, n in zip([0, 7, 20], LENGTHS)], dim=1)
+    alone = torch.cat(
+        [lm(input_ids=ids[:, s : s + n], use_cache=False).logits for s, n in zip([0, 7, 20], LENGTHS)], dim=1
+    )
     assert (out.logits - alone).abs().max() < 1e-6  # float32 MoE router, as above
 
 

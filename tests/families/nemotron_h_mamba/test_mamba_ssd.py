@@ -44,8 +44,18 @@ def reference(t, seq_idx, initial_states=None):
 
 def ours(t, chunk_size, seq_idx, initial_states=None):
     return ssd_chunk_scan(
-        t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size, D=t["D"], dt_bias=t["dt_bias"], dt_softplus=True,
-        seq_idx=seq_idx, initial_states=initial_states, return_final_states=True,
+        t["x"],
+        t["dt"],
+        t["A"],
+        t["B"],
+        t["C"],
+        chunk_size,
+        D=t["D"],
+        dt_bias=t["dt_bias"],
+        dt_softplus=True,
+        seq_idx=seq_idx,
+        initial_states=initial_states,
+        return_final_states=True,
     )
 
 
@@ -75,8 +85,15 @@ def test_single_document_equals_transformers_fallback():
     t = make_inputs(37, torch.float32, seed=2)
     init = torch.randn(2, HEADS, HEAD_DIM, STATE)
     args = (t["x"], t["dt"], t["A"], t["B"], t["C"], 8)
-    kwargs = dict(D=t["D"], dt_bias=t["dt_bias"], dt_softplus=True, dt_limit=(0.01, float("inf")),
-                  initial_states=init, return_final_states=True, z=None)
+    kwargs = dict(
+        D=t["D"],
+        dt_bias=t["dt_bias"],
+        dt_softplus=True,
+        dt_limit=(0.01, float("inf")),
+        initial_states=init,
+        return_final_states=True,
+        z=None,
+    )
     y_theirs, final_theirs = hf.mamba2_chunk_scan(*args, **kwargs)
     y_ours, final_ours = ssd_chunk_scan(*args, **kwargs)
     assert (y_ours - y_theirs).abs().max() < 1e-4

@@ -81,7 +81,9 @@ def test_the_shipped_launch_shape_at_nemotron_h_sizes():
     grads = torch.autograd.grad((y * weight.to(DEVICE, torch.float32)).sum(), inputs32)
     for name, got, want in zip("qkvg", grads, torch.autograd.grad((ref * weight).sum(), inputs64)):
         size = want.abs().max().item()
-        torch.testing.assert_close(got.cpu().double(), want, rtol=0, atol=1e-5 * size, msg=lambda m, n=name: f"d{n}: {m}")
+        torch.testing.assert_close(
+            got.cpu().double(), want, rtol=0, atol=1e-5 * size, msg=lambda m, n=name: f"d{n}: {m}"
+        )
 
 
 def test_one_document_never_sees_another():
@@ -105,8 +107,14 @@ def test_cu_seqlens_split_rows_and_documents():
 def mamba_inputs(batch=2, seq=40, heads=4, head_dim=8, groups=2, state=8, seed=0):
     gen = torch.Generator().manual_seed(seed)
     shapes = dict(
-        x=(batch, seq, heads, head_dim), dt=(batch, seq, heads), A=(heads,), B=(batch, seq, groups, state),
-        C=(batch, seq, groups, state), D=(heads,), dt_bias=(heads,), z=(batch, seq, heads, head_dim),
+        x=(batch, seq, heads, head_dim),
+        dt=(batch, seq, heads),
+        A=(heads,),
+        B=(batch, seq, groups, state),
+        C=(batch, seq, groups, state),
+        D=(heads,),
+        dt_bias=(heads,),
+        z=(batch, seq, heads, head_dim),
     )
     tensors = {name: torch.randn(shape, generator=gen, dtype=torch.float64) for name, shape in shapes.items()}
     tensors["A"] = -tensors["A"].exp()
@@ -161,11 +169,15 @@ def test_a_packed_nemotron_h_through_the_kernels_equals_each_document_alone(forc
     position_ids = torch.cat([torch.arange(n) for n in LENGTHS])[None].to(DEVICE)
     seq_idx = seq_idx_from_position_ids(position_ids)
     packed = model(input_ids=ids, position_ids=position_ids, seq_idx=seq_idx, use_cache=False).last_hidden_state
-    alone = torch.cat([
-        model(input_ids=doc, position_ids=torch.arange(doc.shape[1], device=DEVICE)[None], use_cache=False)
-        .last_hidden_state
-        for doc in ids.split(LENGTHS, dim=1)
-    ], dim=1)
+    alone = torch.cat(
+        [
+            model(
+                input_ids=doc, position_ids=torch.arange(doc.shape[1], device=DEVICE)[None], use_cache=False
+            ).last_hidden_state
+            for doc in ids.split(LENGTHS, dim=1)
+        ],
+        dim=1,
+    )
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     mixer = model.layers[0].mixer
     grad_packed = torch.autograd.grad(packed.square().sum(), (mixer.A_log, mixer.in_proj.weight))

@@ -22,7 +22,10 @@ def test_kernels_build_for_the_gpu_without_spills(tmp_path, arch):
     env["PYTHONPATH"] = str(ROOT)
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "triton_ssd_resources.py"), "--arch", str(arch), "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
