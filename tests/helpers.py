@@ -1,15 +1,48 @@
-"""Shared test helpers: debug model configs from configs/model/*_debug.yaml and tiny batches."""
+"""Shared test helpers: debug model configs from configs/model/*_debug.yaml, a tiny Nemotron-H config, tiny
+batches and the command prefix that launches N processes."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from transformers import NemotronHConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_MODELS = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*_debug.yaml"))
+
+
+def launcher(nproc: int) -> list[str]:
+    """The command prefix that runs a script or ``-m module`` in ``nproc`` processes (torchrun), or in one."""
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+
+
+def tiny_nemotron(**overrides: Any) -> NemotronHConfig:
+    """A Nemotron-H config of a few thousand parameters: Mamba2, attention and MoE layers (``overrides`` win)."""
+    fields = dict(
+        vocab_size=64,
+        hidden_size=32,
+        layers_block_type=["linear_attention", "full_attention", "moe"],
+        mamba_num_heads=4,
+        mamba_head_dim=8,
+        ssm_state_size=8,
+        n_groups=2,
+        chunk_size=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_shared_expert_intermediate_size=16,
+    )
+    return NemotronHConfig(**{**fields, **overrides})
 
 
 def debug_model_config(name: str, **changes: Any) -> dict[str, Any]:

@@ -13,32 +13,11 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM, DeepseekV3Config, NemotronHConfig
+from transformers import AutoModelForCausalLM, DeepseekV3Config
 from transformers.models.nemotron_h import modeling_nemotron_h as nemotron
 
 from mtp_recipes import hf_compat
-
-
-def tiny_nemotron(**overrides) -> NemotronHConfig:
-    fields = dict(
-        vocab_size=64,
-        hidden_size=32,
-        layers_block_type=["linear_attention", "full_attention", "moe"],
-        mamba_num_heads=4,
-        mamba_head_dim=8,
-        ssm_state_size=8,
-        n_groups=2,
-        chunk_size=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        intermediate_size=48,
-        moe_intermediate_size=16,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        moe_shared_expert_intermediate_size=16,
-    )
-    return NemotronHConfig(**{**fields, **overrides})
+from tests.helpers import tiny_nemotron
 
 
 def tiny_deepseek() -> DeepseekV3Config:

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from mtp_recipes.distributed.mesh import init_world
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.model import MTPModel
 from tests.distributed.test_fsdp_and_resume import COMMON, ENV, cli, finish, losses
-from tests.helpers import debug_model_config
+from tests.helpers import debug_model_config, launcher
 from tests.recipes.test_finetune import composed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,15 +29,7 @@ EP_LOG = "expert parallelism: ep=2"
 
 def torchrun(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            str(Path(__file__).with_name(script)),
-            *args,
-        ],
+        [*launcher(2), str(Path(__file__).with_name(script)), *args],
         cwd=cwd,
         env={**ENV, "PYTHONPATH": str(REPO)},
         capture_output=True,
@@ -184,18 +175,7 @@ def test_sigkill_with_ep_then_resume_matches_an_uninterrupted_run(tmp_path):
     run_ep(tmp_path, "ref", *args, nproc=2)
     run = tmp_path / "crash"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "mtp_recipes.finetune",
-            *COMMON,
-            *args,
-            f"hydra.run.dir={run}",
-        ],
+        [*launcher(2), "-m", "mtp_recipes.finetune", *COMMON, *args, f"hydra.run.dir={run}"],
         cwd=tmp_path,
         env={**ENV, "PYTHONPATH": str(REPO)},
         stdout=subprocess.DEVNULL,

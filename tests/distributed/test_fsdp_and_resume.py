@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from mtp_recipes.checkpoint.resume import latest_resume
 from mtp_recipes.finetune import CONFIG_DIR
 from mtp_recipes.recipe import FinetuneRecipe
-from tests.helpers import DEBUG_MODELS
+from tests.helpers import DEBUG_MODELS, launcher
 from tests.recipes.test_finetune import composed
 
 COMMON = [
@@ -33,13 +33,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def cli(*args: str, nproc: int = 1, cwd: Path) -> subprocess.Popen:
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-        if nproc > 1
-        else [sys.executable]
-    )
     return subprocess.Popen(
-        [*launcher, "-m", "mtp_recipes.finetune", *COMMON, *args],
+        [*launcher(nproc), "-m", "mtp_recipes.finetune", *COMMON, *args],
         cwd=cwd,
         env=ENV,
         stdout=subprocess.PIPE,

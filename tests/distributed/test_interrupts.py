@@ -6,10 +6,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 from mtp_recipes.checkpoint.resume import checkpoint_problem, latest_resume
+from tests.helpers import launcher
 
 COMMON = [
     "trainer.progress_bar=false",
@@ -24,18 +24,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 def test_sigterm_to_torchrun_checkpoints_every_rank_before_the_kill(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "mtp_recipes.finetune",
-            *COMMON,
-            "trainer.max_steps=100000",
-            f"hydra.run.dir={run}",
-        ],
+        [*launcher(2), "-m", "mtp_recipes.finetune", *COMMON, "trainer.max_steps=100000", f"hydra.run.dir={run}"],
         cwd=tmp_path,
         env=ENV,
         stdout=subprocess.PIPE,

@@ -13,29 +13,16 @@ from mtp_recipes.families.nemotron_h_mamba import (
 )
 from mtp_recipes.packed import seq_idx_from_position_ids
 from tests.families.nemotron_h_mamba._mamba_reference import conv_reference, random_seq_idx, scan_reference
+from tests.helpers import tiny_nemotron
 
 LENGTHS = [7, 13, 9]  # chunk_size 8: boundaries inside chunks, one doc spanning a chunk edge
 
 
 def tiny_config() -> NemotronHConfig:
-    return NemotronHConfig(
-        vocab_size=64,
-        hidden_size=32,
+    """The tiny Nemotron-H with every layer type, computing in float64 end to end (grouped_mm experts refuse
+    fp64, eager attention softmaxes in fp32)."""
+    return tiny_nemotron(
         layers_block_type=["linear_attention", "full_attention", "mlp", "moe"],
-        mamba_num_heads=4,
-        mamba_head_dim=8,
-        ssm_state_size=8,
-        n_groups=2,
-        chunk_size=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        intermediate_size=48,
-        moe_intermediate_size=16,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        moe_shared_expert_intermediate_size=16,
-        # float64 end to end: grouped_mm experts refuse fp64, eager attention softmaxes in fp32
         experts_implementation="eager",
         attn_implementation="sdpa",
     )
