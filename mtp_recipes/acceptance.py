@@ -27,13 +27,13 @@ treated as independent given it), not an exact figure.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, GenerationConfig
 
+from mtp_recipes import hf_compat
 from mtp_recipes.loss import AcceptanceStats, acceptance_stats
 from mtp_recipes.model import MTPModel
 
@@ -265,9 +265,7 @@ class _Backbone:
         self.decoder = model.backbone.get_decoder()
         self.head = model.backbone.get_output_embeddings().weight
         self.cache = DynamicCache(config=model.backbone.config)
-        self.cache_kwarg = (
-            "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
-        )
+        self.cache_kwarg = hf_compat.cache_keyword(self.decoder.forward)
         self.length = 0
 
     def __call__(self, ids: list[int]) -> tuple[list[int], torch.Tensor]:

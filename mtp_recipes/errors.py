@@ -23,3 +23,7 @@ class DataError(MTPRecipesError, ValueError):
 
 class TrainingError(MTPRecipesError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class ServerError(MTPRecipesError):
+    """A generation server answered with an error, or not at all; what was already written is kept."""

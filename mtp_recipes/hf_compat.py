@@ -83,6 +83,26 @@ def swap_class(module: nn.Module, cls: type[nn.Module]) -> None:
     module.__class__ = cls
 
 
+# ---- names that differ between the supported transformers releases ---------------------------------------
+# transformers 5.24 renamed the KV-cache argument (``past_key_values``, and Nemotron-H's ``cache_params``) to
+# ``cache``; the releases this package supports (5.19 on) have one or the other.
+_CACHE_NAMES = ("cache", "past_key_values", "cache_params")
+
+
+def cache_keyword(fn: Callable[..., Any]) -> str:
+    """The keyword under which ``fn`` (a decoder's forward, a mask function) takes the KV cache."""
+    params = inspect.signature(fn).parameters
+    for name in _CACHE_NAMES:
+        if name in params:
+            return name
+    raise TypeError(f"{getattr(fn, '__qualname__', fn)} takes no cache argument")
+
+
+def passed_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache a transformers layer was called with by keyword, under either release's name (None: none)."""
+    return next((kwargs[name] for name in _CACHE_NAMES if kwargs.get(name) is not None), None)
+
+
 # ---- config and model attributes ------------------------------------------------------------------
 def set_implementations(config: PretrainedConfig, attention: str | None, experts: str | None) -> None:
     """Choose the attention / MoE-experts kernels on a config before any module is built from it.

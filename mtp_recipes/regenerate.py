@@ -10,12 +10,14 @@ where it stopped. Same config groups and recipes as ``finetune`` (``model.*``, `
 ``data.messages_field``, ``data.max_documents``, ``trainer.device``, ``trainer.seed``). Input errors print one
 line and exit with status 2 (checked before torch loads).
 
-Two backends generate the tokens (``regenerate.backend``): transformers' batched ``generate``, or vLLM's offline
-``LLM.generate`` when vLLM is installed (an optional extra this package does not declare). Both get the same
-token prompts from our tokenizer's chat template and the same stop ids, and our tokenizer decodes both, so the
-rows differ only where the engines' numerics or random streams do. The vLLM path is written against vLLM
-0.33.0's public API as read in its source and is tested with a stand-in ``vllm`` module
-(tests/test_regenerate.py), not run with a real vLLM.
+Three backends generate the tokens (``regenerate.backend``): transformers' batched ``generate``; vLLM's offline
+``LLM.generate`` when vLLM is installed beside this package (an optional extra this package does not declare); or
+any OpenAI-compatible completions server (``vllm serve``, ``python -m sglang.launch_server``) at
+``regenerate.url``, so the engine runs in its own environment. All get the same token prompts from our tokenizer's
+chat template and the same stop ids, and our tokenizer decodes every reply, so the rows differ only where the
+engines' numerics or random streams do. The vLLM path is written against vLLM 0.33.0's public API as read in its
+source and is tested with a stand-in ``vllm`` module; the server path is tested against a real HTTP server on
+127.0.0.1 (tests/test_regenerate.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ import json
 import logging
 import os
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -34,12 +39,12 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mtp_recipes.config import to_schema
-from mtp_recipes.errors import ConfigError, DataError, MTPRecipesError
+from mtp_recipes.errors import ConfigError, DataError, MTPRecipesError, ServerError
 from mtp_recipes.finetune import CONFIG_DIR
 
 log = logging.getLogger("mtp_recipes")
 
-BACKENDS = ("auto", "transformers", "vllm")
+BACKENDS = ("auto", "transformers", "vllm", "server")
 
 
 @dataclass(frozen=True)
@@ -52,10 +57,23 @@ class RegenerateOptions:
     top_p: float = 1.0
     batch_size: int = 8
     backend: str = "auto"
+    url: str | None = None  # backend=server: the server's address (http://host:port, with or without /v1)
+    served_model: str | None = None  # backend=server: the request's ``model`` field; None: the server's default
+    concurrency: int = 8  # backend=server: requests in flight
+    timeout_s: float = 600.0  # backend=server: seconds one request may take
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ConfigError("regenerate.max_new_tokens and regenerate.batch_size must be >= 1")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.concurrency < 1:
+            raise ConfigError(
+                "regenerate.max_new_tokens, regenerate.batch_size and regenerate.concurrency must be >= 1"
+            )
+        if self.timeout_s <= 0:
+            raise ConfigError(f"regenerate.timeout_s must be > 0, got {self.timeout_s}")
+        if self.backend == "server" and not self.url:
+            raise ConfigError(
+                "regenerate.backend=server needs regenerate.url, e.g. regenerate.url=http://127.0.0.1:8000 "
+                "(the address vllm serve or sglang.launch_server listens on)"
+            )
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError(
                 f"regenerate.temperature must be >= 0 and regenerate.top_p in (0, 1], "
@@ -111,6 +129,8 @@ def regenerate(cfg: DictConfig, options: RegenerateOptions) -> int:
     tokenizer = load_tokenizer(tokenizer_name)
     if backend == "vllm":
         generate, stop = _vllm_generator(cfg, options, tokenizer_name, tokenizer)
+    elif backend == "server":
+        generate, stop = _server_generator(cfg, options, tokenizer)
     else:
         generate, stop = _transformers_generator(cfg, options, tokenizer, done)
     reply = _Responder(tokenizer, generate, stop)
@@ -118,9 +138,11 @@ def regenerate(cfg: DictConfig, options: RegenerateOptions) -> int:
 
 
 def resolve_backend(name: str, cfg: DictConfig) -> str:
-    """``transformers`` or ``vllm`` for ``regenerate.backend``. ``auto`` takes vLLM only where it can serve the
-    run: a checkpoint (``model.path``), a device other than ``trainer.device=cpu``, a visible CUDA device and an
-    importable ``vllm``."""
+    """``transformers``, ``vllm`` or ``server`` for ``regenerate.backend``. ``auto`` takes vLLM only where it can
+    serve the run: a checkpoint (``model.path``), a device other than ``trainer.device=cpu``, a visible CUDA
+    device and an importable ``vllm``; it never picks ``server``, which needs an address."""
+    if name == "server":
+        return "server"
     if name == "vllm":
         missing = _vllm_import_error()
         if missing:
@@ -233,12 +255,10 @@ def _vllm_generator(
 
     from mtp_recipes.checkpoint.hf import resolve_model_dir
     from mtp_recipes.evaluation import stop_token_ids
-    from mtp_recipes.model_config import checkpoint_text_config
 
-    model_dir = resolve_model_dir(cfg.model.path)
-    stop = stop_token_ids(checkpoint_text_config(model_dir), tokenizer)
+    stop = stop_token_ids(_text_config(cfg), tokenizer)
     llm = LLM(
-        model=str(model_dir),
+        model=str(resolve_model_dir(cfg.model.path)),
         tokenizer=tokenizer_name,
         trust_remote_code=False,
         seed=cfg.trainer.seed,
@@ -263,6 +283,98 @@ def _vllm_generator(
         return [list(out.outputs[0].token_ids) for out in outputs]
 
     return generate, stop
+
+
+def _server_generator(cfg: DictConfig, options: RegenerateOptions, tokenizer: Any) -> tuple[Generate, list[int]]:
+    """An OpenAI-compatible ``/v1/completions`` server, ``regenerate.concurrency`` requests in flight, one prompt
+    (our token ids) per request. The request fields are those vLLM 0.34 and SGLang 0.5.23 both accept
+    (``CompletionRequest`` in vllm/entrypoints/openai/completion/protocol.py and
+    sglang/srt/entrypoints/openai/protocol.py); the reply's ``token_ids`` (``return_token_ids``) are decoded by our
+    tokenizer, so the server's detokenizer never shapes a row. Every sampling field is sent, so the server's
+    defaults (which vLLM reads from the checkpoint's generation_config.json) change nothing."""
+    from mtp_recipes.evaluation import stop_token_ids
+
+    stop = stop_token_ids(_text_config(cfg), tokenizer)
+    endpoint = completions_endpoint(options.url)
+    sampled = options.temperature > 0
+
+    def request(prompt: list[int], key: tuple[int, int]) -> list[int]:
+        body = {
+            "prompt": list(prompt),
+            "max_tokens": options.max_new_tokens,
+            "temperature": options.temperature,  # 0: greedy
+            "top_p": options.top_p,
+            "top_k": -1,  # off, in both engines
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "stop_token_ids": stop,
+            "ignore_eos": True,  # stop at ``stop`` only (the cut is ours, after the first of them)
+            "return_token_ids": True,
+            **({"seed": _request_seed(cfg.trainer.seed, *key)} if sampled else {}),
+            **({"model": options.served_model} if options.served_model else {}),
+        }
+        return _completion_tokens(endpoint, body, options.timeout_s)
+
+    def generate(prompts: list[list[int]], keys: list[tuple[int, int]]) -> list[list[int]]:
+        with ThreadPoolExecutor(max_workers=options.concurrency) as pool:
+            futures = [pool.submit(request, p, k) for p, k in zip(prompts, keys, strict=True)]
+            try:
+                return [f.result() for f in futures]
+            except ServerError:
+                for f in futures:
+                    f.cancel()
+                raise
+
+    return generate, stop
+
+
+def completions_endpoint(url: str) -> str:
+    """The completions URL of a server address given as ``http://host:port``, ``.../v1`` or the endpoint itself."""
+    url = url.rstrip("/")
+    if url.endswith("/completions"):
+        return url
+    return f"{url}/completions" if url.endswith("/v1") else f"{url}/v1/completions"
+
+
+def _completion_tokens(endpoint: str, body: dict[str, Any], timeout_s: float) -> list[int]:
+    """POST one completions request; the generated token ids, or :class:`ServerError` in one line."""
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(endpoint, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as response:
+            reply = json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace").strip().replace("\n", " ")[:300]
+        raise ServerError(f"{endpoint} answered HTTP {e.code}: {detail or e.reason}") from None
+    except (urllib.error.URLError, TimeoutError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, TimeoutError) or isinstance(e, TimeoutError):
+            reason = f"no answer within regenerate.timeout_s={timeout_s:g} s"
+        raise ServerError(f"{endpoint}: {reason}") from None
+    except ValueError:
+        raise ServerError(f"{endpoint} answered with something that is not JSON") from None
+    try:
+        tokens = reply["choices"][0]["token_ids"]
+    except (KeyError, IndexError, TypeError):
+        tokens = None
+    if not isinstance(tokens, list):
+        raise ServerError(
+            f"{endpoint} returned no choices[0].token_ids: the server must honour return_token_ids "
+            "(vllm serve and sglang.launch_server do)"
+        )
+    return tokens
+
+
+def _text_config(cfg: DictConfig) -> Any:
+    """The language model's config of the run (the checkpoint's, or the one ``model.config`` describes)."""
+    from mtp_recipes.checkpoint.hf import resolve_model_dir
+    from mtp_recipes.families.base import get_family
+    from mtp_recipes.model_config import checkpoint_text_config, config_from_dict
+
+    if cfg.model.path is not None:
+        return checkpoint_text_config(resolve_model_dir(cfg.model.path))
+    hf_config = config_from_dict(OmegaConf.to_container(cfg.model.config, resolve=True))
+    return get_family(hf_config.model_type).text_config(hf_config)
 
 
 def _request_seed(seed: int, row: int, message: int) -> int:

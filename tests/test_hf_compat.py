@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, DeepseekV3Config
@@ -203,26 +204,32 @@ def test_rotary_per_layer_type():
     assert torch.allclose(cos.pow(2) + sin.pow(2), torch.ones_like(cos)), touch("rotary_cos_sin")
 
 
-def experts_modules() -> dict[str, nn.Module]:
-    """A DeepSeek-V3 experts module (dispatches through ExpertsInterface) and a Step-3.5 one (does not)."""
-    from transformers.models.step3p7 import Step3p7TextConfig
-    from transformers.models.step3p7 import modeling_step3p7 as step
+class OwnForwardExperts(nn.Module):
+    """Merged experts whose class computes its own forward (no ExpertsInterface seam), as Step-3.5's did before
+    transformers 5.25: SwiGLU experts clamped at 0.5, weights ``[experts, out, in]``."""
 
+    def __init__(self, num_experts: int = 4, hidden: int = 32, inner: int = 8) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.randn(num_experts, 2 * inner, hidden) * 0.1)
+        self.down_proj = nn.Parameter(torch.randn(num_experts, hidden, inner) * 0.1)
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden)
+        for token in range(hidden.shape[0]):
+            for slot in range(top_k_index.shape[1]):
+                e = int(top_k_index[token, slot])
+                gate, up = (self.gate_up_proj[e] @ hidden[token]).chunk(2)
+                inner = nn.functional.silu(gate).clamp(max=0.5) * up.clamp(-0.5, 0.5)
+                out[token] += top_k_weights[token, slot] * (self.down_proj[e] @ inner)
+        return out
+
+
+def experts_modules() -> dict[str, nn.Module]:
+    """A DeepSeek-V3 experts module (dispatches through ExpertsInterface) and one that does not."""
     torch.manual_seed(0)
     deepseek = AutoModelForCausalLM.from_config(tiny_deepseek(), experts_implementation="eager").model.layers[1]
-    config = Step3p7TextConfig(
-        hidden_size=32,
-        moe_intermediate_size=8,
-        moe_num_experts=4,
-        num_attention_heads=2,
-        num_attention_groups=1,
-        head_dim=8,
-    )
-    modules = {"interface": deepseek.mlp.experts, "own forward": step.Step3p7Experts(config, swiglu_limit=0.5)}
-    with torch.no_grad():
-        for p in modules["own forward"].parameters():  # built outside a model: no weight init ran
-            p.normal_(std=0.1)
-    return modules
+    return {"interface": deepseek.mlp.experts, "own forward": OwnForwardExperts()}
 
 
 def routed(num_experts: int, tokens: int = 6):
@@ -266,6 +273,33 @@ def test_route_experts():
         x, index, w = routed(4)
         assert torch.equal(experts(x, index, w), x * 0) and calls == [experts], touch("route_experts")
         assert isinstance(experts, cls) and (type(experts) is cls) == (kind == "interface"), touch("route_experts")
+
+
+def test_cache_keyword_and_passed_cache():
+    """The cache argument's name on this release (``cache`` from 5.24, ``past_key_values`` before) is the one the
+    decoder fills, and the one its layers receive the cache under."""
+    from transformers import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+
+    renamed = Version(importlib.metadata.version("transformers")) >= Version("5.24")
+    assert hf_compat.cache_keyword(create_causal_mask) == ("cache" if renamed else "past_key_values"), touch(
+        "cache_keyword"
+    )
+    model = AutoModelForCausalLM.from_config(tiny_deepseek()).eval()
+    decoder = model.get_decoder()
+    name = hf_compat.cache_keyword(decoder.forward)
+    seen = []
+    attention = decoder.layers[0].self_attn
+    hook = attention.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        decoder(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True, **{name: cache})
+    hook.remove()
+    assert cache.get_seq_length() == 3, touch("cache_keyword")
+    assert hf_compat.passed_cache(seen[0]) is cache, touch("passed_cache")
+    assert hf_compat.passed_cache({"cache_params": None, "position_ids": 1}) is None
+    with pytest.raises(TypeError, match="takes no cache argument"):
+        hf_compat.cache_keyword(lambda x: x)
 
 
 def test_warning_outside_the_tested_range(monkeypatch, caplog):

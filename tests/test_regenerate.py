@@ -17,11 +17,11 @@ from hydra import compose, initialize_config_dir
 
 from mtp_recipes.acceptance import greedy_generate
 from mtp_recipes.data import load_tokenizer
-from mtp_recipes.errors import ConfigError
+from mtp_recipes.errors import ConfigError, ServerError
 from mtp_recipes.evaluation import load_model, stop_token_ids
 from mtp_recipes.finetune import CONFIG_DIR
 from mtp_recipes.model import MTPModel
-from mtp_recipes.regenerate import completed_rows, regenerate, resolve_backend, split_config
+from mtp_recipes.regenerate import completed_rows, completions_endpoint, regenerate, resolve_backend, split_config
 
 CHATS = [
     {"id": 0, "messages": [{"role": "user", "content": "What is a list?"}, {"role": "assistant", "content": "A."}]},
@@ -253,5 +253,211 @@ def test_backend_choice_and_a_missing_vllm_is_one_line(tmp_path, checkpoint, fak
         r"regenerate.backend=vllm but vllm cannot be imported \(.+\); set regenerate.backend=\w+", str(e.value)
     )
     assert not options.out.exists()
-    with pytest.raises(ConfigError, match="regenerate.backend must be one of auto, transformers, vllm, got 'tgi'"):
+    with pytest.raises(
+        ConfigError, match="regenerate.backend must be one of auto, transformers, vllm, server, got 'tgi'"
+    ):
         _config(tmp_path, "regenerate.backend=tgi")
+
+
+# ---- the server backend, against a real HTTP server on 127.0.0.1 ----------------------------------------------
+# The server answers POST /v1/completions as vLLM 0.34 and SGLang 0.5.23 do for the fields regenerate sends
+# (``CompletionRequest`` in vllm/entrypoints/openai/completion/protocol.py, sglang/srt/entrypoints/openai/
+# protocol.py): a token-id prompt, ``choices[0].token_ids`` when ``return_token_ids`` is set, generation ending
+# after the first of ``stop_token_ids``. Greedy requests get the checkpoint's greedy tokens from transformers;
+# sampled ones a draw from the model's distribution seeded by the request's ``seed``.
+
+
+class _CompletionServer:
+    def __init__(self, model: MTPModel, *, fail_from: int | None = None, delay_s: float = 0.0) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.model, self.fail_from, self.delay_s = model, fail_from, delay_s
+        self.requests: list[dict] = []
+        lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest's output clean
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with lock:
+                    server.requests.append(body)
+                    number = len(server.requests)
+                if server.delay_s:
+                    import time
+
+                    time.sleep(server.delay_s)
+                if self.path != "/v1/completions" or (server.fail_from is not None and number >= server.fail_from):
+                    self._answer(500, {"object": "error", "message": "CUDA out of memory"})
+                    return
+                with lock:
+                    tokens = server.complete(body)
+                self._answer(200, {"object": "text_completion", "choices": [{"index": 0, "token_ids": tokens}]})
+
+            def _answer(self, status, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def complete(self, body: dict) -> list[int]:
+        prompt, stop, n = body["prompt"], body["stop_token_ids"], body["max_tokens"]
+        assert isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
+        if body["temperature"] == 0:
+            tokens = greedy_generate(self.model, prompt, n, stop)
+        else:
+            g = torch.Generator().manual_seed(body["seed"])
+            ids, tokens = list(prompt), []
+            with torch.no_grad():
+                for _ in range(n):
+                    logits = self.model.backbone(torch.tensor([ids])).logits[0, -1]
+                    token = int(torch.multinomial(torch.softmax(logits / body["temperature"], -1), 1, generator=g))
+                    ids.append(token)
+                    tokens.append(token)
+        end = next((i + 1 for i, t in enumerate(tokens) if t in stop), len(tokens))
+        return tokens[:end]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def serve(checkpoint):
+    servers = []
+
+    def start(**kwargs) -> _CompletionServer:
+        servers.append(_CompletionServer(MTPModel.from_pretrained(checkpoint).eval(), **kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.mark.slow
+def test_the_server_backend_sends_our_token_prompts_and_writes_what_transformers_writes(tmp_path, checkpoint, serve):
+    model = [f"model.path={checkpoint}", "model.tokenizer=null", "regenerate.batch_size=2"]
+    cfg, options = _config(tmp_path, *model, "regenerate.backend=transformers", f"out={tmp_path / 'hf.jsonl'}")
+    assert regenerate(cfg, options) == len(CHATS)
+    server = serve()
+    served = [*model, "regenerate.backend=server", f"regenerate.url={server.url}/v1/", "regenerate.concurrency=3"]
+    cfg, options = _config(tmp_path, *served, f"out={tmp_path / 'server.jsonl'}")
+    assert regenerate(cfg, options) == len(CHATS)
+    assert options.out.read_bytes() == (tmp_path / "hf.jsonl").read_bytes()
+
+    tokenizer = load_tokenizer(str(checkpoint))
+    stop = stop_token_ids(server.model.text_config, tokenizer)
+    rows = [json.loads(line)["messages"] for line in options.out.read_text().splitlines()]
+    want = [
+        tokenizer.apply_chat_template(chat[:j], add_generation_prompt=True)["input_ids"]
+        for chat in rows
+        for j, m in enumerate(chat)
+        if m["role"] == "assistant"
+    ]
+    assert sorted(r["prompt"] for r in server.requests) == sorted(want)
+    for r in server.requests:
+        del r["prompt"]
+        assert r == {
+            "max_tokens": 6,
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "top_k": -1,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "stop_token_ids": stop,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        }
+
+
+@pytest.mark.slow
+def test_sampled_server_requests_carry_a_seed_per_turn_that_survives_a_resume(tmp_path, checkpoint, serve):
+    server = serve()
+    sampled = [f"model.path={checkpoint}", "model.tokenizer=null", "regenerate.backend=server"]
+    sampled += [f"regenerate.url={server.url}", "regenerate.temperature=0.7", "regenerate.top_p=0.9"]
+    sampled += ["trainer.seed=5", "regenerate.served_model=ckpt"]
+    cfg, options = _config(tmp_path, *sampled, "regenerate.batch_size=3")
+    regenerate(cfg, options)
+    lines = options.out.read_text().splitlines(keepends=True)
+    first = {tuple(r["prompt"]): r for r in server.requests}
+    server.requests.clear()
+    options.out.write_text(lines[0])  # as if killed after row 0; resumed with another batch size
+    cfg, options = _config(tmp_path, *sampled, "regenerate.batch_size=1")
+    assert regenerate(cfg, options) == 2
+    assert options.out.read_text().splitlines(keepends=True) == lines
+    resumed = {tuple(r["prompt"]): r for r in server.requests}
+    assert len(first) == 4 and set(resumed) < set(first)
+    for prompt, request in resumed.items():
+        assert request == first[prompt]  # the same seed whatever the batching and resume point
+    assert {(r["temperature"], r["top_p"], r["model"]) for r in first.values()} == {(0.7, 0.9, "ckpt")}
+    assert len({r["seed"] for r in first.values()}) == 4
+
+
+@pytest.mark.slow
+def test_a_failing_or_silent_server_is_one_line_and_the_finished_rows_stay(tmp_path, checkpoint, serve):
+    model = [f"model.path={checkpoint}", "model.tokenizer=null", "regenerate.batch_size=1"]
+    cfg, options = _config(tmp_path, *model, "regenerate.backend=transformers", f"out={tmp_path / 'hf.jsonl'}")
+    regenerate(cfg, options)
+    reference = (tmp_path / "hf.jsonl").read_text().splitlines(keepends=True)
+
+    # requests: row 0 (1 turn), row 1 (2 turns), row 2 (1 turn); the server fails from the third on
+    failing = serve(fail_from=3)
+    out = tmp_path / "server.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "mtp_recipes.regenerate", *model, f"data.source={tmp_path / 'chats.jsonl'}"]
+        + [f"out={out}", "regenerate.max_new_tokens=6", "trainer.device=cpu", "regenerate.backend=server"]
+        + [f"regenerate.url={failing.url}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert re.fullmatch(
+        rf"error: {failing.url}/v1/completions answered HTTP 500: .*CUDA out of memory.*\n", result.stderr
+    )
+    assert out.read_text().splitlines(keepends=True) == reference[:1]  # row 0 finished before the failure
+
+    silent = serve(delay_s=2.0)
+    cfg, options = _config(
+        tmp_path, *model, "regenerate.backend=server", f"regenerate.url={silent.url}", "regenerate.timeout_s=0.5"
+    )
+    options = type(options)(**{**options.__dict__, "out": out})
+    with pytest.raises(ServerError, match=r"/v1/completions: no answer within regenerate.timeout_s=0.5 s$"):
+        regenerate(cfg, options)
+    assert out.read_text().splitlines(keepends=True) == reference[:1]
+
+    cfg, options = _config(tmp_path, *model, "regenerate.backend=server", "regenerate.url=http://127.0.0.1:9/v1")
+    with pytest.raises(ServerError, match=r"^http://127.0.0.1:9/v1/completions: .*refused"):
+        regenerate(cfg, options)
+
+    working = serve()
+    cfg, options = _config(tmp_path, *model, "regenerate.backend=server", f"regenerate.url={working.url}")
+    options = type(options)(**{**options.__dict__, "out": out})
+    assert regenerate(cfg, options) == 2  # resumed after row 0
+    assert out.read_text().splitlines(keepends=True) == reference
+
+
+def test_server_options_are_checked_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"regenerate.backend=server needs regenerate.url, e.g."):
+        _config(tmp_path, "regenerate.backend=server")
+    with pytest.raises(ConfigError, match=r"regenerate.concurrency must be >= 1"):
+        _config(tmp_path, "regenerate.backend=server", "regenerate.url=http://x", "regenerate.concurrency=0")
+    with pytest.raises(ConfigError, match=r"regenerate.timeout_s must be > 0, got 0"):
+        _config(tmp_path, "regenerate.timeout_s=0")
+    for given, endpoint in [
+        ("http://h:8000", "http://h:8000/v1/completions"),
+        ("http://h:8000/v1/", "http://h:8000/v1/completions"),
+        ("http://h/v1/completions", "http://h/v1/completions"),
+    ]:
+        assert completions_endpoint(given) == endpoint

@@ -250,14 +250,10 @@ def packed_mask(
 
 @functools.cache
 def _no_cache(mask_fn: Callable[..., Any]) -> dict[str, None]:
-    """``{name: None}`` for ``mask_fn``'s KV-cache argument, or ``{}`` when it defaults to None.
-
-    transformers renamed it (``past_key_values`` -> ``cache``, the old name deprecated), so the name is
-    read from the signature rather than hard-coded.
-    """
-    params = inspect.signature(mask_fn).parameters
-    name = next(n for n in ("cache", "past_key_values") if n in params)
-    return {} if params[name].default is None else {name: None}
+    """``{name: None}`` for ``mask_fn``'s KV-cache argument (its name differs between releases), or ``{}`` when it
+    defaults to None."""
+    name = hf_compat.cache_keyword(mask_fn)
+    return {} if inspect.signature(mask_fn).parameters[name].default is None else {name: None}
 
 
 def sub_config(hf_config: PretrainedConfig, **fields: Any) -> PretrainedConfig:

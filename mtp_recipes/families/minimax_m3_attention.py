@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
 
-from mtp_recipes.hf_compat import attention_implementation, swap_class
+from mtp_recipes.hf_compat import attention_implementation, passed_cache, swap_class
 from mtp_recipes.packed import document_ids, position_in_document, seq_idx_from_position_ids
 
 
@@ -111,7 +111,7 @@ class DocumentIndexer(hf.MiniMaxM3VLIndexer):
         seq_idx = seq_idx_from_position_ids(position_ids)
         if not bool(seq_idx[:, -1].any()):  # no restart in any row: one document per row
             return super().forward(hidden_states, position_embeddings, *args, **kwargs)
-        cache = args[0] if len(args) == 2 else kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = args[0] if len(args) == 2 else passed_cache(kwargs)
         if cache is not None:
             raise NotImplementedError("packed rows with a KV cache: packed rows are a training-time layout")
         impl = attention_implementation(self.config)

@@ -155,8 +155,7 @@ class BoundaryAwareMamba2Mixer(NemotronHMamba2Mixer):
     """
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        cache = kwargs.get("cache", kwargs.get("cache_params"))
-        if args or cache is not None:
+        if args or hf_compat.passed_cache(kwargs) is not None:
             return super().forward(hidden_states, *args, **kwargs)
         return mamba2_mixer_forward(self, hidden_states, kwargs.get("seq_idx"), kwargs.get("attention_mask"))
 
