@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.metadata
 import inspect
 import re
 from abc import ABC, abstractmethod
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
+from packaging.version import Version
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
@@ -51,6 +53,9 @@ class Family(ABC):
     # Names (last dotted part) of linear layers LoRA must not adapt: the family's kernels read their weight
     # directly instead of calling the layer, so an adapter there would be trained and exported but never run.
     lora_skipped: ClassVar[tuple[str, ...]] = ()
+    # The oldest transformers release whose modeling code the family runs on, where that is newer than the oldest
+    # release the package supports: on an older one the family refuses in one line, and the others still work.
+    min_transformers: ClassVar[str | None] = None
 
     # ---- config -------------------------------------------------------------------------------
     def text_config(self, hf_config: PretrainedConfig) -> PretrainedConfig:
@@ -302,9 +307,21 @@ def get_family(model_type: str) -> Family:
     import mtp_recipes.families  # noqa: F401  (registers the built-in families)
 
     try:
-        return _REGISTRY[model_type]
+        family = _REGISTRY[model_type]
     except KeyError:
         raise ConfigError(
             f"unknown model family '{model_type}': supported model_type values are "
             f"{registered_model_types()} (set model.config.model_type or use a checkpoint of one of them)"
         ) from None
+    installed = _transformers_version()
+    if family.min_transformers is not None and installed < Version(family.min_transformers):
+        raise ConfigError(
+            f"{family.name} ({model_type}) needs transformers>={family.min_transformers}, but {installed} is "
+            f"installed: pip install 'transformers>={family.min_transformers}'"
+        )
+    return family
+
+
+@functools.cache
+def _transformers_version() -> Version:
+    return Version(importlib.metadata.version("transformers"))

@@ -5,6 +5,7 @@ A family added later is covered the day its debug config lands.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 
 import pytest
@@ -230,3 +231,19 @@ def test_block_types_is_refused_where_a_family_fixes_the_depth_layout(model_name
     else:
         with pytest.raises(ConfigError, match="mtp.block_types=.*fixed layout; leave mtp.block_types null"):
             build(model_name, num_layers=1, block_types=["full_attention", "mlp"])
+
+
+def test_a_family_newer_than_the_installed_transformers_refuses_in_one_line_and_the_others_work(monkeypatch):
+    from mtp_recipes.families import get_family, registered_model_types
+
+    families = {t: get_family(t) for t in registered_model_types()}  # each runs on the installed release
+    refusing, family = next(iter(families.items()))
+    monkeypatch.setattr(type(family), "min_transformers", "99.0")
+    with pytest.raises(ConfigError) as e:
+        get_family(refusing)
+    assert str(e.value) == (
+        f"{family.name} ({refusing}) needs transformers>=99.0, but {importlib.metadata.version('transformers')} "
+        "is installed: pip install 'transformers>=99.0'"
+    )
+    others = [t for t, f in families.items() if f is not family]
+    assert others and all(get_family(t) is families[t] for t in others)
