@@ -19,7 +19,8 @@ Every step is a ``finetune`` / ``evaluate`` command line (printed as it runs, lo
 whose output exists is reused, so an interrupted run continues where it stopped. Run from the repository root::
 
     python benchmarks/bench_drift.py                  # about an hour on a shared 2-core CPU
-    python benchmarks/bench_drift.py --quick          # a few minutes: tiny step counts, one seed (a smoke test)
+    python benchmarks/bench_drift.py --quick          # smoke run: tiny step counts and evaluations, one seed, one λ,
+                                                      # no targets/decay rows, the commands run in this process
 
 On two or more cores the seeds can run side by side (``--seeds 0`` and ``--seeds 1`` in two processes with the same
 ``--out``, after the base exists); a last run with both seeds then only collects the table.
@@ -30,17 +31,22 @@ It writes ``results.json`` and ``table.md`` into ``--out`` (default ``bench_resu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import runpy
 import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 MTP = ["mtp.num_layers=2", "mtp.use_repeated_layer=true"]
 QUIET = ["trainer.progress_bar=false", "trainer.device=cpu", "trainer.log_every=50"]
 EVAL = ["eval.num_prompts=32", "eval.prompt_tokens=64", "eval.max_new_tokens=32"]
+QUICK_EVAL = ["eval.num_prompts=2", "eval.prompt_tokens=16", "eval.max_new_tokens=4"]
+QUICK_DATA = ["data.max_documents=200"]  # validation and evaluation read the held-out 10 % of these only
 DOMAINS = {"new": "pydoc", "old": "shakespeare"}
 
 
@@ -75,47 +81,93 @@ def write_corpora(data_dir: Path, block_chars: int = 1200) -> dict[str, Path]:
     return paths
 
 
-def run(argv: list[str], log: Path) -> None:
-    """Run one command line, its output into ``log``; exit with its log's tail when it fails."""
-    print("$", shlex.join(argv), flush=True)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as f:
-        code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
-    if code:
-        sys.exit(f"failed ({code}): {shlex.join(argv)}\n" + "".join(log.read_text().splitlines(True)[-20:]))
+def in_process(argv: list[str], log: Any) -> int:
+    """``[python, -m, module, *args]`` run as ``__main__`` in this process, its output into ``log``; the exit code."""
+    module, args = argv[2], argv[3:]
+    saved = sys.argv
+    sys.argv = [module, *args]
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            runpy.run_module(module, run_name="__main__", alter_sys=False)
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = saved
 
 
-def finetune(run_dir: Path, overrides: list[str]) -> Path:
-    """A ``finetune`` run into ``run_dir`` (skipped when its ``final/`` export exists); returns the export."""
-    final = run_dir / "final"
-    if not final.is_dir():
-        run(
-            [sys.executable, "-m", "mtp_recipes.finetune", f"hydra.run.dir={run_dir}", *QUIET, *MTP, *overrides],
-            run_dir.with_suffix(".log"),
-        )
-    return final
+@dataclass(frozen=True)
+class Runner:
+    """How the experiment's commands run: in a process of their own (the real run) or in this one (``--quick``), and
+    the ``evaluate`` settings."""
 
+    in_process: bool = False
+    eval: tuple[str, ...] = tuple(EVAL)
+    data: tuple[str, ...] = ()  # data settings for every command
 
-def sweep(sweep_dir: Path, values: list[float], overrides: list[str]) -> list[Path]:
-    """The λ sweep as one ``finetune`` multirun (its report evaluates each job on the new domain)."""
-    jobs = [sweep_dir / str(i) for i in range(len(values))]
-    if not all((job / "final").is_dir() and (job / "eval.json").exists() for job in jobs):
-        lam = "mtp.loss_scaling_factor=" + ",".join(str(v) for v in values)
-        argv = [
-            sys.executable,
-            "-m",
-            "mtp_recipes.finetune",
-            "-m",
-            lam,
-            f"hydra.sweep.dir={sweep_dir}",
-            "hydra.sweep.subdir=${hydra.job.num}",
-            *QUIET,
-            *MTP,
-            *EVAL,
-            *overrides,
-        ]
-        run(argv, sweep_dir.with_suffix(".log"))
-    return jobs
+    def run(self, argv: list[str], log: Path) -> None:
+        """Run one command line, its output into ``log``; exit with its log's tail when it fails."""
+        print("$", shlex.join(argv), flush=True)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as f:
+            if self.in_process:
+                code = in_process(argv, f)
+            else:
+                code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT).returncode
+        if code:
+            sys.exit(f"failed ({code}): {shlex.join(argv)}\n" + "".join(log.read_text().splitlines(True)[-20:]))
+
+    def finetune(self, run_dir: Path, overrides: list[str]) -> Path:
+        """A ``finetune`` run into ``run_dir`` (skipped when its ``final/`` export exists); returns the export."""
+        final = run_dir / "final"
+        if not final.is_dir():
+            self.run(
+                [sys.executable, "-m", "mtp_recipes.finetune", f"hydra.run.dir={run_dir}", *QUIET, *MTP, *self.data]
+                + overrides,
+                run_dir.with_suffix(".log"),
+            )
+        return final
+
+    def sweep(self, sweep_dir: Path, values: list[float], overrides: list[str]) -> list[Path]:
+        """The λ sweep as one ``finetune`` multirun (its report evaluates each job on the new domain)."""
+        jobs = [sweep_dir / str(i) for i in range(len(values))]
+        if not all((job / "final").is_dir() and (job / "eval.json").exists() for job in jobs):
+            lam = "mtp.loss_scaling_factor=" + ",".join(str(v) for v in values)
+            argv = [
+                sys.executable,
+                "-m",
+                "mtp_recipes.finetune",
+                "-m",
+                lam,
+                f"hydra.sweep.dir={sweep_dir}",
+                "hydra.sweep.subdir=${hydra.job.num}",
+                *QUIET,
+                *MTP,
+                *self.eval,
+                *self.data,
+                *overrides,
+            ]
+            self.run(argv, sweep_dir.with_suffix(".log"))
+        return jobs
+
+    def evaluate(self, checkpoint: Path, corpus: Path, out_json: Path) -> dict[str, Any]:
+        """``evaluate`` of ``checkpoint`` on ``corpus``'s held-out 10 % (reused when ``out_json`` exists)."""
+        if not out_json.exists():
+            data = [f"data.source={corpus}", "data.format=text", "data.eval_fraction=0.1", *self.data]
+            argv = [
+                sys.executable,
+                "-m",
+                "mtp_recipes.evaluate",
+                f"model.path={checkpoint}",
+                *data,
+                *QUIET,
+                *MTP,
+                *self.eval,
+                f"hydra.run.dir={out_json.parent / out_json.stem}",
+                f"eval.output={out_json}",
+            ]
+            self.run(argv, out_json.with_suffix(".log"))
+        return json.loads(out_json.read_text())
 
 
 def graft_mtp(source: Path, backbone: Path, out: Path) -> Path:
@@ -134,26 +186,6 @@ def graft_mtp(source: Path, backbone: Path, out: Path) -> Path:
     return out
 
 
-def evaluate(checkpoint: Path, corpus: Path, out_json: Path) -> dict[str, Any]:
-    """``evaluate`` of ``checkpoint`` on ``corpus``'s held-out 10 % (reused when ``out_json`` exists)."""
-    if not out_json.exists():
-        data = [f"data.source={corpus}", "data.format=text", "data.eval_fraction=0.1"]
-        argv = [
-            sys.executable,
-            "-m",
-            "mtp_recipes.evaluate",
-            f"model.path={checkpoint}",
-            *data,
-            *QUIET,
-            *MTP,
-            *EVAL,
-            f"hydra.run.dir={out_json.parent / out_json.stem}",
-            f"eval.output={out_json}",
-        ]
-        run(argv, out_json.with_suffix(".log"))
-    return json.loads(out_json.read_text())
-
-
 def measures(record: dict[str, Any]) -> dict[str, float]:
     return {
         "acceptance": record["acceptance_length"],
@@ -170,14 +202,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--quick", action="store_true", help="10 pretraining and 5 fine-tuning steps, seed 0")
     args = parser.parse_args()
+    runner, lambdas, extra_rows = Runner(), [0.05, 0.1, 0.3], True
     if args.quick:
-        args.pretrain_steps, args.finetune_steps, args.seeds = 10, 5, [0]
+        args.pretrain_steps, args.finetune_steps, args.seeds = 4, 2, [0]
+        runner = Runner(in_process=True, eval=tuple(QUICK_EVAL), data=tuple(QUICK_DATA))
+        lambdas, extra_rows = [0.1], False
     out = args.out.resolve()
     start = time.perf_counter()
     corpora = write_corpora(out / "data")
     old, new = corpora[DOMAINS["old"]], corpora[DOMAINS["new"]]
 
-    base = finetune(
+    base = runner.finetune(
         out / "base",
         [
             f"data.source={old}",
@@ -196,19 +231,21 @@ def main() -> None:
         "optim.lr=3e-4",
         "trainer.eval_every=0",
     ]
-    lambdas = [0.05, 0.1, 0.3]
     for seed in args.seeds:
         seeded, root = [f"model.path={base}", *ft, f"trainer.seed={seed}"], out / f"seed{seed}"
-        plain = finetune(root / "plain", [*seeded, "mtp.loss_scaling_factor=0"])
+        plain = runner.finetune(root / "plain", [*seeded, "mtp.loss_scaling_factor=0"])
         frozen = graft_mtp(base, plain, root / "frozen")
         rows = {"fine-tuned, MTP frozen (λ = 0, heads re-attached)": frozen}
-        for lam, job in zip(lambdas, sweep(root / "sweep", lambdas, seeded), strict=True):
+        for lam, job in zip(lambdas, runner.sweep(root / "sweep", lambdas, seeded), strict=True):
             rows[f"MTP trained, λ = {lam}"] = job / "final"
         retrained = [f"model.path={frozen}", *ft, f"trainer.seed={seed}", "mtp.train_only=true"]
-        rows["frozen, then `mtp.train_only` (same steps)"] = finetune(root / "train_only", retrained)
-        for targets in ("self", "mix"):
-            rows[f"λ = 0.1, `mtp.targets={targets}`"] = finetune(root / targets, [*seeded, f"mtp.targets={targets}"])
-        rows["λ = 0.1, `mtp.depth_decay=0.6`"] = finetune(root / "decay", [*seeded, "mtp.depth_decay=0.6"])
+        rows["frozen, then `mtp.train_only` (same steps)"] = runner.finetune(root / "train_only", retrained)
+        if extra_rows:
+            for targets in ("self", "mix"):
+                rows[f"λ = 0.1, `mtp.targets={targets}`"] = runner.finetune(
+                    root / targets, [*seeded, f"mtp.targets={targets}"]
+                )
+            rows["λ = 0.1, `mtp.depth_decay=0.6`"] = runner.finetune(root / "decay", [*seeded, "mtp.depth_decay=0.6"])
         for name, path in rows.items():
             checkpoints.setdefault(name, {})[seed] = path
 
@@ -220,14 +257,14 @@ def main() -> None:
                 if path.parent.parent.name == "sweep" and domain == "new":
                     record = json.loads((path.parent / "eval.json").read_text())  # the sweep report's evaluation
                 else:
-                    record = evaluate(path, corpus, path.parent / f"eval_{path.name}_{DOMAINS[domain]}.json")
+                    record = runner.evaluate(path, corpus, path.parent / f"eval_{path.name}_{DOMAINS[domain]}.json")
                 row[domain] = measures(record)
             results.append(row)
     settings = {
         "pretrain_steps": args.pretrain_steps,
         "finetune_steps": args.finetune_steps,
         "seeds": args.seeds,
-        "eval": EVAL,
+        "eval": list(runner.eval),
         "mtp": MTP,
         "wall_s": time.perf_counter() - start,
     }

@@ -3,11 +3,14 @@
 For every debug model and run kind, the real recipe is set up on the CPU with bf16 compute (what nothing trains is
 then held in bf16, as on a GPU) and trains one step; then it prints a markdown table of the trainable parameters,
 the bytes of all parameters, of their gradients (one per trainable parameter, in its dtype) and of the AdamW state
-read from the optimizer after that step. Run from the repository root: ``python benchmarks/bench_lora.py``.
+read from the optimizer after that step, and writes the rows as JSON to ``--out``. Run from the repository root:
+``python benchmarks/bench_lora.py`` (``--quick``: the first debug model, full fine-tune and LoRA with MTP full).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -60,17 +63,30 @@ def measure(model: str, overrides: list[str]) -> tuple[int, int, int, int]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: one debug model, two runs")
+    parser.add_argument("--out", type=Path, default=Path("bench_results/lora.json"))
+    args = parser.parse_args()
+    models, runs = (MODELS[:1], dict(list(RUNS.items())[::2])) if args.quick else (MODELS, RUNS)
     logging.getLogger("mtp_recipes").setLevel(logging.WARNING)
     print("| debug model | run | trainable params | parameters | gradients | AdamW state | total |")
     print("|---|---|---|---|---|---|---|")
-    for model in MODELS:
-        for name, overrides in RUNS.items():
+    rows = []
+    for model in models:
+        for name, overrides in runs.items():
             trainable, params, grads, state = measure(model, overrides)
             total = params + grads + state
+            rows.append(
+                {"model": model, "run": name, "trainable_params": trainable, "parameter_bytes": params}
+                | {"gradient_bytes": grads, "adamw_state_bytes": state, "total_bytes": total}
+            )
             print(
                 f"| `{model}` | {name} | {trainable / 1e3:.1f}k | {params / MIB:.2f} MiB | {grads / MIB:.2f} MiB "
                 f"| {state / MIB:.2f} MiB | {total / MIB:.2f} MiB |"
             )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Memory: on CUDA the peak allocated bytes; on CPU the bytes autograd saves for ba
 which is what dominates training memory and is measurable without a CUDA allocator.
 
     python benchmarks/bench_mamba.py [--seq 2048 --heads 16 --head-dim 32 --state 64 --chunk 128] [--device cuda]
+    python benchmarks/bench_mamba.py --small   # smoke run: S=256, 4 heads x 16, state 16, chunk 64, 2 timed runs
 """
 
 from __future__ import annotations
@@ -191,7 +192,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--out", type=Path, default=Path("bench_results/mamba.json"))
+    parser.add_argument("--small", action="store_true", help="smoke run: S=256, 4 heads x 16, state 16, 2 timed runs")
     args = parser.parse_args()
+    if args.small:
+        args.seq, args.heads, args.head_dim, args.state, args.chunk, args.docs = 256, 4, 16, 16, 64, 4
+        args.warmup, args.iters = 1, 2
     if args.threads:
         torch.set_num_threads(args.threads)
 

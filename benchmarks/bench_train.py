@@ -6,6 +6,7 @@ the debug Nemotron-H, once per (processes, D) pair, and reads tokens/s from each
 count, next to the FLOP-predicted ratio, and the N-process/1-process throughput ratio.
 
     python benchmarks/bench_train.py                       # CPU, debug model, 1 and 2 processes
+    python benchmarks/bench_train.py --quick               # smoke run: 1 process, 4 steps, S=64
     python benchmarks/bench_train.py --nproc 1 8 -- model.dtype=float32 data.seq_len=4096 ...   # GPU node
 
 Extra Hydra overrides after ``--`` go to every run (e.g. a bigger ``model.config`` on a GPU).
@@ -16,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from records import median_tokens_per_s
 
 from mtp_recipes.metrics import flops_per_token
 from mtp_recipes.model import MTPModel
@@ -51,8 +52,7 @@ def run(nproc: int, depths: int, steps: int, overrides: list[str], workdir: Path
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
     subprocess.run(cmd, check=True, env=env, cwd=workdir, capture_output=True, text=True)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["tokens_per_s"] for r in records[min(5, len(records) // 2) :])
+    return median_tokens_per_s(run_dir)
 
 
 def predicted_overhead() -> float:
@@ -68,9 +68,13 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", default="bench_results/train.json")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 process, 4 steps, S=64, 2 rows a batch")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = parser.parse_args()
     overrides = args.overrides or ["data.seq_len=256", "data.batch_size=4"]
+    if args.quick:
+        args.nproc, args.steps = [1], 4
+        overrides = [*overrides, "data.seq_len=64", "data.batch_size=2", "data.max_documents=20"]
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -55,14 +55,9 @@ EOF
         trainer.progress_bar=false data.seq_len=1024 data.batch_size=4 trainer.overwrite=true \
         hydra.run.dir="$out/ep$ep"
     done
-    python - "$out" "$n" <<'EOF' | tee "$out/ep.txt"
-import json, statistics, sys
-out, n = sys.argv[1], sys.argv[2]
-for ep in ("1", n):
-    rows = [json.loads(line) for line in open(f"{out}/ep{ep}/metrics.jsonl")]
-    speed = [r["tokens_per_s"] for r in rows if r["split"] == "train"][5:]
-    print(f"trainer.ep={ep} on {n} GPUs: {statistics.median(speed):.0f} tokens/s (median of steps 6-40)")
-EOF
+    for ep in 1 "$n"; do
+      echo "trainer.ep=$ep on $n GPUs: $(python benchmarks/records.py "$out/ep$ep" 5) tokens/s (median of steps 6-40)"
+    done | tee "$out/ep.txt"
     ;;
   *)
     sed -n '2,12p' "$0"
