@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from mtp_recipes.finetune import CONFIG_DIR
+from mtp_recipes.config import CONFIG_DIR
 from mtp_recipes.recipe import FinetuneRecipe
 
 MODELS = sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*_debug.yaml"))

@@ -123,7 +123,7 @@ class DraftTable:
     accept_prob: torch.Tensor | None = None
 
     @property
-    def num_depths(self) -> int:
+    def num_layers(self) -> int:
         return self.drafts.shape[0]
 
     def greedy(self, num_drafts: int) -> GreedyAcceptance:
@@ -192,7 +192,7 @@ def draft_table(
     out = model(input_ids=ids)
     main_head = model.backbone.get_output_embeddings().weight
     heads = model.mtp_heads()
-    depth_heads = heads if isinstance(heads, list) else [heads] * model.mtp.num_depths
+    depth_heads = heads if isinstance(heads, list) else [heads] * model.mtp.num_layers
     main = out.hidden_states[0]
     depth_states = [h[0] for h in out.mtp_hidden_states]
     length = ids.shape[1]
@@ -303,7 +303,7 @@ class _Drafter:
         self.model = model
         self.embed = model.backbone.get_input_embeddings()
         heads = model.mtp_heads()
-        self.heads = heads if isinstance(heads, list) else [heads] * model.mtp.num_depths
+        self.heads = heads if isinstance(heads, list) else [heads] * model.mtp.num_layers
 
     def __call__(self, committed: list[int], states: torch.Tensor, num_drafts: int) -> list[int]:
         """Drafts for the positions after ``committed``, from ``states`` at slots ``0 .. len(committed) - 2``."""
@@ -339,8 +339,8 @@ def speculative_decode(
     is copied before each verification and, when a draft was rejected, restored and fed the accepted tokens.
     The drafter re-runs the MTP depths over the whole text each step (no MTP cache): slow, and plain.
     """
-    if not 0 <= num_drafts <= model.mtp.num_depths:
-        raise ValueError(f"{num_drafts} drafts asked of a model with {model.mtp.num_depths} MTP depths")
+    if not 0 <= num_drafts <= model.mtp.num_layers:
+        raise ValueError(f"{num_drafts} drafts asked of a model with {model.mtp.num_layers} MTP depths")
     stop = set(eos_token_ids)
     backbone, drafter = _Backbone(model), _Drafter(model)
     greedy, states = backbone(list(prompt))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,6 +16,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.mtp.config import check_options as check_mtp_options
+
+# The Hydra configs every command composes (shipped inside the package as ``mtp_recipes/configs``).
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 
 
 @dataclass
@@ -230,15 +234,6 @@ def _lora_checks(cfg: DictConfig) -> list[tuple[bool, str]]:
             "lora.rank > 0 trains the backbone through adapters and mtp.train_only=true freezes it: turn one off",
         ),
     ]
-
-
-def lambda_at(cfg: DictConfig, step: int) -> float:
-    """λ for ``step``: the last schedule entry whose step has been reached, else the base value."""
-    value = cfg.mtp.loss_scaling_factor
-    for entry in sorted(cfg.mtp.loss_scaling_schedule, key=lambda s: s.step):
-        if step >= entry.step:
-            value = entry.value
-    return float(value)
 
 
 def model_kwargs(cfg: DictConfig, frozen_dtype: Any = None) -> dict[str, Any]:

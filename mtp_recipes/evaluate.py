@@ -1,7 +1,7 @@
 """``python -m mtp_recipes.evaluate [--config-name RECIPE] [model.path=CHECKPOINT] [key=value ...]``.
 
 Acceptance of MTP speculative decoding with a checkpoint on held-out prompts (see
-:mod:`mtp_recipes.evaluation`), written to ``eval.json`` (``eval.output``, default the Hydra run directory) and
+:mod:`mtp_recipes.measure_acceptance`), written to ``eval.json`` (``eval.output``, default the Hydra run directory) and
 summarised in one line. Same config groups and recipes as ``finetune``; ``model.path=null`` evaluates the model
 ``model.config`` builds with ``trainer.seed``, i.e. a run's initial model. Input errors print one line and exit
 with status 2 (checked before torch loads); a failed ``eval.verify`` exits with status 1.
@@ -17,9 +17,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mtp_recipes.config import to_schema
+from mtp_recipes.config import CONFIG_DIR, to_schema
 from mtp_recipes.errors import MTPRecipesError
-from mtp_recipes.finetune import CONFIG_DIR
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="finetune")
@@ -27,7 +26,7 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("mtp_recipes").setLevel(logging.INFO)
     try:
         schema = to_schema(cfg)
-        from mtp_recipes.evaluation import VerificationError, evaluate, summary_line  # torch loads here
+        from mtp_recipes.measure_acceptance import VerificationError, evaluate, summary_line  # torch loads here
 
         output = schema.eval.output or Path(HydraConfig.get().runtime.output_dir) / "eval.json"
         try:

@@ -25,10 +25,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mtp_recipes.config import to_schema
+from mtp_recipes.config import CONFIG_DIR, to_schema
 from mtp_recipes.errors import MTPRecipesError
 
-CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 # What Hydra itself writes into a job's directory before our code runs.
 HYDRA_FILES = {".hydra", "finetune.log"}
 

@@ -19,6 +19,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     get_model_conversion_mapping,
@@ -32,6 +33,8 @@ from transformers.core_model_loading import (
     revert_weight_conversion,
 )
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 logger = logging.getLogger("mtp_recipes")
 
@@ -182,6 +185,42 @@ def enable_block_checkpointing(block: nn.Module, checkpoint_fn: Callable[..., An
         raise ValueError(f"{type(block).__name__} does not support activation checkpointing")
     block.gradient_checkpointing = True
     block._gradient_checkpointing_func = checkpoint_fn
+
+
+# ---- modules and helpers of transformers' decoders ------------------------------------------------------
+def mask_function(kind: str = "full") -> Callable[..., Any]:
+    """transformers' mask builder for ``full`` or ``sliding`` (window) attention, as its decoders call them.
+
+    Its own module, not the top-level API; an MTP block must get exactly the mask the backbone's layers get.
+    """
+    return {"full": create_causal_mask, "sliding": create_sliding_window_causal_mask}[kind]
+
+
+def rotary_embedding(decoder: nn.Module) -> nn.Module:
+    """The decoder's rotary module (``rotary_emb``), called as ``(hidden, position_ids) -> (cos, sin)``."""
+    return decoder.rotary_emb
+
+
+def final_norm(decoder: nn.Module) -> nn.Module:
+    """The decoder's last norm (``norm``), whose input is the state some engines feed the first MTP depth."""
+    return decoder.norm
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """transformers' activation function of a config's ``hidden_act`` name."""
+    return ACT2FN[name]
+
+
+def causal_lm_output(logits: torch.Tensor, outputs: Any) -> Any:
+    """A causal LM's forward output (what ``generate`` reads): ``logits`` and the decoder output's cache and
+    states, for a causal-LM class of ours around a transformers decoder."""
+    carried = {k: v for k, v in outputs.items() if k in CausalLMOutputWithPast.__dataclass_fields__}
+    return CausalLMOutputWithPast(logits=logits, **carried)
+
+
+def declare_tied_weights(cls: type[PreTrainedModel], tied: dict[str, str]) -> None:
+    """Make a causal-LM class of ours tie ``{target: source}`` weights as transformers' own classes do."""
+    cls._tied_weights_keys = tied
 
 
 # ---- routed experts ------------------------------------------------------------------------------

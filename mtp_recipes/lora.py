@@ -1,6 +1,7 @@
 """LoRA (peft) on the backbone's linear layers, the MTP depths trained fully or through LoRA too.
 
-peft's LoRA layers are injected into an :class:`~mtp_recipes.model.MTPModel` while it is built, before
+The functions taking ``model`` take an :class:`~mtp_recipes.model.MTPModel` (its ``backbone``, ``mtp``, ``family``
+and ``config``). peft's LoRA layers are injected into the model while it is built, before
 FSDP2 shards it, so adapters are sharded, checkpointed (DCP) and resumed like any other parameter. A
 wrapped linear ``X`` holds ``X.base_layer.weight`` and ``X.lora_A.default.weight`` /
 ``X.lora_B.default.weight``; :func:`checkpoint_names` maps the first back to ``X.weight`` and drops the
@@ -18,16 +19,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from mtp_recipes.distributed.tensors import copy_into
 from mtp_recipes.errors import ConfigError
-
-if TYPE_CHECKING:
-    from mtp_recipes.model import MTPModel
 
 ADAPTER = "default"  # peft's adapter name inside the model; peft's files drop it
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -98,7 +97,7 @@ def _adaptable(module: nn.Module, name: str, heads: set[int], skipped: tuple[str
     )
 
 
-def target_modules(model: MTPModel, settings: LoraSettings) -> list[str]:
+def target_modules(model: nn.Module, settings: LoraSettings) -> list[str]:
     """The full names (inside ``model``) of the linear layers to adapt.
 
     Default: every adaptable linear layer of the backbone (and of the MTP depths with ``mtp: lora``).
@@ -128,7 +127,7 @@ def target_modules(model: MTPModel, settings: LoraSettings) -> list[str]:
     return sorted(chosen)
 
 
-def apply_lora(model: MTPModel, settings: LoraSettings) -> list[str]:
+def apply_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
     """Inject LoRA layers, in the master dtype (torch's default dtype here); mark what trains; return the targets.
 
     peft works on a plain container of the backbone and the MTP stack, not on the transformers model
@@ -168,7 +167,7 @@ def _backbone_targets(targets: list[str]) -> list[str]:
     return sorted(t.removeprefix(prefix) for t in targets if t.startswith(prefix))
 
 
-def check_peft_loads(model: MTPModel, settings: LoraSettings, targets: list[str]) -> None:
+def check_peft_loads(model: nn.Module, settings: LoraSettings, targets: list[str]) -> None:
     """``export: adapter`` only where peft's loader adapts exactly the layers trained: one ConfigError line else.
 
     peft rewrites some targets when it loads an adapter onto a transformers model (its v4 -> v5 MoE
@@ -201,8 +200,6 @@ def init_adapters(model: nn.Module, seed: int) -> None:
     The values are drawn whole, in module order, and each rank keeps its shard, so a sharded or meta-built
     model starts exactly where a one-process model does.
     """
-    from mtp_recipes.checkpoint.hf import copy_into
-
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in adapted_layers(model).values():
@@ -232,7 +229,7 @@ def peft_key(name: str) -> str:
 
 
 def gather_adapter(
-    model: MTPModel, writer: bool, gather: Callable[[torch.Tensor, bool], torch.Tensor | None]
+    model: nn.Module, writer: bool, gather: Callable[[torch.Tensor, bool], torch.Tensor | None]
 ) -> dict[str, torch.Tensor] | None:
     """The backbone's adapter tensors, whole, under peft's keys on the writer (``None`` elsewhere).
 

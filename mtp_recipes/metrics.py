@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtp_recipes.families.base import Family, transformers_experts
+from mtp_recipes.families.base import Family, projection_widths, transformers_experts
 
 # Dense bf16 tensor-core peak (no sparsity) from the vendor datasheets, in FLOP/s. Matched as
 # substrings of torch.cuda.get_device_name(), most specific first.
@@ -59,15 +59,17 @@ def _active_params(modules: list[nn.Module], family: Family | None, top_k: int |
     return total
 
 
-def _attention_flops(modules: list[nn.Module], seq_len: int) -> float:
-    """Training FLOPs per token of the attention scores: 3 × 2·(S/2)·(q_dim + v_dim) per attention layer."""
+def _attention_flops(
+    modules: list[nn.Module], seq_len: int, widths: Callable[[nn.Module], tuple[int, int] | None]
+) -> float:
+    """Training FLOPs per token of the attention scores: 3 × 2·(S/2)·(q_dim + v_dim) per attention layer, the
+    attention modules and their widths as ``widths`` (the family's ``attention_widths``) answers."""
     total = 0.0
     for root in modules:
         for module in root.modules():
-            q = getattr(module, "q_proj", None) or getattr(module, "q_b_proj", None)
-            o = getattr(module, "o_proj", None)
-            if isinstance(q, nn.Linear) and isinstance(o, nn.Linear):
-                total += 3 * 2 * (seq_len / 2) * (q.out_features + o.in_features)
+            found = widths(module)
+            if found is not None:
+                total += 3 * 2 * (seq_len / 2) * sum(found)
     return total
 
 
@@ -82,7 +84,7 @@ def flops_per_token(model: nn.Module, seq_len: int | None = None) -> float:
     backbone = model.backbone if mtp is not None else model
     main_head = backbone.get_output_embeddings().weight
     config = model.text_config if mtp is not None else backbone.config
-    depths = [mtp.depth(k) for k in range(1, mtp.num_depths + 1)] if mtp is not None else []
+    depths = [mtp.depth(k) for k in range(1, mtp.num_layers + 1)] if mtp is not None else []
     if depths and isinstance(model.mtp_heads(), torch.Tensor):
         head_uses = [main_head] * (1 + len(depths))
     else:
@@ -96,7 +98,9 @@ def flops_per_token(model: nn.Module, seq_len: int | None = None) -> float:
     active += sum(w.numel() for w in head_uses)
     flops = 6 * active
     if seq_len is not None:
-        flops += _attention_flops([backbone, *depths], seq_len)
+        flops += _attention_flops(
+            [backbone, *depths], seq_len, family.attention_widths if family else projection_widths
+        )
     return flops
 
 

@@ -7,8 +7,6 @@ names keys (see :mod:`mtp_recipes.families.base`).
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -21,33 +19,19 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from mtp_recipes import hf_compat
-from mtp_recipes.checkpoint.hf import (
-    CheckpointLayout,
-    fp8_block_size,
-    gather_full,
-    load_model_state,
-    read_config_dict,
-    resolve_model_dir,
-    save_model_state,
-)
+from mtp_recipes.checkpoint.hf import fp8_block_size, read_config_dict, resolve_model_dir
 from mtp_recipes.checkpoint.keymap import KeyMap
+from mtp_recipes.checkpoint.provenance import Provenance
+from mtp_recipes.document_layout import document_layout
 from mtp_recipes.errors import ConfigError
-from mtp_recipes.families.base import Family, get_family
-from mtp_recipes.lora import (
-    MTP_STEM,
-    LoraSettings,
-    adapter_writer,
-    apply_lora,
-    checkpoint_names,
-    gather_adapter,
-    init_adapters,
-)
+from mtp_recipes.families import Family, get_family
+from mtp_recipes.lora import LoraSettings, apply_lora, checkpoint_names, init_adapters
 from mtp_recipes.loss import AcceptanceStats, acceptance_stats, main_loss, mtp_loss
+from mtp_recipes.model_checkpoint import export_config, load_checkpoint, save_checkpoint
 from mtp_recipes.model_config import config_from_dict, family_mtp_config
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.roll import roll_ids
 from mtp_recipes.mtp.stack import MTPStack
-from mtp_recipes.packed import document_layout
 
 logger = logging.getLogger("mtp_recipes")
 
@@ -130,10 +114,7 @@ class MTPModel(nn.Module):
         if lora is not None and self.backbone.get_input_embeddings().weight.device.type != "meta":
             init_adapters(self, lora.seed)
         # Filled when loaded from a checkpoint: where it came from and each tensor's on-disk dtype.
-        self.source_dir: Path | None = None
-        self.source_config: dict[str, Any] | None = None
-        self.disk_dtypes: dict[str, torch.dtype] = {}
-        self.dequantized = False  # loaded from block-scaled FP8: exported in bfloat16
+        self.provenance = Provenance()
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
@@ -214,13 +195,12 @@ class MTPModel(nn.Module):
             if shard is not None:
                 shard(model)
             model._materialize(torch.device(device or "cpu"))
-        model.source_dir, model.source_config = model_dir, raw
+        model.provenance = Provenance(source_dir=model_dir, source_config=raw, dequantized=fp8_block is not None)
         if not load_weights:
             model.backbone.tie_weights()  # as after a load: materialising may have untied them
             return model
-        model.disk_dtypes = load_model_state(model, model_dir, fp8_block)
-        model.dequantized = fp8_block is not None
-        if model.dequantized:
+        load_checkpoint(model, model_dir, fp8_block)
+        if model.provenance.dequantized:
             logger.info("%s: block-scaled FP8 weights dequantised to %s on load", model_dir, dtype)
         return model
 
@@ -234,6 +214,7 @@ class MTPModel(nn.Module):
         *,
         num_label_tokens: int | torch.Tensor | None = None,
         num_depth_tokens: list[int] | torch.Tensor | None = None,
+        loss_scaling_factor: float | None = None,
         return_logits: bool = False,
         return_accuracy: bool = False,
     ) -> MTPOutput:
@@ -244,14 +225,15 @@ class MTPModel(nn.Module):
         both, they must agree, else one ValueError names the first slot that does not; given one, the other
         is derived from it. ``num_label_tokens`` / ``num_depth_tokens`` are the main and per-depth target
         counts summed over all micro-batches and ranks of the optimizer step; without them each loss is a
-        local mean.
+        local mean. ``loss_scaling_factor`` is this step's λ (a schedule's value); ``None`` takes the model's
+        ``mtp.loss_scaling_factor``.
         """
         position_ids, seq_idx = document_layout(input_ids, position_ids, seq_idx)  # equal ids <=> same document
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.mtp_config.train_only):
             hidden, h0 = self.family.backbone_states(self.backbone, input_ids, position_ids, seq_idx)
         mtp_input = h0.detach() if self.mtp_config.detach_backbone else h0
         mtp_hidden: list[torch.Tensor] = []
-        if self.mtp.num_depths:
+        if self.mtp.num_layers:
             run_block = self.family.block_runner(self.backbone, hidden, position_ids, seq_idx)
             embed = self.backbone.get_input_embeddings()
             mtp_hidden = self.mtp(mtp_input, input_ids, embed, run_block, seq_idx, position_ids)
@@ -261,7 +243,8 @@ class MTPModel(nn.Module):
         out = MTPOutput(None, None, logits=logits, hidden_states=hidden, mtp_hidden_states=mtp_hidden)
         if labels is None:
             return out
-        return self._losses(out, labels, head, seq_idx, num_label_tokens, num_depth_tokens, return_accuracy)
+        lam = self.mtp_config.loss_scaling_factor if loss_scaling_factor is None else loss_scaling_factor
+        return self._losses(out, labels, head, seq_idx, num_label_tokens, num_depth_tokens, lam, return_accuracy)
 
     def _losses(
         self,
@@ -271,6 +254,7 @@ class MTPModel(nn.Module):
         seq_idx: torch.Tensor | None,
         num_label_tokens: int | torch.Tensor | None,
         num_depth_tokens: list[int] | torch.Tensor | None,
+        loss_scaling_factor: float,
         return_accuracy: bool,
     ) -> MTPOutput:
         """Fill ``out``'s losses (and with ``return_accuracy`` its acceptance counts and agreement)."""
@@ -288,7 +272,7 @@ class MTPModel(nn.Module):
             mtp_hidden,
             labels,
             self.mtp_heads(),
-            loss_scaling_factor=self.mtp_config.loss_scaling_factor,
+            loss_scaling_factor=loss_scaling_factor,
             seq_idx=seq_idx,
             normalization=self.mtp_config.normalization,
             num_label_tokens=num_label_tokens if num_label_tokens is not None else _count(labels),
@@ -315,10 +299,15 @@ class MTPModel(nn.Module):
             )
         return out
 
+    def blocks(self) -> list[nn.Module]:
+        """The decoder blocks of the backbone and of every MTP depth: the units FSDP2 shards (and activation
+        checkpointing and compile wrap) one by one, where expert parallelism finds the experts."""
+        return [*self.family.backbone_blocks(self.backbone), *(b for d in self.mtp.depths for b in d.blocks)]
+
     def mtp_heads(self) -> torch.Tensor | list[torch.Tensor]:
         """The output weight(s) the depths project with: the shared ``lm_head`` or one head per depth."""
         if self.family.head == "per_depth":
-            return [self.mtp.depth(k).head.weight for k in range(1, self.mtp.num_depths + 1)]
+            return [self.mtp.depth(k).head.weight for k in range(1, self.mtp.num_layers + 1)]
         head = self.backbone.get_output_embeddings().weight
         return head.detach() if self.mtp_config.detach_backbone else head
 
@@ -339,9 +328,17 @@ class MTPModel(nn.Module):
             init_adapters(self, self.lora.seed)
 
     # ---- MTP initialisation and checkpoints ---------------------------------------------------
-    def init_mtp_from_backbone(self) -> None:
-        for depth in self.mtp.depths:
-            self.family.init_depth_from_backbone(depth, self.backbone)
+    def init_mtp_from_backbone(self, depths: list[int] | None = None) -> None:
+        """``mtp.init=from_scratch`` (every depth) or ``extend`` (the new ``depths``): each MTP block starts as a
+        copy of the backbone block the family names (:meth:`Family.donor_block`), compared and copied by its
+        checkpoint names (a LoRA-adapted donor or block by its base weights). Fusion and norms keep the family's
+        fresh initialisation (norms at identity, ``eh_proj`` random)."""
+        layers = self.family.backbone_blocks(self.backbone)
+        for index in range(len(self.mtp.depths)) if depths is None else depths:
+            for block in self.mtp.depths[index].blocks:
+                donor = self.family.donor_block(block, self.backbone)
+                if donor is not None:
+                    _copy_block(block, donor, f"{self.family.block_kind(block)}", layers.index(donor))
 
     def keymap(self) -> KeyMap:
         pairs = [
@@ -355,43 +352,9 @@ class MTPModel(nn.Module):
         """The state dict under the names of a model without LoRA (adapters left out): what checkpoints hold."""
         return checkpoint_names(self.state_dict(keep_vars=keep_vars))
 
-    def tied_keys(self) -> set[str]:
-        """Checkpoint keys that alias an earlier tensor (e.g. a tied ``lm_head``); never saved twice."""
-        seen: set[int] = set()
-        tied = set()
-        for key, tensor in self.checkpoint_state(keep_vars=True).items():
-            if id(tensor) in seen:  # tied weights are one Parameter object, sharded or not
-                tied.add(key)
-            seen.add(id(tensor))
-        return tied
-
     def export_config(self) -> dict[str, Any]:
         """config.json for the export: the source's own JSON (unknown fields kept) + current MTP fields."""
-        raw = copy.deepcopy(self.source_config) if self.source_config else json.loads(self.config.to_json_string())
-        section = raw.get("text_config", raw) if self.text_config is not self.config else raw
-        self.family.write_export_fields(section, self.mtp_config)
-        if self.source_config is None:  # a model built from scratch: say which class to load it with
-            raw.setdefault("architectures", [type(self.backbone).__name__])
-        return raw
-
-    def export_source(self) -> dict[str, Any]:
-        """What an export takes from the loaded checkpoint, as JSON: kept in resume checkpoints, so a resume
-        never reads the source's tensor files (on-disk dtypes, layout prefix, passthrough tensors' files)."""
-        layout = getattr(self, "checkpoint_layout", None) or CheckpointLayout()
-        return {
-            "disk_dtypes": {k: str(v).removeprefix("torch.") for k, v in self.disk_dtypes.items()},
-            "prefix": layout.prefix,
-            "passthrough": {k: str(f) for k, f in layout.passthrough.items()},
-            "dequantized": self.dequantized,
-        }
-
-    def restore_export_source(self, source: dict[str, Any]) -> None:
-        """The inverse of :meth:`export_source`."""
-        self.disk_dtypes = {k: getattr(torch, v) for k, v in source["disk_dtypes"].items()}
-        self.checkpoint_layout = CheckpointLayout(
-            source["prefix"], {k: Path(f) for k, f in source["passthrough"].items()}
-        )
-        self.dequantized = source["dequantized"]
+        return export_config(self)
 
     def serving_limits(self) -> list[str]:
         """One line per serving engine that cannot draft with this model's MTP layout (docs/serving.md)."""
@@ -405,39 +368,30 @@ class MTPModel(nn.Module):
         max_shard_size: int = 5 * 1024**3,
         writer: bool = True,
     ) -> Path:
-        """Write a Hugging Face checkpoint with the MTP tensors in the layout serving engines load.
+        """Write a Hugging Face checkpoint with the MTP tensors in the layout serving engines load
+        (:func:`mtp_recipes.model_checkpoint.save_checkpoint`). Under FSDP2 every rank calls this; only
+        ``writer`` writes."""
+        return save_checkpoint(self, save_directory, tokenizer=tokenizer, max_shard_size=max_shard_size, writer=writer)
 
-        Under FSDP2 every rank calls this (each tensor is gathered collectively); only ``writer`` writes.
-        With LoRA the adapters are merged into their weights (``lora.export=merged``: the same files and names
-        as without LoRA), or ``lora.export=adapter`` writes peft's adapter files for the backbone
-        (``adapter_model.safetensors``, ``adapter_config.json``) and the MTP tensors, merged, in
-        ``mtp.safetensors`` under their checkpoint names.
-        """
-        if writer:
-            for limit in self.serving_limits():
-                logger.warning("export to %s: %s", save_directory, limit)
-            if self.dequantized:
-                logger.info("export to %s: FP8 source weights are written in BF16, not re-quantised", save_directory)
-        adapter = self.lora is not None and self.lora.export == "adapter"
-        extra = None
-        if adapter:
-            tensors = gather_adapter(self, writer, gather_full)  # collective
-            base = str(self.source_dir) if self.source_dir is not None else None
-            extra = adapter_writer(self.lora, tensors, self.lora_targets, base) if writer else None
-        return save_model_state(
-            self,
-            save_directory,
-            config_dict=None if adapter else self.export_config(),
-            disk_dtypes=self.disk_dtypes,
-            default_dtype=_as_dtype(getattr(self.config, "dtype", None)),
-            copy_files_from=None if adapter else self.source_dir,
-            max_shard_bytes=max_shard_size,
-            tokenizer=tokenizer,
-            writer=writer,
-            select=self.keymap().is_mtp if adapter else None,
-            stem=MTP_STEM if adapter else "model",
-            extra_files=extra,
+
+def _copy_block(block: nn.Module, donor: nn.Module, kind: str, donor_index: int) -> None:
+    """Copy ``donor``'s weights into ``block`` by checkpoint names; one ConfigError line when they differ."""
+    ours, theirs = checkpoint_names(block.state_dict()), checkpoint_names(donor.state_dict())
+    bad = [
+        f"{name} {tuple(t.shape)} vs {tuple(theirs[name].shape) if name in theirs else 'none'}"
+        for name, t in ours.items()
+        if name not in theirs or t.shape != theirs[name].shape
+    ]
+    if bad:
+        raise ConfigError(
+            f"mtp.init=from_scratch: the MTP {kind} block cannot start from backbone block {donor_index}, whose "
+            f"tensors differ ({', '.join(bad[:4])}{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}); make the "
+            "MTP depth's config match the backbone's, or load MTP tensors from a checkpoint (mtp.init=from_checkpoint "
+            "or extend)"
         )
+    with torch.no_grad():
+        for name, t in ours.items():
+            t.copy_(theirs[name])
 
 
 def _count(labels: torch.Tensor) -> int:

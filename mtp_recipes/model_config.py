@@ -12,7 +12,7 @@ from transformers import CONFIG_MAPPING, PretrainedConfig
 from mtp_recipes import hf_compat
 from mtp_recipes.checkpoint.hf import read_config_dict
 from mtp_recipes.errors import ConfigError
-from mtp_recipes.families.base import Family, get_family, registered_model_types
+from mtp_recipes.families import Family, get_family, registered_model_types
 from mtp_recipes.mtp.config import MTPConfig
 
 

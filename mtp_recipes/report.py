@@ -1,7 +1,7 @@
 """``python -m mtp_recipes.report MULTIRUN_DIR``: compare the jobs of a sweep, whatever field it swept.
 
 For every job directory of a Hydra multirun (``<n>_<overrides>/``) that finished its ``final/`` export, the
-export is evaluated (:mod:`mtp_recipes.evaluation`, with the job's own config and ``mtp.init=from_checkpoint``)
+export is evaluated (:mod:`mtp_recipes.measure_acceptance`, with the job's own config and ``mtp.init=from_checkpoint``)
 unless the job already holds an ``eval.json``. Then ``MULTIRUN_DIR`` gets
 
 * ``summary.csv`` and ``summary.md``: one row per job: its overrides (one column per overridden field), the
@@ -54,7 +54,7 @@ def evaluate_job(job: Path) -> dict[str, Any] | None:
     if not (job / "final").is_dir() or not (job / "config.yaml").exists():
         return None
     from mtp_recipes.config import to_schema
-    from mtp_recipes.evaluation import VerificationError, evaluate  # torch loads here
+    from mtp_recipes.measure_acceptance import VerificationError, evaluate  # torch loads here
 
     cfg = OmegaConf.load(job / "config.yaml")
     cfg.model.path = str(job / "final")

@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from mtp_recipes.config import to_schema
+from mtp_recipes.config import CONFIG_DIR, to_schema
 from mtp_recipes.data import load_tokenizer
 from mtp_recipes.data.heldout import load_documents
 from mtp_recipes.errors import ConfigError
-from mtp_recipes.evaluation import evaluate, heldout_prompts, load_model, summary_line
-from mtp_recipes.finetune import CONFIG_DIR
+from mtp_recipes.measure_acceptance import evaluate, heldout_prompts, load_model, summary_line
 
 TINY = ["eval.num_prompts=2", "eval.max_new_tokens=12", "eval.prompt_tokens=16", "trainer.progress_bar=false"]
 
@@ -33,7 +32,7 @@ def test_record_of_a_two_depth_model(tmp_path):
     cfg = schema("mtp.num_layers=2", "eval.temperature=0.8", "eval.verify=true", "eval.verify_prompts=1")
     record = evaluate(cfg, tmp_path / "eval.json")
     assert json.loads((tmp_path / "eval.json").read_text()) == record
-    assert record["prompts"] == 2 and record["num_depths"] == 2
+    assert record["prompts"] == 2 and record["num_layers"] == 2
     assert 0 < record["generated_tokens"] <= 2 * 12
     assert [r["num_drafts"] for r in record["per_num_drafts"]] == [1, 2]
     for r in record["per_num_drafts"]:

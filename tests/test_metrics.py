@@ -69,7 +69,7 @@ def test_moe_model_counts_top_k_of_the_routed_experts():
 def test_mtp_model_adds_its_depths_and_one_head_gemm_per_depth():
     model = MTPModel.from_config(debug_model_config("nemotron_h_debug"))
     cfg = model.text_config
-    assert model.mtp.num_depths == 1 and model.family.head == "shared"
+    assert model.mtp.num_layers == 1 and model.family.head == "shared"
     depth = model.mtp.depth(1)
     depth_active = 0.0
     for name, p in depth.named_parameters():

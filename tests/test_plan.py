@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 
 from mtp_recipes.config import to_schema
 from mtp_recipes.errors import ConfigError
+from mtp_recipes.memory_plan import GIB, memory_plan, refuse_unfitting
 from mtp_recipes.model import MTPModel
-from mtp_recipes.plan import GIB, main, memory_plan, refuse_unfitting
+from mtp_recipes.plan import main
 from tests.helpers import debug_model_config
 from tests.recipes.test_finetune import composed
 
@@ -87,9 +88,9 @@ def test_expert_parallel_gathers_only_the_local_experts():
             plain.optimizer,
         )  # expert weights are still sharded over all 4 ranks of the shard group (ep x expert-FSDP)
     assert memory_plan(with_ep(config(), 2), 4).gathered < plain.gathered
-    with pytest.raises(ConfigError, match="trainer.ep=3 must be >= 1 and divide the shard group of 4 ranks"):
+    with pytest.raises(ConfigError, match=r"trainer.ep=3 does not divide the 4 ranks of a replica \(4 ranks / trainer"):
         memory_plan(with_ep(config(), 3), 4)
-    with pytest.raises(ConfigError, match="divide the shard group of 2 ranks"):
+    with pytest.raises(ConfigError, match=r"trainer.ep=4 does not divide the 2 ranks of a replica \(4 ranks / trainer"):
         memory_plan(with_ep(config("trainer.dp_replicate=2"), 4), 4)
 
 

@@ -16,10 +16,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from mtp_recipes.acceptance import greedy_generate
+from mtp_recipes.config import CONFIG_DIR
 from mtp_recipes.data import load_tokenizer
 from mtp_recipes.errors import ConfigError, ServerError
-from mtp_recipes.evaluation import load_model, stop_token_ids
-from mtp_recipes.finetune import CONFIG_DIR
+from mtp_recipes.measure_acceptance import load_model, stop_token_ids
 from mtp_recipes.model import MTPModel
 from mtp_recipes.regenerate import completed_rows, completions_endpoint, regenerate, resolve_backend, split_config
 

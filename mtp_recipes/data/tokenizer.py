@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from ..errors import DataError
+from ..checkpoint.hf import resolve_model_dir
+from ..errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -52,3 +54,21 @@ def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False) ->
         logger.info("tokenizer %s has no pad token; using eos %r", name_or_path, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def tokenizer_location(model: Any) -> str:
+    """The tokenizer of a run's ``model`` section: ``model.tokenizer``, else the checkpoint's own directory."""
+    if model.tokenizer is None:
+        if model.path is None:
+            raise ConfigError("model.tokenizer is required for a model built from scratch (e.g. builtin:debug)")
+        return str(resolve_model_dir(model.path))
+    return tokenizer_dir(model.tokenizer)
+
+
+def check_vocab(tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> None:
+    """One ConfigError line when the tokenizer has ids the model's embedding has no row for."""
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}; "
+            "use the checkpoint's own tokenizer (model.tokenizer=null) or a larger vocab_size"
+        )

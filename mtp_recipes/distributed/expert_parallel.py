@@ -21,7 +21,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from mtp_recipes import hf_compat
-from mtp_recipes.distributed.parallelize import shardable_blocks
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.model import MTPModel
 
@@ -43,7 +42,7 @@ def apply_expert_parallel(model: MTPModel, ep_mesh: DeviceMesh) -> list[nn.Modul
 
     Returns the experts modules, which FSDP then shards on their own mesh (:func:`apply_fsdp`).
     """
-    modules = [m for block in shardable_blocks(model) for m in model.family.expert_modules(block)]
+    modules = [m for block in model.blocks() for m in model.family.expert_modules(block)]
     if not modules:
         raise ConfigError(f"trainer.ep={ep_mesh.size()} but the model has no routed experts to split; set trainer.ep=1")
     shard_experts(modules, ep_mesh)

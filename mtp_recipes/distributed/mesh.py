@@ -1,14 +1,11 @@
 """The process group and device mesh, set up from torchrun's environment.
 
-The mesh has one data-parallel dimension ``("dp",)`` (FSDP over every rank) or, with
-``trainer.dp_replicate = R > 1``, two: ``("dp_replicate", "dp_shard")`` of shape ``(R, N / R)``, which
-FSDP2 turns into HSDP (each replica sharded within, gradients all-reduced across replicas).
-
-With ``trainer.ep = E > 1`` (expert parallelism) a second mesh ``("dp_replicate", "efsdp", "ep")`` of shape
-``(R, N / R / E, E)`` lays the same ranks out for the routed experts: each ``ep`` group (E consecutive ranks
-of one dp_shard group) splits the experts, and FSDP shards each rank's experts over ``efsdp`` (and
-replicates them over ``dp_replicate``). Every rank still trains on its own batch: EP changes where expert
-weights live and where tokens are computed, not the data parallelism.
+The meshes come from :class:`~mtp_recipes.distributed.parallel_dims.ParallelDims`: one data-parallel dimension
+``("dp",)`` (FSDP over every rank) or, with ``trainer.dp_replicate = R > 1``, ``("dp_replicate", "dp_shard")``
+of shape ``(R, N / R)``, which FSDP2 turns into HSDP (each replica sharded within, gradients all-reduced across
+replicas). With ``trainer.ep = E > 1`` (expert parallelism) a second mesh ``("dp_replicate", "efsdp", "ep")`` of
+shape ``(R, N / R / E, E)`` lays the same ranks out for the routed experts. Every rank still trains on its own
+batch: EP changes where expert weights live and where tokens are computed, not the data parallelism.
 
 ``python -m mtp_recipes.finetune`` (one process) and ``torchrun --nproc_per_node N -m
 mtp_recipes.finetune`` (N processes) run the same code: without torchrun's variables the world has
@@ -22,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
+from mtp_recipes.distributed.parallel_dims import ParallelDims
 from mtp_recipes.errors import ConfigError
 
 
@@ -53,15 +51,7 @@ class World:
 
 def init_world(device: str = "auto", dp_replicate: int = 1, ep: int = 1) -> World:
     """Join the process group torchrun describes (gloo on CPU, nccl on GPU), or stay a single process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size % dp_replicate:
-        raise ConfigError(f"trainer.dp_replicate={dp_replicate} does not divide the {world_size} ranks")
-    shard = world_size // dp_replicate
-    if shard % ep:
-        raise ConfigError(
-            f"trainer.ep={ep} does not divide the {shard} ranks of a replica ({world_size} ranks / "
-            f"trainer.dp_replicate={dp_replicate}): expert-parallel groups lie within one replica"
-        )
+    dims = ParallelDims(int(os.environ.get("WORLD_SIZE", "1")), dp_replicate, ep)
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -71,21 +61,14 @@ def init_world(device: str = "auto", dp_replicate: int = 1, ep: int = 1) -> Worl
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    if world_size == 1:
+    if dims.world_size == 1:
         return World(0, 1, dev, None)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-    if dp_replicate > 1:
-        shape, names = (dp_replicate, world_size // dp_replicate), ("dp_replicate", "dp_shard")
-    else:
-        shape, names = (world_size,), ("dp",)
-    mesh = init_device_mesh(dev.type, shape, mesh_dim_names=names)
+    mesh = dims.mesh(dev.type)
     if ep == 1:
-        return World(dist.get_rank(), world_size, dev, mesh)
-    names = ("dp_replicate", "efsdp", "ep")
-    experts = init_device_mesh(dev.type, (dp_replicate, shard // ep, ep), mesh_dim_names=names)
-    expert_dp = experts["dp_replicate", "efsdp"] if dp_replicate > 1 else experts["efsdp"]
-    return World(dist.get_rank(), world_size, dev, mesh, experts["ep"], expert_dp)
+        return World(dist.get_rank(), dims.world_size, dev, mesh)
+    return World(dist.get_rank(), dims.world_size, dev, mesh, *dims.expert_meshes(dev.type))
 
 
 def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:

@@ -9,25 +9,47 @@ functions that take a model and a mesh, as in torchtitan.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from functools import partial
 
 import torch
-import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-from mtp_recipes.hf_compat import enable_block_checkpointing, swap_class
+from mtp_recipes.distributed.expert_parallel import apply_expert_parallel
+from mtp_recipes.distributed.mesh import World
+from mtp_recipes.hf_compat import enable_block_checkpointing
 from mtp_recipes.model import MTPModel
 
+log = logging.getLogger("mtp_recipes")
 
-def shardable_blocks(model: MTPModel) -> list[nn.Module]:
-    """The units sharded (and optionally checkpointed / compiled) one by one: backbone and MTP blocks."""
-    return [*model.family.backbone_blocks(model.backbone), *(b for d in model.mtp.depths for b in d.blocks)]
+
+def parallelize(model: MTPModel, world: World, trainer: DictConfig, compute_dtype: torch.dtype | None) -> None:
+    """What ``trainer.*`` asks of ``model`` on ``world``: activation checkpointing, per-block compile, then under
+    torchrun expert parallelism and FSDP2 over the data-parallel mesh (``compute_dtype`` gathered)."""
+    if trainer.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if trainer.compile:
+        apply_compile(model)
+    if not world.distributed:
+        return
+    experts = apply_expert_parallel(model, world.ep_mesh) if world.ep_mesh is not None else []
+    if experts:
+        rows = next(experts[0].parameters()).shape[0]
+        log.info(
+            "expert parallelism: ep=%d, %d MoE layers, %d of %d experts per rank and layer",
+            world.ep_mesh.size(),
+            len(experts),
+            rows // world.ep_mesh.size(),
+            rows,
+        )
+    apply_fsdp(model, world.mesh, param_dtype=compute_dtype, experts=experts, expert_mesh=world.expert_mesh)
 
 
 def apply_activation_checkpointing(model: MTPModel) -> None:
@@ -37,13 +59,13 @@ def apply_activation_checkpointing(model: MTPModel) -> None:
     change.
     """
     func = partial(checkpoint, use_reentrant=False)
-    for block in shardable_blocks(model):
+    for block in model.blocks():
         enable_block_checkpointing(block, func)
 
 
 def apply_compile(model: MTPModel) -> None:
     """``torch.compile`` each block in place (GPU); keys and module structure stay the same."""
-    for block in shardable_blocks(model):
+    for block in model.blocks():
         block.compile()
 
 
@@ -57,8 +79,8 @@ def apply_fsdp(
 ) -> MTPModel:
     """Shard ``model`` over ``mesh`` with FSDP2.
 
-    ``param_dtype`` (bf16 on GPU) is the compute dtype of the gathered parameters and of buffers used as
-    ``nn.Linear`` weights (:func:`weight_buffers_follow_compute_dtype`); gradients are reduced in float32.
+    ``param_dtype`` (bf16 on GPU) is the compute dtype of the gathered parameters; gradients are reduced in
+    float32.
     Every rank divides its loss by the *global* target counts, so gradients are summed over ranks, not
     averaged. ``experts`` (already split over an ``ep`` group, :func:`apply_expert_parallel`) are sharded
     on their own, over ``expert_mesh``: their gradients are summed over the ranks holding the same experts
@@ -66,11 +88,9 @@ def apply_fsdp(
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     extra = {"mp_policy": mp} if mp else {}
-    if mp:
-        weight_buffers_follow_compute_dtype(model)
     for module in experts:
         fully_shard(module, mesh=expert_mesh, **extra)
-    for block in shardable_blocks(model):
+    for block in model.blocks():
         fully_shard(block, mesh=mesh, **extra)
     fully_shard(model, mesh=mesh, reshard_after_forward=False, **extra)
     for module in model.modules():
@@ -114,28 +134,3 @@ def _copies(grad: torch.Tensor) -> int:
         return 1
     mesh = grad.device_mesh
     return math.prod(mesh.size(i) for i, p in enumerate(grad.placements) if p.is_replicate())
-
-
-class InputDtypeLinear(nn.Linear):
-    """``nn.Linear`` that computes in its input's dtype, for a weight held as a buffer (never cast by FSDP2)."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(input.dtype)
-        return F.linear(input, self.weight.to(input.dtype), bias)
-
-
-def weight_buffers_follow_compute_dtype(model: nn.Module) -> None:
-    """Make every ``nn.Linear`` whose weight is a floating buffer compute in the activations' dtype.
-
-    FSDP2's mixed-precision policy casts parameters only; a frozen weight kept as a buffer (MiniMax-M3's
-    indexers) would stay float32 and meet bf16 activations in its matmul. Cast at use, as autocast does in
-    a one-process run, the stored buffer keeps its dtype and values, so checkpoints stay bit-exact. Other
-    buffers (rotary frequencies, router biases) are untouched: their consumers compute in float32 on purpose.
-    """
-    for module in model.modules():
-        if (
-            type(module) is nn.Linear
-            and not isinstance(module.weight, nn.Parameter)
-            and module.weight.is_floating_point()
-        ):
-            swap_class(module, InputDtypeLinear)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.metadata
 import inspect
 import re
 from abc import ABC, abstractmethod
@@ -18,14 +17,10 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
-from packaging.version import Version
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.masking_utils import create_causal_mask
 
 from mtp_recipes import hf_compat
-from mtp_recipes.errors import ConfigError
-from mtp_recipes.lora import checkpoint_names
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.stack import BlockRunner, MTPDepth, PassesOn
 
@@ -109,7 +104,7 @@ class Family(ABC):
         """
         decoder = backbone.get_decoder()
         mask = packed_mask(decoder.config, hidden, position_ids)
-        rotary = decoder.rotary_emb(hidden, position_ids)
+        rotary = hf_compat.rotary_embedding(decoder)(hidden, position_ids)
 
         def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return block(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary)
@@ -141,7 +136,7 @@ class Family(ABC):
 
     def final_norm(self, backbone: PreTrainedModel) -> nn.Module:
         """The backbone's final norm (read when ``h0 == "pre_norm"``)."""
-        return backbone.get_decoder().norm
+        return hf_compat.final_norm(backbone.get_decoder())
 
     def describe_backend(self, device: torch.device) -> str | None:
         """One line naming the family's own kernels chosen for ``device`` and why (``None``: nothing to say).
@@ -169,6 +164,11 @@ class Family(ABC):
     def backbone_blocks(self, backbone: PreTrainedModel) -> list[nn.Module]:
         return list(backbone.get_decoder().layers)
 
+    def attention_widths(self, module: nn.Module) -> tuple[int, int] | None:
+        """``(query width, value width)`` of an attention module, whose score FLOPs grow with the sequence length
+        (MFU counts them); ``None`` for any other module."""
+        return projection_widths(module)
+
     def expert_modules(self, block: nn.Module) -> list[nn.Module]:
         """The modules of ``block`` that hold its routed experts (expert parallelism splits their rows).
 
@@ -178,34 +178,11 @@ class Family(ABC):
         """
         return transformers_experts(block)
 
-    def init_depth_from_backbone(self, depth: MTPDepth, backbone: PreTrainedModel) -> None:
-        """``mtp.init=from_scratch``: start each block from the last backbone block of its kind, if any.
-
-        The fusion and norms keep the family's fresh initialisation (norms at identity, ``eh_proj`` random).
-        """
-        layers = self.backbone_blocks(backbone)
-        for block in depth.blocks:
-            kind = self.block_kind(block)
-            donor = next((b for b in reversed(layers) if self.block_kind(b) == kind), None)
-            if donor is None:
-                continue
-            # checkpoint names: a LoRA-adapted donor or block is compared and copied by its base weights
-            ours, theirs = checkpoint_names(block.state_dict()), checkpoint_names(donor.state_dict())
-            bad = [
-                f"{name} {tuple(t.shape)} vs {tuple(theirs[name].shape) if name in theirs else 'none'}"
-                for name, t in ours.items()
-                if name not in theirs or t.shape != theirs[name].shape
-            ]
-            if bad:
-                raise ConfigError(
-                    f"mtp.init=from_scratch: the MTP {kind} block cannot start from backbone block "
-                    f"{layers.index(donor)}, whose tensors differ ({', '.join(bad[:4])}"
-                    f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}); make the MTP depth's config match "
-                    "the backbone's, or load MTP tensors from a checkpoint (mtp.init=from_checkpoint or extend)"
-                )
-            with torch.no_grad():
-                for name, t in ours.items():
-                    t.copy_(theirs[name])
+    def donor_block(self, block: nn.Module, backbone: PreTrainedModel) -> nn.Module | None:
+        """``mtp.init=from_scratch`` (and ``extend``'s new depths): the backbone block an MTP block starts from,
+        the last one of its kind, or ``None`` (the block keeps its fresh initialisation)."""
+        kind = self.block_kind(block)
+        return next((b for b in reversed(self.backbone_blocks(backbone)) if self.block_kind(b) == kind), None)
 
     # ---- checkpoint keys ----------------------------------------------------------------------
     @abstractmethod
@@ -219,6 +196,23 @@ class Family(ABC):
     def tied_export_copies(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> dict[str, str]:
         """Extra HF tensors written on export as copies of backbone tensors: ``{hf_name: backbone_key}``."""
         return {}
+
+    def expert_index(self, disk_key: str) -> int | None:
+        """The routed expert an on-disk tensor holds (``...experts.{e}...``), or ``None`` for any other tensor;
+        a sharded load reads only its own experts' tensors."""
+        match = _EXPERT_KEY.search(disk_key)
+        return int(match.group(1)) if match else None
+
+
+_EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.")
+
+
+def projection_widths(module: nn.Module, query: str = "q_proj") -> tuple[int, int] | None:
+    """``(query.out_features, o_proj.in_features)`` of a module holding both linear layers, else ``None``."""
+    q, o = getattr(module, query, None), getattr(module, "o_proj", None)
+    if isinstance(q, nn.Linear) and isinstance(o, nn.Linear):
+        return q.out_features, o.in_features
+    return None
 
 
 def transformers_experts(root: nn.Module) -> list[nn.Module]:
@@ -237,17 +231,13 @@ def transformers_experts(root: nn.Module) -> list[nn.Module]:
     return [m for m in root.modules() if holds_experts(m)]
 
 
-def packed_mask(
-    config: PretrainedConfig,
-    hidden: torch.Tensor,
-    position_ids: torch.Tensor,
-    mask_fn: Callable[..., Any] = create_causal_mask,
-) -> Any:
+def packed_mask(config: PretrainedConfig, hidden: torch.Tensor, position_ids: torch.Tensor, kind: str = "full") -> Any:
     """The attention mask a transformers decoder builds for a packed row during training.
 
     With no 2D mask and no cache, transformers derives a block-diagonal mask from ``position_ids``
-    that restart at 0 per document (sliding windows included when ``mask_fn`` is the sliding one).
+    that restart at 0 per document (sliding windows included for ``kind="sliding"``).
     """
+    mask_fn = hf_compat.mask_function(kind)
     return mask_fn(
         config=config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids, **_no_cache(mask_fn)
     )
@@ -289,39 +279,11 @@ def ignore_trailing_layers(backbone: PreTrainedModel, num_hidden_layers: int, pr
     hf_compat.ignore_unexpected_keys(backbone, pattern)
 
 
-_REGISTRY: dict[str, Family] = {}
+REGISTRY: dict[str, Family] = {}
 
 
 def register(family: Family) -> Family:
+    """Serve each of ``family.model_types`` with ``family`` (:func:`mtp_recipes.families.get_family` finds it)."""
     for model_type in family.model_types:
-        _REGISTRY[model_type] = family
+        REGISTRY[model_type] = family
     return family
-
-
-def registered_model_types() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get_family(model_type: str) -> Family:
-    """The family serving ``model_type``; a clear error lists the supported ones."""
-    import mtp_recipes.families  # noqa: F401  (registers the built-in families)
-
-    try:
-        family = _REGISTRY[model_type]
-    except KeyError:
-        raise ConfigError(
-            f"unknown model family '{model_type}': supported model_type values are "
-            f"{registered_model_types()} (set model.config.model_type or use a checkpoint of one of them)"
-        ) from None
-    installed = _transformers_version()
-    if family.min_transformers is not None and installed < Version(family.min_transformers):
-        raise ConfigError(
-            f"{family.name} ({model_type}) needs transformers>={family.min_transformers}, but {installed} is "
-            f"installed: pip install 'transformers>={family.min_transformers}'"
-        )
-    return family
-
-
-@functools.cache
-def _transformers_version() -> Version:
-    return Version(importlib.metadata.version("transformers"))

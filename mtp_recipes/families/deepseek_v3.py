@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
@@ -27,6 +28,7 @@ from mtp_recipes.families.base import (
     KeyPrefixes,
     ignore_trailing_layers,
     num_nextn_layers,
+    projection_widths,
     register,
     sub_config,
 )
@@ -70,6 +72,10 @@ class DeepseekV3(Family):
         pairs = [(f"{n}.", f"{layer}{n}.") for n in ("enorm", "hnorm", "eh_proj")]
         pairs += [("blocks.0.", layer), ("final_norm.", f"{layer}shared_head.norm.")]
         return pairs
+
+    def attention_widths(self, module: nn.Module) -> tuple[int, int] | None:
+        # MLA: the query comes out of q_b_proj (the low-rank path), or q_proj when q_lora_rank is null.
+        return projection_widths(module, "q_b_proj") or projection_widths(module)
 
     def tied_export_copies(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> dict[str, str]:
         copies = {}

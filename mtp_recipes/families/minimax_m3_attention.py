@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
 
+from mtp_recipes.document_layout import document_ids, position_in_document, seq_idx_from_position_ids
 from mtp_recipes.hf_compat import attention_implementation, passed_cache, swap_class
-from mtp_recipes.packed import document_ids, position_in_document, seq_idx_from_position_ids
 
 
 @torch.no_grad()

@@ -18,8 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.masking_utils import create_sliding_window_causal_mask
-from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.step3p7 import Step3p7TextConfig
 from transformers.models.step3p7 import modeling_step3p7 as hf
 
@@ -43,7 +41,6 @@ class Step3p5TextForCausalLM(hf.Step3p7PreTrainedModel, GenerationMixin):
 
     config: Step3p7TextConfig
     input_modalities = ("text",)
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: Step3p7TextConfig) -> None:
         super().__init__(config)
@@ -51,16 +48,16 @@ class Step3p5TextForCausalLM(hf.Step3p7PreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(
-        self, input_ids: torch.Tensor | None = None, logits_to_keep: int = 0, **kwargs: Any
-    ) -> CausalLMOutputWithPast:
+    def forward(self, input_ids: torch.Tensor | None = None, logits_to_keep: int = 0, **kwargs: Any) -> Any:
         """The text model, then ``lm_head`` on the last ``logits_to_keep`` positions (0: all), as ``generate`` needs."""
         outputs = self.model(input_ids=input_ids, **kwargs)
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        carried = {k: v for k, v in outputs.items() if k in CausalLMOutputWithPast.__dataclass_fields__}
-        return CausalLMOutputWithPast(logits=self.lm_head(hidden), **carried)
+        return hf_compat.causal_lm_output(self.lm_head(hidden), outputs)
+
+
+hf_compat.declare_tied_weights(Step3p5TextForCausalLM, {"lm_head.weight": "model.embed_tokens.weight"})
 
 
 def _text_conversions() -> list:
@@ -187,9 +184,10 @@ class Step3p5(Family):
     ) -> BlockRunner:
         # The masks and per-type (cos, sin) Step3p7TextModel.forward builds, for the unrolled positions.
         decoder = backbone.get_decoder()
+        backbone_rotary = hf_compat.rotary_embedding(decoder)
         masks = {
             "full_attention": packed_mask(backbone.config, hidden, position_ids),
-            "sliding_attention": packed_mask(backbone.config, hidden, position_ids, create_sliding_window_causal_mask),
+            "sliding_attention": packed_mask(backbone.config, hidden, position_ids, "sliding"),
         }
         rotary: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -199,9 +197,9 @@ class Step3p5(Family):
             params = cfg.rope_parameters.get(kind) or {}
             key = (kind, json.dumps(params, sort_keys=True, default=str))
             if key not in rotary:
-                backbone_kinds = hf_compat.rotary_layer_types(decoder.rotary_emb)
+                backbone_kinds = hf_compat.rotary_layer_types(backbone_rotary)
                 if params == decoder.config.rope_parameters.get(kind) and kind in backbone_kinds:
-                    rotary[key] = hf_compat.rotary_cos_sin(decoder.rotary_emb, hidden, position_ids, kind)
+                    rotary[key] = hf_compat.rotary_cos_sin(backbone_rotary, hidden, position_ids, kind)
                 elif params.get("rope_theta") is None:
                     raise ConfigError(
                         f"MTP layer type {kind!r} has no rope parameters: the backbone has only "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtp_recipes.packed import document_ids
+from mtp_recipes.document_layout import document_ids
 
 
 def _shifted_valid(like: Tensor, k: int, seq_idx: Tensor | None) -> Tensor:
@@ -52,7 +52,7 @@ def roll_targets(labels: Tensor, k: int, seq_idx: Tensor | None = None, ignore_i
 
 
 def count_depth_targets(
-    labels: Tensor, num_depths: int, seq_idx: Tensor | None = None, ignore_index: int = -100
+    labels: Tensor, num_layers: int, seq_idx: Tensor | None = None, ignore_index: int = -100
 ) -> Tensor:
     """Valid-target counts ``[main, depth 1, ..., depth D]`` as one int64 tensor of length D+1.
 
@@ -60,7 +60,7 @@ def count_depth_targets(
     ``counts[0]`` as ``num_label_tokens`` and ``counts[1:]`` as ``num_depth_tokens`` for an exact
     global mean (spec §3, ``depth_tokens``).
     """
-    if num_depths < 0:
-        raise ValueError(f"num_depths must be >= 0, got {num_depths}")
-    counts = [(roll_targets(labels, k, seq_idx, ignore_index) != ignore_index).sum() for k in range(num_depths + 1)]
+    if num_layers < 0:
+        raise ValueError(f"num_layers must be >= 0, got {num_layers}")
+    counts = [(roll_targets(labels, k, seq_idx, ignore_index) != ignore_index).sum() for k in range(num_layers + 1)]
     return torch.stack(counts).to(torch.int64)

@@ -80,7 +80,7 @@ class MTPStack(nn.Module):
         self.zero_first_embedding = zero_first_embedding
 
     @property
-    def num_depths(self) -> int:
+    def num_layers(self) -> int:
         return self.config.num_layers
 
     def depth(self, k: int) -> MTPDepth:
@@ -105,7 +105,7 @@ class MTPStack(nn.Module):
         """
         hidden = h0
         outputs: list[torch.Tensor] = []
-        for k in range(1, self.num_depths + 1):
+        for k in range(1, self.num_layers + 1):
             embeds = embed(roll_ids(input_ids, k, seq_idx))
             if k == 1 and self.zero_first_embedding and position_ids is not None:
                 embeds = embeds.masked_fill((position_ids == 0).unsqueeze(-1), 0.0)

@@ -65,8 +65,10 @@ def fp8_checkpoint(tmp_path_factory):
 def test_fp8_weights_are_dequantised_per_block_and_exported_in_bf16(fp8_checkpoint, tmp_path, caplog):
     path, references = fp8_checkpoint
     model = MTPModel.from_pretrained(path, dtype="float32")
-    assert all(model.disk_dtypes[k] == torch.bfloat16 for k in references)  # what the export will write
-    model.disk_dtypes = dict.fromkeys(model.disk_dtypes, torch.float32)  # see the float32 parameters, named as on disk
+    assert all(model.provenance.disk_dtypes[k] == torch.bfloat16 for k in references)  # what the export will write
+    model.provenance.disk_dtypes = dict.fromkeys(
+        model.provenance.disk_dtypes, torch.float32
+    )  # see the float32 parameters, named as on disk
     values = load_file(model.save_pretrained(tmp_path / "f32") / "model.safetensors")
     for name, ref in references.items():
         # fp8 (4-bit mantissa) x fp32 scale is exact in float64: one rounding to float32 either way

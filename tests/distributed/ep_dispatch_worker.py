@@ -21,7 +21,6 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from mtp_recipes.distributed.expert_parallel import shard_experts
-from mtp_recipes.distributed.parallelize import shardable_blocks
 from mtp_recipes.model import MTPModel
 from tests.helpers import debug_model_config
 
@@ -40,7 +39,7 @@ def check(spec: str, rank: int, mesh) -> None:
     dtype = getattr(torch, dtype)
     torch.manual_seed(0)
     model = MTPModel.from_config(debug_model_config(name), dtype=dtype, experts_implementation=implementation)
-    experts = [m for block in shardable_blocks(model) for m in model.family.expert_modules(block)]
+    experts = [m for block in model.blocks() for m in model.family.expert_modules(block)]
     assert experts, name
     module = experts[0]
     weights = dict(module.named_parameters(recurse=False))

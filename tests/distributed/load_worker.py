@@ -20,7 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from mtp_recipes.checkpoint import hf
+from mtp_recipes import model_checkpoint
 from mtp_recipes.checkpoint.hf import TensorReader
 from mtp_recipes.distributed.expert_parallel import apply_expert_parallel
 from mtp_recipes.distributed.mesh import init_world
@@ -68,13 +68,13 @@ def shard(model: MTPModel, world) -> None:
 def measure(path: str, world) -> dict:
     """This rank's figures for one sharded load of ``path``."""
     CountingReader.read_bytes = 0
-    hf.TensorReader = CountingReader  # what load_model_state constructs
+    model_checkpoint.TensorReader = CountingReader  # what load_checkpoint constructs
     sampler = PeakRSS()
     sampler.start()
     model = MTPModel.from_pretrained(path, shard=lambda m: shard(m, world), device="cpu")
     sampler.running = False
     sampler.join()
-    hf.TensorReader = TensorReader
+    model_checkpoint.TensorReader = TensorReader
     read = CountingReader.read_bytes
     unsharded = max(t.numel() * t.element_size() for t in model.state_dict().values() if not hasattr(t, "to_local"))
     own = sum(p.to_local().numel() * p.element_size() for p in model.parameters())

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from mtp_recipes.checkpoint.resume import latest_resume
-from mtp_recipes.finetune import CONFIG_DIR
+from mtp_recipes.config import CONFIG_DIR
 from mtp_recipes.recipe import FinetuneRecipe
 from tests.helpers import DEBUG_MODELS, launcher
 from tests.recipes.test_finetune import composed

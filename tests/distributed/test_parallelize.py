@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import mtp_recipes.distributed.parallelize as parallelize
 from mtp_recipes.model import MTPModel
@@ -60,28 +58,3 @@ def test_compiled_blocks_match_eager():
     for (n, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=n)
-
-
-def test_weight_buffers_follow_the_compute_dtype_and_keep_their_values():
-    """A Linear whose weight is a frozen buffer computes in its input's dtype (as autocast would round it);
-    the stored buffer keeps dtype and values; parameter Linears and other buffers are left alone."""
-    torch.manual_seed(0)
-    frozen, trained = nn.Linear(8, 4), nn.Linear(8, 4)
-    weight, bias = frozen.weight.detach(), frozen.bias.detach()
-    del frozen.weight, frozen.bias
-    frozen.register_buffer("weight", weight.clone())
-    frozen.register_buffer("bias", bias.clone())
-    model = nn.Sequential(frozen, trained)
-    model.register_buffer("inv_freq", torch.rand(4))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-
-    parallelize.weight_buffers_follow_compute_dtype(model)
-    x = torch.randn(3, 8).bfloat16()
-    out = frozen(x)
-    assert out.dtype == torch.bfloat16
-    assert torch.equal(out, F.linear(x, weight.bfloat16(), bias.bfloat16()))
-    assert torch.equal(frozen(x.double()), F.linear(x.double(), weight.double(), bias.double()))
-    assert type(trained) is nn.Linear and model.inv_freq.dtype == torch.float32
-    after = model.state_dict()
-    assert list(after) == list(before)
-    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())

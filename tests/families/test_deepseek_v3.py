@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
+from mtp_recipes.document_layout import position_in_document
 from mtp_recipes.errors import CheckpointError
 from mtp_recipes.model import MTPModel
-from mtp_recipes.packed import position_in_document
 from tests.helpers import debug_model_config, packed_batch, published_round_trip
 
 N = debug_model_config("deepseek_v3_debug")["num_hidden_layers"]

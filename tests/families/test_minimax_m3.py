@@ -13,9 +13,9 @@ from torch import nn
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
 from transformers.models.minimax_m3_vl.configuration_minimax_m3_vl import MiniMaxM3VLConfig
 
+from mtp_recipes.document_layout import position_in_document
 from mtp_recipes.families.minimax_m3_attention import DocumentIndexer, document_block_keep
 from mtp_recipes.model import MTPModel
-from mtp_recipes.packed import position_in_document
 from tests.helpers import debug_model_config, packed_batch, published_round_trip
 from tests.mtp.test_packed_equivalence import keep_float64  # noqa: F401  (fixture)
 
@@ -264,3 +264,26 @@ def test_mtp_forward_matches_a_plain_pytorch_reference():
         target = batch["labels"][0, k:]
         ce = F.cross_entropy((normed[0, : s - k] @ head.T), target, ignore_index=-100)
         torch.testing.assert_close(out.mtp_losses[k - 1], ce, rtol=1e-6, atol=1e-6)
+
+
+def test_frozen_indexer_projections_compute_in_the_input_dtype_and_keep_their_buffers():
+    """Indexer weights are buffers (FSDP2's mixed precision never casts them): their linear layers compute in the
+    input's dtype, as autocast would round them, while the stored buffers keep dtype and values; every other linear
+    layer is left as transformers built it."""
+    torch.manual_seed(0)
+    model = MTPModel.from_config(debug_model_config("minimax_m3_debug"))
+    indexer_linears = [m for n, m in model.named_modules() if ".indexer." in n and isinstance(m, nn.Linear)]
+    assert indexer_linears and all(not isinstance(m.weight, nn.Parameter) for m in indexer_linears)
+    assert all(
+        type(m) is nn.Linear for n, m in model.named_modules() if ".indexer." not in n and isinstance(m, nn.Linear)
+    )
+    layer = indexer_linears[0]
+    weight, bias = layer.weight.clone(), None if layer.bias is None else layer.bias.clone()
+    x = torch.randn(3, layer.in_features)
+    out = layer(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, F.linear(x.bfloat16(), weight.bfloat16(), None if bias is None else bias.bfloat16()))
+    assert torch.equal(
+        layer(x.double()), F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    )
+    assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, weight)

@@ -9,10 +9,10 @@ from safetensors.torch import load_file, save_file
 from transformers.models.step3p7 import Step3p7TextConfig
 from transformers.models.step3p7 import modeling_step3p7 as hf
 
+from mtp_recipes.document_layout import position_in_document
 from mtp_recipes.families.step3p5 import SourceLists, Step3p5, Step3p5TextForCausalLM
 from mtp_recipes.model import MTPModel
 from mtp_recipes.model_config import config_from_dict
-from mtp_recipes.packed import position_in_document
 from tests.helpers import debug_model_config, packed_batch, published_round_trip
 
 N = debug_model_config("step3p5_debug")["num_hidden_layers"]

@@ -167,7 +167,7 @@ def test_the_adapter_export_loads_with_peft_and_holds_the_merged_mtp_tensors(mod
 
     plain, adapted = adapted_pair(model, mtp="lora", export="adapter")
     base = plain.save_pretrained(tmp_path / "base")
-    adapted.source_dir = base  # as if loaded from it: adapter_config.json names it
+    adapted.provenance.source_dir = base  # as if loaded from it: adapter_config.json names it
     out = adapted.save_pretrained(tmp_path / "adapter")
     assert {p.name for p in out.iterdir()} >= {"adapter_model.safetensors", "adapter_config.json", "mtp.safetensors"}
     assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
@@ -256,7 +256,7 @@ def test_the_command_line_without_peft(tmp_path):
 
 
 def test_the_memory_plan_counts_what_lora_trains():
-    from mtp_recipes.plan import memory_plan
+    from mtp_recipes.memory_plan import memory_plan
 
     plan = memory_plan(to_schema(composed("model=minimax_m3_debug", "lora.rank=4")), 2)
     torch.manual_seed(0)

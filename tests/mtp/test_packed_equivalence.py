@@ -69,7 +69,7 @@ def model_for(name: str, attn: str = "sdpa") -> MTPModel:
 
 def sums(model: MTPModel, batch: dict[str, torch.Tensor]):
     """Losses as sums over targets (normalisers of 1), so documents add up."""
-    d = model.mtp.num_depths
+    d = model.mtp.num_layers
     return model(**batch, num_label_tokens=1, num_depth_tokens=[1] * d, return_logits=True)
 
 

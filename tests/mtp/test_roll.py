@@ -98,5 +98,5 @@ def test_errors():
         roll_targets(labels, -1)
     with pytest.raises(ValueError, match="seq_idx shape"):
         roll_ids(labels, 1, torch.zeros(2, 5, dtype=torch.int32))
-    with pytest.raises(ValueError, match="num_depths"):
+    with pytest.raises(ValueError, match="num_layers"):
         count_depth_targets(labels, -1)

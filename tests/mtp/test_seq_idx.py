@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mtp_recipes.document_layout import check_positions_match, document_ids
 from mtp_recipes.model import MTPModel
 from mtp_recipes.mtp.roll import count_depth_targets, roll_ids, roll_targets
-from mtp_recipes.packed import check_positions_match, document_ids
 from tests.helpers import DEBUG_MODELS, debug_model_config
 
 REUSED = torch.tensor([[0, 0, 0, 1, 1, 0, 0, 0]], dtype=torch.int32)  # three documents: slots 0-2, 3-4, 5-7

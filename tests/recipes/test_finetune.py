@@ -16,9 +16,8 @@ from hydra import compose, initialize_config_dir
 from safetensors import safe_open
 
 from mtp_recipes import hf_compat
-from mtp_recipes.config import to_schema
+from mtp_recipes.config import CONFIG_DIR, to_schema
 from mtp_recipes.errors import ConfigError, TrainingError
-from mtp_recipes.finetune import CONFIG_DIR
 from mtp_recipes.model import MTPModel
 from mtp_recipes.recipe import FinetuneRecipe
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import ACT2FN
 
-from mtp_recipes.packed import position_in_document
+from mtp_recipes import hf_compat
+from mtp_recipes.document_layout import position_in_document
 
 
 def causal_conv1d_varlen(
@@ -47,5 +47,5 @@ def causal_conv1d_varlen(
         if bias is not None:
             out = out + bias[:, None]
     if activation is not None:
-        out = ACT2FN[activation](out)
+        out = hf_compat.activation(activation)(out)
     return out.to(x.dtype)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mtp_recipes.packed import document_starts
+from mtp_recipes.document_layout import document_starts
 
 
 def _chunked(t: torch.Tensor, pad: int, chunk_size: int) -> torch.Tensor:

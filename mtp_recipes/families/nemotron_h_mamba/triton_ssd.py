@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mtp_recipes.document_layout import document_starts
 from mtp_recipes.families.nemotron_h_mamba.ssd import discretized_dt, skip_and_gate
-from mtp_recipes.packed import document_starts
 
 # Launch shape, chosen from sm_90 builds of these kernels (`python scripts/triton_ssd_resources.py`): at
 # N=128, bf16, 8 warps, the forward with 64-token chunks and both backward walks with 32-token chunks use no

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mtp_recipes.document_layout import position_in_document
 from mtp_recipes.families.nemotron_h_mamba import causal_conv1d_varlen
-from mtp_recipes.packed import position_in_document
 from tests.families.nemotron_h_mamba._mamba_reference import conv_reference, random_seq_idx
 
 CHANNELS, KERNEL = 6, 4

@@ -6,12 +6,12 @@ import torch.nn.functional as F
 from transformers import NemotronHConfig
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
+from mtp_recipes.document_layout import seq_idx_from_position_ids
 from mtp_recipes.families.nemotron_h_mamba import (
     BoundaryAwareMamba2Mixer,
     mamba2_mixer_forward,
     use_boundary_aware_mamba,
 )
-from mtp_recipes.packed import seq_idx_from_position_ids
 from tests.families.nemotron_h_mamba._mamba_reference import conv_reference, random_seq_idx, scan_reference
 from tests.helpers import tiny_nemotron
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
+from mtp_recipes.document_layout import seq_idx_from_position_ids
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.families.nemotron_h_mamba import kernels, ssd, use_boundary_aware_mamba
 from mtp_recipes.families.nemotron_h_mamba.triton_ssd import cu_seqlens_from_seq_idx, ssd_chunk_scan_triton, ssd_scan
-from mtp_recipes.packed import seq_idx_from_position_ids
 from tests.families.nemotron_h_mamba.test_mamba_mixer import LENGTHS, tiny_config
 
 # fp32 kernels vs float64 references: the error is fp32 rounding of sums of O(10) terms.

@@ -37,11 +37,10 @@ from mtp_recipes.acceptance import (
     greedy_walk,
     speculative_decode,
 )
-from mtp_recipes.checkpoint.hf import resolve_model_dir
 from mtp_recipes.config import model_kwargs
 from mtp_recipes.data import load_tokenizer
 from mtp_recipes.data.heldout import load_documents
-from mtp_recipes.data.tokenizer import tokenizer_dir
+from mtp_recipes.data.tokenizer import tokenizer_location
 from mtp_recipes.errors import ConfigError, DataError
 from mtp_recipes.loss import AcceptanceStats
 from mtp_recipes.model import MTPModel
@@ -110,15 +109,6 @@ def load_model(cfg: DictConfig, device: torch.device) -> MTPModel:
     return MTPModel.from_config(OmegaConf.to_container(m.config, resolve=True), **kwargs).to(device).eval()
 
 
-def tokenizer_location(cfg: DictConfig) -> str:
-    """The tokenizer directory (or Hub id) of a run: ``model.tokenizer``, else the checkpoint's own directory."""
-    if cfg.model.tokenizer is None:
-        if cfg.model.path is None:
-            raise ConfigError("model.tokenizer is required for a model built from scratch (e.g. builtin:debug)")
-        return str(resolve_model_dir(cfg.model.path))
-    return tokenizer_dir(cfg.model.tokenizer)
-
-
 def stop_token_ids(text_config: PretrainedConfig, tokenizer: Any) -> list[int]:
     """End-of-sequence ids: the tokenizer's and the model config's (an int or a list)."""
     configured = text_config.eos_token_id
@@ -164,7 +154,7 @@ class _Tally:
         held = bool(self.ce_count[0])
         return {
             "generated_tokens": self.generated,
-            "num_depths": d,
+            "num_layers": d,
             "acceptance_length": self.greedy[d].length if d else 1.0,
             "acceptance_rates": self.greedy[d].rates if d else [],
             "steps": self.greedy[d].steps if d else 0,
@@ -198,10 +188,10 @@ def evaluate(cfg: DictConfig, output: str | Path) -> dict[str, Any]:
     e = cfg.eval
     device = resolve_device(cfg.trainer.device)
     model = load_model(cfg, device)
-    tokenizer = load_tokenizer(tokenizer_location(cfg))
+    tokenizer = load_tokenizer(tokenizer_location(cfg.model))
     prompts = heldout_prompts(cfg, tokenizer)
     stop = stop_token_ids(model.text_config, tokenizer)
-    tally = _Tally(model.mtp.num_depths)
+    tally = _Tally(model.mtp.num_layers)
     checked = []
     for i, prompt in enumerate(tqdm(prompts, desc="evaluate", disable=not cfg.trainer.progress_bar)):
         t0 = time.perf_counter()
@@ -258,7 +248,7 @@ def _reference_ce(model: MTPModel, prompt: Prompt, depths: int) -> tuple[torch.T
 
 def _verify(model: MTPModel, checked: list, max_new_tokens: int, stop: list[int]) -> dict[str, Any]:
     """Run the real speculative decoding loop on the checked prompts for every draft count; raise on a mismatch."""
-    depths = model.mtp.num_depths
+    depths = model.mtp.num_layers
     lengths = {}
     for k in range(1, depths + 1):
         real_steps, walked = [], []
@@ -282,7 +272,7 @@ def _verify(model: MTPModel, checked: list, max_new_tokens: int, stop: list[int]
 
 def summary_line(record: dict[str, Any]) -> str:
     """One line: greedy acceptance with D drafts and fewer, estimates, the held-out text's numbers, speed."""
-    d = record["num_depths"]
+    d = record["num_layers"]
     fewer = "".join(f", {r['num_drafts']} drafts: {r['acceptance_length']:.3f}" for r in record["per_num_drafts"][:-1])
     rates = " ".join(f"{r:.3f}" for r in record["acceptance_rates"])
     estimate = record["teacher_forced_acceptance_length"]

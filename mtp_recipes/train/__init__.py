@@ -1,0 +1,2 @@
+"""The pieces of a training run the recipe puts together: run directory, resume policy, schedules, metrics log,
+signals."""
