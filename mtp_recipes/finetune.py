@@ -99,6 +99,8 @@ def main(cfg: DictConfig) -> None:
         schema = to_schema(cfg)
         from mtp_recipes.recipe import FinetuneRecipe  # torch and transformers load only for a valid config
 
+        if ctrl_c.pressed:  # a KeyboardInterrupt raised inside an import's callback is swallowed by Python
+            raise KeyboardInterrupt
         interrupted = FinetuneRecipe(schema, run_dir).run()
     except MTPRecipesError as e:
         _discard_if_unused(run_dir)

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtp_recipes.errors import ConfigError
+from mtp_recipes.families import get_family
 from mtp_recipes.families.base import Family, projection_widths, transformers_experts
 
 # Dense bf16 tensor-core peak (no sparsity) from the vendor datasheets, in FLOP/s. Matched as
@@ -76,8 +78,9 @@ def _attention_flops(
 def flops_per_token(model: nn.Module, seq_len: int | None = None) -> float:
     """Training FLOPs per token of ``model`` (module docstring for what counts).
 
-    ``model`` is an :class:`~mtp_recipes.model.MTPModel` or a plain transformers ``*ForCausalLM`` (whose
-    config names its routed top-k ``num_experts_per_tok``).
+    ``model`` is an :class:`~mtp_recipes.model.MTPModel` or a plain transformers ``*ForCausalLM``: of a
+    registered family, the family answers as for an MTPModel; of any other model, the routed top-k is the
+    config's ``num_experts_per_tok`` and attention modules are those with ``q_proj`` and ``o_proj``.
     With ``seq_len`` the causal attention-score FLOPs at that length are added.
     """
     mtp = getattr(model, "mtp", None)
@@ -91,7 +94,7 @@ def flops_per_token(model: nn.Module, seq_len: int | None = None) -> float:
         head_uses = [main_head, *(model.mtp_heads() if depths else [])]
     skip = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     skip |= {id(w) for w in head_uses}
-    family = model.family if mtp is not None else None
+    family = model.family if mtp is not None else _registered_family(config)
     top_k = family.routed_top_k(config) if family is not None else getattr(config, "num_experts_per_tok", None)
     active = _active_params([backbone], family, top_k, skip)
     active += sum(_active_params([depth], family, top_k, skip) for depth in depths)
@@ -102,6 +105,14 @@ def flops_per_token(model: nn.Module, seq_len: int | None = None) -> float:
             [backbone, *depths], seq_len, family.attention_widths if family else projection_widths
         )
     return flops
+
+
+def _registered_family(config: Any) -> Family | None:
+    """The family serving a plain transformers model's ``model_type``, ``None`` for any other model."""
+    try:
+        return get_family(config.model_type)
+    except ConfigError:
+        return None
 
 
 def peak_flops(device: torch.device | str | None = None) -> float | None:

@@ -3,7 +3,6 @@ settings its family reads from it, with the user's overrides."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,4 @@ def family_mtp_config(
             f"mtp.block_types={overrides['block_types']!r}: {family.name} MTP depths have one fixed layout; "
             "leave mtp.block_types null"
         )
-    text = family.text_config(hf_config)
-    mtp = family.mtp_config(text, **overrides)
-    options = family.source_options(text, source) if source is not None else {}
-    return replace(mtp, family_options={**mtp.family_options, **options}) if options else mtp
+    return family.mtp_config(family.text_config(hf_config), source, **overrides)

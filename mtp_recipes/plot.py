@@ -11,10 +11,33 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+Curve = tuple[list[int], list[float]]
+
+
+def curves(records: list[dict[str, Any]]) -> dict[str, dict[str, Curve]]:
+    """The lines the plot draws, ``{panel: {label: (steps, values)}}``: training records (``split: train``, the
+    last one per step) as lines, validation records (``split: eval``) as their own series, never mixed."""
+    train, held = {}, {}
+    for r in records:
+        (held if r.get("split") == "eval" else train)[r["step"]] = r
+    steps, rows = sorted(train), [train[s] for s in sorted(train)]
+    held_steps, held_rows = sorted(held), [held[s] for s in sorted(held)]
+    depths = sorted(int(k.rsplit("_", 1)[1]) for k in rows[0] if k.startswith("mtp_ce_"))
+    loss = {"main CE": (steps, [r["main_ce"] for r in rows])}
+    loss |= {f"MTP depth {k} CE": (steps, [r[f"mtp_ce_{k}"] for r in rows]) for k in depths}
+    accuracy = {f"depth {k} accuracy": (steps, [r[f"mtp_acc_{k}"] for r in rows]) for k in depths}
+    acceptance = {"acceptance length": (steps, [r["acceptance_length"] for r in rows])} if depths else {}
+    if held_rows:
+        loss["held-out main CE"] = (held_steps, [r["main_ce"] for r in held_rows])
+        if depths:
+            acceptance["held-out"] = (held_steps, [r["acceptance_length"] for r in held_rows])
+    return {"loss": loss, "accuracy": accuracy, "acceptance": acceptance}
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw the run's metrics into a PNG (default ``RUN_DIR/metrics.png``) and return its path."""
+    """Draw the run's metrics (:func:`curves`) into a PNG (default ``RUN_DIR/metrics.png``) and return its path."""
     try:
         import matplotlib
 
@@ -26,30 +49,20 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         raise SystemExit(f"error: {metrics} does not exist; pass a run directory of mtp_recipes.finetune")
-    records, validation = {}, {}
-    for r in map(json.loads, metrics.read_text().splitlines()):  # the last record per step and split
-        (validation if r.get("split") == "eval" else records)[r["step"]] = r
-    steps = sorted(records)
-    rows = [records[s] for s in steps]
-    held = [validation[s] for s in sorted(validation)]
-    depths = sorted(int(k.rsplit("_", 1)[1]) for k in rows[0] if k.startswith("mtp_ce_"))
+    lines = curves([json.loads(line) for line in metrics.read_text().splitlines()])
 
     fig, (losses, speed) = plt.subplots(1, 2, figsize=(11, 4))
-    losses.plot(steps, [r["main_ce"] for r in rows], label="main CE")
-    if held:
-        losses.plot([r["step"] for r in held], [r["main_ce"] for r in held], "ko", label="held-out main CE")
-    for k in depths:
-        losses.plot(steps, [r[f"mtp_ce_{k}"] for r in rows], label=f"MTP depth {k} CE")
+    for label, (x, y) in lines["loss"].items():
+        losses.plot(x, y, "ko" if label.startswith("held-out") else "-", label=label)
     losses.set_xlabel("step")
     losses.set_ylabel("cross-entropy")
     losses.legend()
-    for k in depths:
-        speed.plot(steps, [r[f"mtp_acc_{k}"] for r in rows], label=f"depth {k} accuracy")
-    if depths:
+    for label, (x, y) in lines["accuracy"].items():
+        speed.plot(x, y, label=label)
+    if lines["acceptance"]:
         twin = speed.twinx()
-        twin.plot(steps, [r["acceptance_length"] for r in rows], "k--", label="acceptance length")
-        if held:
-            twin.plot([r["step"] for r in held], [r["acceptance_length"] for r in held], "ko", label="held-out")
+        for label, (x, y) in lines["acceptance"].items():
+            twin.plot(x, y, "ko" if label.startswith("held-out") else "k--", label=label)
         twin.set_ylabel("expected acceptance length")
         twin.legend(loc="lower right")
     speed.set_xlabel("step")

@@ -7,22 +7,14 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import ROOT
+from tests.run_benchmarks import SMOKE, output
 
 BENCHMARKS = ROOT / "benchmarks"
-# script -> (its smoke flag as documented, extra flags that only shorten timing loops)
-SMOKE = {
-    "bench_drift.py": ("--quick", []),
-    "bench_loss.py": ("--small", ["--depths", "0", "1", "--warmup", "1", "--iters", "1"]),
-    "bench_step.py": ("--small", ["--batch", "1", "--warmup", "1", "--iters", "1"]),
-    "bench_mamba.py": ("--small", []),
-    "bench_train.py": ("--quick", []),
-    "bench_lora.py": ("--quick", []),
-    "bench_frozen_dtype.py": ("--quick", []),
-}
 
 
 def check_drift(out) -> None:
@@ -99,18 +91,23 @@ def test_every_benchmark_has_a_smoke_run_here():
         assert f"python benchmarks/{script} {flag}" in documented, script
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("script", sorted(SMOKE))
-def test_the_smoke_run_writes_what_the_doc_reads(script, tmp_path):
-    flag, shorter = SMOKE[script]
-    out = tmp_path / ("drift" if script == "bench_drift.py" else "out.json")
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory) -> tuple[Path, dict]:
+    """Every smoke run, in one process started for them (tests/run_benchmarks.py), and its status per script."""
+    root = tmp_path_factory.mktemp("benchmarks")
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), flag, *shorter, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
+        [sys.executable, str(ROOT / "tests" / "run_benchmarks.py"), str(root)], capture_output=True, text=True, cwd=root
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return root, json.loads((root / "status.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_the_smoke_run_writes_what_the_doc_reads(script, smoke_runs):
+    root, status = smoke_runs
+    assert status[script]["ok"], status[script].get("error")
+    out = output(root, script)
     CHECKS[script](out if out.is_dir() else json.loads(out.read_text()))
 
 

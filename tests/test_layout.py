@@ -1,6 +1,9 @@
-"""The core never names a model family: everything family-specific lives in ``mtp_recipes/families/``."""
+"""The package's layout rules: the core never names a model family, the import rules hold (no cycle, checkpoint
+I/O and families below the model, commands apart, transformers through its public API or hf_compat), and the
+architecture doc draws the module graph as it is."""
 
 import ast
+import importlib.util
 import re
 from pathlib import Path
 
@@ -167,3 +170,29 @@ def test_the_transformers_guard_would_catch_an_internal():
     assert not allowed_transformers_import("transformers.models.deepseek_v3:modeling_deepseek_v3", False)
     assert allowed_transformers_import("transformers.models.nemotron_h.modeling_nemotron_h:NemotronHMamba2Mixer", True)
     assert not allowed_transformers_import("transformers.models.deepseek_v3.tokenization_deepseek:X", True)
+
+
+def test_the_architecture_doc_draws_the_module_graph_as_it_is():
+    spec = importlib.util.spec_from_file_location("module_graph", PACKAGE.parent / "scripts" / "module_graph.py")
+    module_graph = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module_graph)
+    assert module_graph.graph() == {m: imports - {m} for m, imports in GRAPH.items()}  # the same reading
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    block = doc.split("<!-- module graph: python scripts/module_graph.py -->\n```\n", 1)[1].split("```", 1)[0]
+    assert block == module_graph.render(), "run python scripts/module_graph.py and paste its output"
+
+
+def test_no_function_is_over_60_lines_unless_its_docstring_says_why():
+    long = [
+        f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > 60
+        and "Longer than 60 lines" not in (ast.get_docstring(node) or "")
+    ]
+    assert long == []
+
+
+def test_the_recipe_stays_short():
+    assert len((PACKAGE / "recipe.py").read_text().splitlines()) < 300

@@ -2,11 +2,19 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import (
+    DeepseekV3ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    NemotronHForCausalLM,
+)
 
 from mtp_recipes.metrics import flops_per_token, mfu, peak_flops, peak_flops_for_name
 from mtp_recipes.model import MTPModel
-from tests.helpers import debug_model_config
+from tests.helpers import tiny_nemotron
+from tests.test_hf_compat import tiny_deepseek
 
 V, H, FF, L, HEADS, KV, HD = 97, 16, 24, 2, 4, 2, 8
 ATTN = H * HEADS * HD + 2 * H * KV * HD + HEADS * HD * H  # q, k, v, o
@@ -66,19 +74,62 @@ def test_moe_model_counts_top_k_of_the_routed_experts():
     assert flops_per_token(model) == 6 * (L * per_layer + H + V * H)
 
 
+def nemotron_h_hand_count(cfg) -> tuple[float, float]:
+    """Active parameters of a Nemotron-H ``[mamba, attention, moe]`` stack counted from its config by hand, and
+    its attention layer's (query, value) widths: Mamba2 = in_proj (x, z, B, C, dt), depthwise conv1d with bias,
+    dt_bias, A_log, D, gated norm, out_proj; MoE = router in full, top-k of the non-gated experts, shared expert."""
+    H, heads, head_dim = cfg.hidden_size, cfg.mamba_num_heads, cfg.mamba_head_dim
+    inner, bc = heads * head_dim, 2 * cfg.n_groups * cfg.ssm_state_size
+    mamba = (inner + inner + bc + heads) * H + (inner + bc) * (cfg.conv_kernel + 1) + 3 * heads + inner + inner * H
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    attention = 2 * q * H + 2 * kv * H
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    moe = e * H + k * 2 * cfg.moe_intermediate_size * H + 2 * cfg.moe_shared_expert_intermediate_size * H
+    norms = 3 * H + H  # one per block, the final one
+    return mamba + attention + moe + norms + cfg.vocab_size * H, (q, q)
+
+
+def test_mamba_layers_match_a_hand_count():
+    cfg = tiny_nemotron()
+    model = NemotronHForCausalLM(cfg)
+    active, (q, v) = nemotron_h_hand_count(cfg)
+    assert flops_per_token(model) == 6 * active
+    assert flops_per_token(model, seq_len=128) == pytest.approx(6 * active + 3 * 2 * 64 * (q + v))
+
+
+def test_mla_layers_match_a_hand_count():
+    """DeepSeek-V3's multi-head latent attention: both low-rank paths and their norms; the scores' widths are
+    heads x (nope + rope) for queries and keys, heads x v_head_dim for values."""
+    cfg = tiny_deepseek()
+    model = DeepseekV3ForCausalLM(cfg)
+    H, heads = cfg.hidden_size, cfg.num_attention_heads
+    qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    mla = cfg.q_lora_rank * (H + 1 + heads * qk) + (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * H
+    mla += cfg.kv_lora_rank * (1 + heads * (cfg.qk_nope_head_dim + v)) + heads * v * H
+    dense = 3 * cfg.intermediate_size * H
+    e, k, inter = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    moe = e * H + k * 3 * inter * H + 3 * inter * cfg.n_shared_experts * H
+    active = 2 * mla + dense + moe + 2 * 2 * H + H + cfg.vocab_size * H  # two layers' norms, final norm, lm_head
+    assert flops_per_token(model) == 6 * active
+    scores = 2 * 3 * 2 * 64 * heads * (qk + v)  # two layers at S=128
+    assert flops_per_token(model, seq_len=128) == pytest.approx(6 * active + scores)
+
+
 def test_mtp_model_adds_its_depths_and_one_head_gemm_per_depth():
-    model = MTPModel.from_config(debug_model_config("nemotron_h_debug"))
-    cfg = model.text_config
+    """A Nemotron-H MTPModel: the backbone by hand, plus its depth (fusion, its attention and MoE sublayers, their
+    norms) and one more head GEMM."""
+    cfg = tiny_nemotron()
+    raw = {"model_type": "nemotron_h", **cfg.to_diff_dict(), "num_nextn_predict_layers": 1}
+    raw["mtp_hybrid_override_pattern"] = "*E"
+    model = MTPModel.from_config(raw)
     assert model.mtp.num_layers == 1 and model.family.head == "shared"
-    depth = model.mtp.depth(1)
-    depth_active = 0.0
-    for name, p in depth.named_parameters():
-        if p is model.backbone.get_input_embeddings().weight:
-            continue
-        share = cfg.num_experts_per_tok / cfg.n_routed_experts if ".experts." in name else 1.0
-        depth_active += p.numel() * share
-    head = cfg.vocab_size * cfg.hidden_size
-    assert flops_per_token(model) == pytest.approx(flops_per_token(model.backbone) + 6 * (depth_active + head))
+    backbone, (q, _) = nemotron_h_hand_count(cfg)
+    H = cfg.hidden_size
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    moe = e * H + k * 2 * cfg.moe_intermediate_size * H + 2 * cfg.moe_shared_expert_intermediate_size * H
+    depth = 2 * H + 2 * H * H + (2 * q * H + 2 * kv * H) + moe + 2 * H + H  # enorm, hnorm, eh_proj; blocks; final
+    assert flops_per_token(model) == 6 * (backbone + depth + cfg.vocab_size * H)
 
 
 def test_peak_and_mfu():

@@ -58,27 +58,17 @@ class Family(ABC):
         return hf_config.get_text_config()
 
     @abstractmethod
-    def mtp_config(self, hf_config: PretrainedConfig, **overrides: Any) -> MTPConfig:
-        """Read D and the depth layout from the checkpoint's config, then apply user overrides."""
-
-    def source_options(self, hf_config: PretrainedConfig, source: dict[str, Any]) -> dict[str, Any]:
-        """``MTPConfig.family_options`` read from the config.json dict ``source`` (fields transformers drops)."""
-        return {}
+    def mtp_config(
+        self, hf_config: PretrainedConfig, source: dict[str, Any] | None = None, **overrides: Any
+    ) -> MTPConfig:
+        """D and the depth layout the checkpoint's config declares, then the user's overrides. ``source`` is the
+        config.json dict the config came from (``None`` for a config built in code), for fields transformers
+        drops."""
 
     @abstractmethod
-    def export_mtp_fields(self, mtp: MTPConfig) -> dict[str, Any]:
-        """The config.json fields (of the text config) that describe ``mtp`` for serving engines.
-
-        A value of ``None`` removes the field from the export (one the engines would misread).
-        """
-
     def write_export_fields(self, config_json: dict[str, Any], mtp: MTPConfig) -> None:
-        """Update the text config's config.json dict for the export with :meth:`export_mtp_fields`."""
-        for key, value in self.export_mtp_fields(mtp).items():
-            if value is None:
-                config_json.pop(key, None)
-            else:
-                config_json[key] = value
+        """Write the config.json fields (of the text config) serving engines read for ``mtp`` into ``config_json``
+        (:func:`set_fields` removes the ones given as ``None``: fields the engines would misread)."""
 
     # ---- modules ------------------------------------------------------------------------------
     def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:
@@ -205,6 +195,15 @@ class Family(ABC):
 
 
 _EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.")
+
+
+def set_fields(config_json: dict[str, Any], fields: dict[str, Any]) -> None:
+    """Set each of ``fields`` in a config.json dict; a value of ``None`` removes the field."""
+    for key, value in fields.items():
+        if value is None:
+            config_json.pop(key, None)
+        else:
+            config_json[key] = value
 
 
 def projection_widths(module: nn.Module, query: str = "q_proj") -> tuple[int, int] | None:

@@ -30,6 +30,7 @@ from mtp_recipes.families.base import (
     num_nextn_layers,
     projection_widths,
     register,
+    set_fields,
     sub_config,
 )
 from mtp_recipes.mtp.config import MTPConfig
@@ -44,11 +45,13 @@ class DeepseekV3(Family):
     passes_on = "normed"
     zero_first_embedding = True
 
-    def mtp_config(self, hf_config: PretrainedConfig, **overrides: Any) -> MTPConfig:
+    def mtp_config(
+        self, hf_config: PretrainedConfig, source: dict[str, Any] | None = None, **overrides: Any
+    ) -> MTPConfig:
         return MTPConfig(num_layers=num_nextn_layers(hf_config)).with_overrides(**overrides)
 
-    def export_mtp_fields(self, mtp: MTPConfig) -> dict[str, Any]:
-        return {"num_nextn_predict_layers": mtp.num_physical_layers}
+    def write_export_fields(self, config_json: dict[str, Any], mtp: MTPConfig) -> None:
+        set_fields(config_json, {"num_nextn_predict_layers": mtp.num_physical_layers})
 
     def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[str]:
         if mtp.num_physical_layers > 1:

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
 
-from mtp_recipes.families.base import Family, KeyPrefixes, register
+from mtp_recipes.families.base import Family, KeyPrefixes, register, set_fields
 from mtp_recipes.families.minimax_m3_attention import make_document_aware
 from mtp_recipes.hf_compat import attach_weight_conversions, checkpoint_conversions, keep_in_fp32, swap_class
 from mtp_recipes.mtp.config import MTPConfig
@@ -68,13 +68,18 @@ class MiniMaxM3(Family):
     zero_first_embedding = True
     checkpoint_prefixes = ("language_model.",)
 
-    def mtp_config(self, hf_config: PretrainedConfig, **overrides: Any) -> MTPConfig:
+    def mtp_config(
+        self, hf_config: PretrainedConfig, source: dict[str, Any] | None = None, **overrides: Any
+    ) -> MTPConfig:
         return MTPConfig(num_layers=int(getattr(hf_config, "num_mtp_modules", 0) or 0)).with_overrides(**overrides)
 
-    def export_mtp_fields(self, mtp: MTPConfig) -> dict[str, Any]:
+    def write_export_fields(self, config_json: dict[str, Any], mtp: MTPConfig) -> None:
         # vLLM builds num_mtp_modules depths but picks one per draft step only when num_nextn_predict_layers
         # is > 1; without it every step would run module 0.
-        return {"num_mtp_modules": mtp.num_physical_layers, "num_nextn_predict_layers": mtp.num_physical_layers}
+        set_fields(
+            config_json,
+            {"num_mtp_modules": mtp.num_physical_layers, "num_nextn_predict_layers": mtp.num_physical_layers},
+        )
 
     def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[str]:
         return ["SGLang skips MiniMax-M3's MTP weights (serve MTP drafting with vLLM)"] if mtp.num_layers else []

@@ -22,7 +22,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
 from mtp_recipes.errors import ConfigError
-from mtp_recipes.families.base import Family, KeyPrefixes, packed_mask, register, sub_config
+from mtp_recipes.families.base import Family, KeyPrefixes, packed_mask, register, set_fields, sub_config
 from mtp_recipes.families.nemotron_h_mamba import kernels, use_boundary_aware_mamba
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.stack import BlockRunner, MTPDepth
@@ -69,7 +69,9 @@ class NemotronH(Family):
     # mamba_ssm's fused Mamba2 kernel reads the mixer's out_proj weight directly (peft refuses these too)
     lora_skipped = ("out_proj",)
 
-    def mtp_config(self, hf_config: PretrainedConfig, **overrides: Any) -> MTPConfig:
+    def mtp_config(
+        self, hf_config: PretrainedConfig, source: dict[str, Any] | None = None, **overrides: Any
+    ) -> MTPConfig:
         if overrides.get("block_types") is not None:
             overrides["block_types"] = parse_block_pattern(overrides["block_types"])
         base = MTPConfig(
@@ -78,17 +80,15 @@ class NemotronH(Family):
         )
         return base.with_overrides(**overrides)
 
-    def export_mtp_fields(self, mtp: MTPConfig) -> dict[str, Any]:
+    def write_export_fields(self, config_json: dict[str, Any], mtp: MTPConfig) -> None:
         # vLLM, SGLang and transformers all parse the pattern string; SGLang rejects transformers' list
         # names (full_attention, linear_attention), so the list is left out.
-        return {
+        fields = {
             "num_nextn_predict_layers": mtp.num_physical_layers,
             "mtp_layers_block_type": None,
             "mtp_hybrid_override_pattern": block_pattern_string(mtp.block_types),
         }
-
-    def write_export_fields(self, config_json: dict[str, Any], mtp: MTPConfig) -> None:
-        super().write_export_fields(config_json, mtp)
+        set_fields(config_json, fields)
         # A backbone list in transformers' names (configs transformers wrote) is renamed for SGLang.
         layers = config_json.get("layers_block_type")
         if isinstance(layers, list):

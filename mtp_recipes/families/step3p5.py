@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from mtp_recipes.families.base import (
     num_nextn_layers,
     packed_mask,
     register,
+    set_fields,
     sub_config,
 )
 from mtp_recipes.mtp.config import MTPConfig
@@ -82,19 +84,21 @@ class Step3p5(Family):
     h0 = "pre_norm"
     passes_on = "pre_norm"
 
-    def mtp_config(self, hf_config: PretrainedConfig, **overrides: Any) -> MTPConfig:
-        return MTPConfig(num_layers=num_nextn_layers(hf_config)).with_overrides(**overrides)
-
-    def source_options(self, hf_config: PretrainedConfig, source: dict[str, Any]) -> dict[str, Any]:
+    def mtp_config(
+        self, hf_config: PretrainedConfig, source: dict[str, Any] | None = None, **overrides: Any
+    ) -> MTPConfig:
+        mtp = MTPConfig(num_layers=num_nextn_layers(hf_config)).with_overrides(**overrides)
+        if source is None:
+            return mtp
         # The per-layer lists give each depth its own entries and are resized on export.
-        return {_LISTS: SourceLists.of(hf_config, source)}
+        return replace(mtp, family_options={**mtp.family_options, _LISTS: SourceLists.of(hf_config, source)})
 
-    def export_mtp_fields(self, mtp: MTPConfig) -> dict[str, Any]:
+    def write_export_fields(self, config_json: dict[str, Any], mtp: MTPConfig) -> None:
         fields: dict[str, Any] = {"num_nextn_predict_layers": mtp.num_physical_layers}
         lists = mtp.family_options.get(_LISTS)
         if lists is not None:
             fields.update(lists.resized(mtp.num_physical_layers))
-        return fields
+        set_fields(config_json, fields)
 
     def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[str]:
         # SGLang builds one MTP block, with the per-layer entries (rope, SwiGLU limits) of layer 45 (the

@@ -177,9 +177,12 @@ def softmax_grad_step(
     return ce, grad.to(grad_dtype)
 
 
-# Compiled lazily on first call; dynamic=None recompiles once with a symbolic chunk length when the
-# last (shorter) chunk arrives, instead of once per distinct length.
-_compiled_softmax_grad_step: SoftmaxGradStep = torch.compile(softmax_grad_step, dynamic=None)
+@functools.cache
+def compiled_softmax_grad_step() -> SoftmaxGradStep:
+    """:func:`softmax_grad_step` through ``torch.compile``, made on first use (importing the compiler costs a
+    second at every process start). ``dynamic=None`` recompiles once with a symbolic chunk length when the last
+    (shorter) chunk arrives, instead of once per distinct length."""
+    return torch.compile(softmax_grad_step, dynamic=None)
 
 
 @functools.cache
@@ -433,7 +436,7 @@ def _weighted_linear_cross_entropy(
         per_token = per_token.detach()
     else:
         chunk = chunk_size or default_chunk_size(weight.shape[0], impl)
-        step = _compiled_softmax_grad_step if impl == "compiled" else softmax_grad_step
+        step = compiled_softmax_grad_step() if impl == "compiled" else softmax_grad_step
         loss, per_token, argmax = _FusedLinearCrossEntropy.apply(
             hidden, weight, targets, token_weight, ignore_index, chunk, return_argmax, step
         )

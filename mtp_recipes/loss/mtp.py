@@ -215,6 +215,9 @@ def mtp_loss(
     ``main_hidden`` (the backbone's final-normed state, shared head only) joins the main next-token CE (over
     ``num_label_tokens``, else the local count) to the same chunked call: ``.loss`` is then
     ``CE_main + λ · Σ_k w_k CE_k`` and ``.main_loss`` / ``.main_argmax`` report the main part.
+
+    Longer than 60 lines because of its keyword signature (a public function's every option, with defaults) and
+    this docstring; the body is one chunked call and its bookkeeping.
     """
     _validate(
         per_depth_hidden,

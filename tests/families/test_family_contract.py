@@ -111,11 +111,10 @@ def test_missing_mtp_tensors_fail_clearly_unless_from_scratch(model_name, tmp_pa
     fresh = MTPModel.from_pretrained(tmp_path / "no_mtp", init="from_scratch")
     fresh_blocks = fresh.mtp.depths[0].blocks
     donors = fresh.family.backbone_blocks(fresh.backbone)
-    for block in fresh_blocks:
+    for block in fresh_blocks:  # every debug model's MTP blocks have a backbone block of their kind
         donor = [b for b in donors if fresh.family.block_kind(b) == fresh.family.block_kind(block)]
-        if donor:
-            for p, q in zip(block.parameters(), donor[-1].parameters()):
-                assert torch.equal(p, q)
+        assert donor, f"no backbone block of kind {fresh.family.block_kind(block)}"
+        assert all(torch.equal(p, q) for p, q in zip(block.parameters(), donor[-1].parameters(), strict=True))
     out = fresh.save_pretrained(tmp_path / "attached")
     assert _disk_mtp_keys(out, fresh) == _disk_mtp_keys(tmp_path / "full", model)
 
@@ -214,8 +213,8 @@ def test_extend_keeps_the_checkpoint_depths_and_adds_new_ones(model_name, tmp_pa
     new, donors = grown.mtp.depths[1], grown.family.backbone_blocks(grown.backbone)
     for block in new.blocks:  # depth 2 starts from the last backbone block of each kind
         same = [b for b in donors if grown.family.block_kind(b) == grown.family.block_kind(block)]
-        if same:
-            assert all(torch.equal(p, q) for p, q in zip(block.parameters(), same[-1].parameters(), strict=True))
+        assert same, f"no backbone block of kind {grown.family.block_kind(block)}"
+        assert all(torch.equal(p, q) for p, q in zip(block.parameters(), same[-1].parameters(), strict=True))
     out = grown(**packed_batch(grown.text_config.vocab_size, [[8, 8]]))
     assert len(out.mtp_losses) == 2 and torch.isfinite(out.loss)
 

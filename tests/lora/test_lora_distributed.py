@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from mtp_recipes.model import MTPModel
-from tests.distributed.test_fsdp_and_resume import cli, finish, losses
+from tests.distributed.test_fsdp_and_resume import cli, finish, losses, run_inline
 from tests.helpers import debug_model_config
 
 # (debug model, precision, lora.mtp, lora.export, built from a checkpoint): the checkpoint case is built on
@@ -32,7 +32,7 @@ def test_two_processes_equal_one(model, precision, mtp, export, from_checkpoint,
         source = MTPModel.from_config(debug_model_config(model)).save_pretrained(tmp_path / "source")
         args += [f"model.path={source}", "model.tokenizer=builtin:debug"]
     finish(cli(*args, "data.batch_size=2", f"hydra.run.dir={tmp_path}/two", nproc=2, cwd=tmp_path))
-    finish(cli(*args, "data.batch_size=4", f"hydra.run.dir={tmp_path}/one", cwd=tmp_path))
+    run_inline(*args, "data.batch_size=4", run_dir=tmp_path / "one")
     a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     rel = 1e-5 if precision == "fp32" else 2e-3  # bf16: one roundoff (see test_fsdp_and_resume)

@@ -78,13 +78,12 @@ def test_validation_every_n_steps_and_none_without_held_out_rows(tmp_path):
 
 def test_two_ranks_validate_like_one(tmp_path):
     """FSDP2: each rank evaluates its share of the held-out rows (padded to equal counts); the numbers are global."""
-    from tests.distributed.test_fsdp_and_resume import cli, finish
+    from tests.distributed.test_fsdp_and_resume import cli, finish, run_inline
 
     args = ["trainer.max_steps=2", "trainer.eval_every=1"]
     two = cli(*args, "data.batch_size=2", f"hydra.run.dir={tmp_path}/two", nproc=2, cwd=tmp_path)
     finish(two)
-    one = cli(*args, "data.batch_size=4", f"hydra.run.dir={tmp_path}/one", cwd=tmp_path)
-    finish(one)
+    run_inline(*args, "data.batch_size=4", run_dir=tmp_path / "one")
     a, b = ([r for r in records(tmp_path / run) if r["split"] == "eval"] for run in ("two", "one"))
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
     for x, y in zip(a, b, strict=True):

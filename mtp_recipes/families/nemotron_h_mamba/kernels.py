@@ -170,6 +170,9 @@ def mamba2_chunk_scan(
     """The Mamba2 SSD scan (arguments as :func:`~.ssd.ssd_chunk_scan`) on :func:`scan_backend`'s choice.
 
     Every backend resets the state at each document start in ``seq_idx``.
+
+    Longer than 60 lines because it repeats the scan's keyword signature (it dispatches those arguments to one
+    of three backends, each called with its own argument names).
     """
     backend = scan_backend(hidden_states, stateful=initial_states is not None or return_final_states)
     if backend == "triton":

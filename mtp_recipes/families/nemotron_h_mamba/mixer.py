@@ -93,6 +93,9 @@ def mamba2_mixer_forward(
 
     ``seq_idx [B, S]`` (one id per packed document) resets the conv window and the SSM state at every
     document start; ``attention_mask`` (2D, 1 = token) zeroes padding like transformers' mixer.
+
+    Longer than 60 lines: transformers' own mixer forward in one piece (projections, conv, scan, gated norm), the
+    fused mamba_ssm path beside the unfused one, so the two can be compared line by line.
     """
     dims = Mamba2Dims.from_config(mixer.config)
     batch, seq_len, _ = hidden_states.shape

@@ -129,6 +129,9 @@ def ssd_chunk_scan(
     ``h`` reset to zero at every document start in ``seq_idx [b, S]`` (``initial_states [b, h, p, n]`` feeds the
     row's first document only). Computes in fp32 (fp64 for fp64 inputs) and returns ``y`` in ``x.dtype``; with
     ``return_final_states`` also the state (compute dtype) after the last token, i.e. of the row's last document.
+
+    Longer than 60 lines on purpose: the four numbered steps of the chunked algorithm (intra-chunk, chunk states,
+    state passing with resets, output) read together, each using the previous one's tensors.
     """
     batch, seq_len, n_heads, head_dim = x.shape
     n_groups, state_size = B.shape[2], B.shape[3]
