@@ -273,7 +273,7 @@ class _Backbone:
         device = self.head.device
         pre_norm: list[torch.Tensor] = []
         hook = None
-        if self.model.family.h0 == "pre_norm":
+        if self.model.conventions.h0 == "pre_norm":
             norm = self.model.family.final_norm(self.model.backbone)
             hook = norm.register_forward_pre_hook(lambda _, args: pre_norm.append(args[0]))
         try:
@@ -294,8 +294,9 @@ class _Backbone:
 class _Drafter:
     """The MTP chain as a serving engine runs it, from the committed tokens and the backbone's states.
 
-    Depth 1 reads the family's backbone state (``Family.h0``) at each slot and the embedding of the slot's next
-    token, zeroed at position 0 when the model says so; depth k + 1 reads what depth k passes on
+    Depth 1 reads the backbone state the model's conventions name (``conventions.h0``) at each slot and the
+    embedding of the slot's next token, zeroed at position 0 when the model says so; depth k + 1 reads what depth k
+    passes on
     (``passes_on``) and the embedding of the token k + 1 ahead, a draft where the text has none yet.
     """
 

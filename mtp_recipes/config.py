@@ -122,6 +122,11 @@ class TrainerConfig:
 
 
 @dataclass
+class ServingSection:
+    engine: str = "vllm"  # vllm | sglang: the engine whose drafting math the MTP depths train with
+
+
+@dataclass
 class EvalConfig:
     num_prompts: int = 16  # held-out prompts python -m mtp_recipes.evaluate generates from
     max_new_tokens: int = 64  # greedy tokens per prompt
@@ -141,6 +146,7 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    serving: ServingSection = field(default_factory=ServingSection)
 
 
 def to_schema(cfg: DictConfig | dict[str, Any]) -> DictConfig:
@@ -201,6 +207,10 @@ def validate(cfg: DictConfig) -> None:
         ),
         (cfg.eval.temperature >= 0, f"eval.temperature must be >= 0, got {cfg.eval.temperature}"),
         (
+            cfg.serving.engine in ("vllm", "sglang"),
+            f"serving.engine must be vllm or sglang, got {cfg.serving.engine!r}",
+        ),
+        (
             cfg.model.path is not None or cfg.model.config is not None,
             "set model.path (a checkpoint) or model.config (a model built from scratch)",
         ),
@@ -251,6 +261,7 @@ def model_kwargs(cfg: DictConfig, frozen_dtype: Any = None) -> dict[str, Any]:
         "attn_implementation": m.attn_implementation,
         "experts_implementation": m.experts_implementation,
         **mtp,
+        "engine": cfg.serving.engine,
         "frozen_dtype": frozen_dtype,
         "lora": LoraSettings.from_section(cfg.lora),
     }

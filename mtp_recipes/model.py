@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +74,12 @@ class MTPModel(nn.Module):
         experts_implementation: str | None = None,
         frozen_dtype: torch.dtype | None = None,
         lora: LoraSettings | None = None,
+        engine: str = "vllm",
     ) -> None:
-        """``frozen_dtype``: with ``mtp.train_only`` the backbone (with ``lora``, every weight LoRA freezes) is
+        """``engine`` (``serving.engine``) picks the drafting conventions the depths train with (the family's rule
+        for that engine's newest release; ``mtp.zero_first_embedding`` overrides one of them).
+
+        ``frozen_dtype``: with ``mtp.train_only`` the backbone (with ``lora``, every weight LoRA freezes) is
         built in this dtype (the compute dtype, bf16 on GPU) instead of the master-weight dtype: it gets no
         gradients or optimizer state, so fp32 copies of it would only double its memory. Trainable parameters
         (MTP depths, LoRA adapters) keep the default (master) dtype. ``lora`` injects LoRA adapters
@@ -99,13 +103,11 @@ class MTPModel(nn.Module):
         for depth in depths:
             for module in depth.modules():
                 hf_compat.init_module_weights(self.backbone, module)
-        zero_first = mtp_config.zero_first_embedding
-        self.mtp = MTPStack(
-            depths,
-            mtp_config,
-            self.family.passes_on,
-            self.family.zero_first_embedding if zero_first is None else zero_first,
-        )
+        self.engine = engine
+        self.conventions = self.family.conventions(engine)
+        if mtp_config.zero_first_embedding is not None:
+            self.conventions = replace(self.conventions, zero_first_embedding=mtp_config.zero_first_embedding)
+        self.mtp = MTPStack(depths, mtp_config, self.conventions.passes_on, self.conventions.zero_first_embedding)
         if mtp_config.init == "from_scratch":
             self.init_mtp_from_backbone()
         if mtp_config.train_only:
@@ -127,6 +129,7 @@ class MTPModel(nn.Module):
         experts_implementation: str | None = None,
         frozen_dtype: torch.dtype | str | None = None,
         lora: LoraSettings | None = None,
+        engine: str = "vllm",
         **mtp_overrides: Any,
     ) -> MTPModel:
         """A randomly initialised model (debug sizes, tests); MTP settings from the config + overrides."""
@@ -144,6 +147,7 @@ class MTPModel(nn.Module):
                 experts_implementation=experts_implementation,
                 frozen_dtype=_as_dtype(frozen_dtype),
                 lora=lora,
+                engine=engine,
             )
 
     @classmethod
@@ -159,6 +163,7 @@ class MTPModel(nn.Module):
         frozen_dtype: torch.dtype | str | None = None,
         load_weights: bool = True,
         lora: LoraSettings | None = None,
+        engine: str = "vllm",
         **mtp_overrides: Any,
     ) -> MTPModel:
         """Load a Hugging Face checkpoint *including* its MTP tensors (which transformers would drop).
@@ -190,6 +195,7 @@ class MTPModel(nn.Module):
                 experts_implementation=experts_implementation,
                 frozen_dtype=_as_dtype(frozen_dtype),
                 lora=lora,
+                engine=engine,
             )
         if on_meta:
             if shard is not None:
@@ -230,7 +236,9 @@ class MTPModel(nn.Module):
         """
         position_ids, seq_idx = document_layout(input_ids, position_ids, seq_idx)  # equal ids <=> same document
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.mtp_config.train_only):
-            hidden, h0 = self.family.backbone_states(self.backbone, input_ids, position_ids, seq_idx)
+            hidden, h0 = self.family.backbone_states(
+                self.backbone, input_ids, position_ids, seq_idx, self.conventions.h0
+            )
         mtp_input = h0.detach() if self.mtp_config.detach_backbone else h0
         mtp_hidden: list[torch.Tensor] = []
         if self.mtp.num_layers:

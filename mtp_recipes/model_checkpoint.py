@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,6 +32,7 @@ from mtp_recipes.checkpoint.keymap import KeyMap
 from mtp_recipes.checkpoint.load import check_keys, check_shapes, fill, row_reader
 from mtp_recipes.checkpoint.provenance import Provenance
 from mtp_recipes.distributed.tensors import gather_full
+from mtp_recipes.engines import Conventions
 from mtp_recipes.families.base import Family
 from mtp_recipes.lora import MTP_STEM, LoraSettings, adapter_writer, gather_adapter, merge_factors, merged
 from mtp_recipes.mtp.config import MTPConfig
@@ -49,6 +51,8 @@ class CheckpointedModel(Protocol):
     provenance: Provenance
     lora: LoraSettings | None
     lora_targets: list[str]
+    engine: str
+    conventions: Conventions
 
     def keymap(self) -> KeyMap: ...
     def checkpoint_state(self, keep_vars: bool = False) -> dict[str, torch.Tensor]: ...
@@ -155,26 +159,17 @@ def save_checkpoint(
         tensors = gather_adapter(model, writer, gather_full)  # collective
         base = str(provenance.source_dir) if provenance.source_dir is not None else None
         extra = adapter_writer(model.lora, tensors, model.lora_targets, base) if writer else None
-    state = hf_state(model)
-    tied = tied_names(hf_state(model, keep_vars=True))  # by identity: the detached values are distinct objects
-    copies: dict[str, list[str]] = {}
-    for copy_name, source in model.family.tied_export_copies(model.text_config, model.mtp_config).items():
-        copies.setdefault(source, []).append(copy_name)
-    tensors = export_tensors(
-        {k: v for k, v in state.items() if k not in tied},
-        to_disk=lambda group: to_disk(model.backbone, group),
-        dtype_of=_export_dtype(model),
-        writer=writer,
-        copies=copies,
-        transforms=_lora_merges(model),
-        select=model.keymap().is_mtp if adapter else None,
-        prefix=provenance.prefix,
-        passthrough=provenance.passthrough,
-    )
+    tensors = _export_tensors(model, writer, only_mtp=adapter)
     if not writer:
         for _ in tensors:  # join every gather
             pass
         return Path(save_directory)
+
+    def write_extra(directory: Path) -> None:
+        (directory / SERVING_RECORD).write_text(json.dumps(serving_record(model), indent=2, sort_keys=True) + "\n")
+        if extra is not None:
+            extra(directory)
+
     return write_checkpoint(
         save_directory,
         tensors,
@@ -183,8 +178,46 @@ def save_checkpoint(
         max_shard_bytes=max_shard_size,
         tokenizer=tokenizer,
         stem=MTP_STEM if adapter else "model",
-        extra_files=extra,
+        extra_files=write_extra,
     )
+
+
+def _export_tensors(model: CheckpointedModel, writer: bool, only_mtp: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """The export's ``(on-disk name, tensor)`` pairs: each tensor once (a tied one under its first name), the
+    family's export copies, LoRA merged; ``only_mtp`` for the adapter export's MTP file."""
+    state = hf_state(model)
+    tied = tied_names(hf_state(model, keep_vars=True))  # by identity: the detached values are distinct objects
+    copies: dict[str, list[str]] = {}
+    for copy_name, source in model.family.tied_export_copies(model.text_config, model.mtp_config).items():
+        copies.setdefault(source, []).append(copy_name)
+    return export_tensors(
+        {k: v for k, v in state.items() if k not in tied},
+        to_disk=lambda group: to_disk(model.backbone, group),
+        dtype_of=_export_dtype(model),
+        writer=writer,
+        copies=copies,
+        transforms=_lora_merges(model),
+        select=model.keymap().is_mtp if only_mtp else None,
+        prefix=model.provenance.prefix,
+        passthrough=model.provenance.passthrough,
+    )
+
+
+# Beside config.json in every export: what the MTP depths were trained for (python -m mtp_recipes.check reads it).
+SERVING_RECORD = "mtp_recipes.json"
+
+
+def serving_record(model: CheckpointedModel) -> dict[str, Any]:
+    """The engine the depths were trained to be served with, the drafting conventions they learnt, and how many
+    draft steps each physical depth was trained for."""
+    mtp = model.mtp_config
+    return {
+        "serving_engine": model.engine,
+        "conventions": model.conventions.as_json(),
+        "num_layers": mtp.num_layers,
+        "physical_layers": mtp.num_physical_layers,
+        "use_repeated_layer": mtp.use_repeated_layer,
+    }
 
 
 def _export_dtype(model: CheckpointedModel):

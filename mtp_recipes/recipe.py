@@ -22,6 +22,7 @@ from mtp_recipes.data import build_train_and_eval, load_tokenizer
 from mtp_recipes.data.tokenizer import check_vocab, tokenizer_location
 from mtp_recipes.distributed.mesh import all_reduce_sum, init_world, shutdown
 from mtp_recipes.distributed.parallelize import clip_grad_norm, parallelize
+from mtp_recipes.export_check import check_export
 from mtp_recipes.memory_plan import refuse_unfitting
 from mtp_recipes.metrics import StepTotals, flops_per_token, mfu, peak_flops
 from mtp_recipes.model import MTPModel, MTPOutput
@@ -86,8 +87,7 @@ class FinetuneRecipe:
 
     def _build_model(self, load_weights: bool = True) -> MTPModel:
         mcfg = self.cfg.model
-        # What nothing trains (the backbone under mtp.train_only, the weights LoRA adapts) is held in the
-        # compute dtype.
+        # what nothing trains (mtp.train_only's backbone, the weights LoRA adapts) is held in the compute dtype
         kwargs = model_kwargs(self.cfg, frozen_dtype=self.compute_dtype)
         shard = functools.partial(
             parallelize, world=self.world, trainer=self.cfg.trainer, compute_dtype=self.compute_dtype
@@ -241,6 +241,9 @@ class FinetuneRecipe:
         """A Hugging Face export (MTP tensors included): gathered tensor by tensor, written by rank 0."""
         self.model.save_pretrained(directory, tokenizer=self.tokenizer, writer=self.world.is_main)
         log.info("saved Hugging Face checkpoint to %s", directory)
+        if self.world.is_main and (directory / "config.json").exists():  # an adapter export has none
+            for report in check_export(directory):  # python -m mtp_recipes.check gives the details
+                (log.info if report.ok else log.warning)("check: %s", report.line())
         self.last_checkpoint = directory
         return directory
 

@@ -86,7 +86,7 @@ def imported_modules(path: Path) -> set[str]:
 
 MODULES = {module_name(p) for p in PACKAGE.rglob("*.py")}
 GRAPH = {module_name(p): imported_modules(p) for p in sorted(PACKAGE.rglob("*.py"))}
-COMMANDS = {f"mtp_recipes.{c}" for c in ("finetune", "evaluate", "plan", "report", "regenerate", "plot")}
+COMMANDS = {f"mtp_recipes.{c}" for c in ("finetune", "evaluate", "plan", "report", "regenerate", "plot", "check")}
 
 
 def reachable(start: str) -> set[str]:

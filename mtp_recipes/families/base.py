@@ -21,6 +21,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from mtp_recipes import hf_compat
+from mtp_recipes.engines import Conventions, EngineRule
+from mtp_recipes.errors import ConfigError
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.stack import BlockRunner, MTPDepth, PassesOn
 
@@ -33,11 +35,10 @@ class Family(ABC):
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
     head: ClassVar[Literal["shared", "per_depth"]] = "shared"
-    # The serving engines' drafting math (vLLM first, SGLang second): which backbone state feeds depth 1,
-    # which state of depth k feeds depth k+1, and whether depth 1's embedding is zeroed at position 0.
-    h0: ClassVar[PassesOn] = "normed"
-    passes_on: ClassVar[PassesOn] = "normed"
-    zero_first_embedding: ClassVar[bool] = False
+    # What each serving engine release does with this family's MTP export (newest first per engine): the
+    # drafting math the depths are trained with (serving.engine picks the engine) and what
+    # ``python -m mtp_recipes.check`` checks an export against.
+    engine_rules: ClassVar[tuple[EngineRule, ...]] = ()
     # Prefixes under which a checkpoint may nest the backbone's tensors (a multimodal checkpoint's
     # ``language_model.``); the loader strips the one it finds, the saver writes it back, and tensors
     # outside it (other towers) are copied verbatim.
@@ -51,6 +52,19 @@ class Family(ABC):
     # The oldest transformers release whose modeling code the family runs on, where that is newer than the oldest
     # release the package supports: on an older one the family refuses in one line, and the others still work.
     min_transformers: ClassVar[str | None] = None
+
+    def conventions(self, engine: str) -> Conventions:
+        """The drafting math ``engine``'s newest release runs for this family; one ConfigError line when that
+        engine does not draft with these MTP weights or has no rule."""
+        rule = next((r for r in self.engine_rules if r.engine == engine), None)
+        if rule is None or rule.conventions is None:
+            served = sorted({r.engine for r in self.engine_rules if r.conventions is not None})
+            why = "has no drafter for them" if rule is None else f"does not draft with them ({rule.source})"
+            raise ConfigError(
+                f"serving.engine={engine}: {rule.name if rule else engine} {why}; {self.name} MTP depths are "
+                f"served by {', '.join(served) or 'no engine'}: set serving.engine to one of them"
+            )
+        return rule.conventions
 
     # ---- config -------------------------------------------------------------------------------
     def text_config(self, hf_config: PretrainedConfig) -> PretrainedConfig:
@@ -107,12 +121,13 @@ class Family(ABC):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         seq_idx: torch.Tensor | None,
+        h0: PassesOn = "normed",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(normed, h0)``: the backbone's last state after its final norm (the main loss reads it) and
         the state depth 1 reads (the same one, or the input of the final norm when ``h0 == "pre_norm"``)."""
         pre_norm: list[torch.Tensor] = []
         hook = None
-        if self.h0 == "pre_norm":
+        if h0 == "pre_norm":
             hook = self.final_norm(backbone).register_forward_pre_hook(lambda _, args: pre_norm.append(args[0]))
         try:
             out = backbone.get_decoder()(

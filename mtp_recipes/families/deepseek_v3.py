@@ -9,9 +9,9 @@ config copy with ``first_k_dense_replace=0`` (what transformers' own ``get_mtp_c
 
 The head is the backbone's ``lm_head`` (shared in training); the checkpoint also stores per-depth
 copies ``shared_head.head`` and ``embed_tokens`` that vLLM reads, written on export from ``lm_head`` /
-``embed_tokens`` and checked, not loaded, on import. Depth k hands the block output *before*
-``shared_head.norm`` to depth k+1. The block gets the backbone's rotary ``(cos, sin)`` and causal mask
-for the unrolled position ids.
+``embed_tokens`` and checked, not loaded, on import. Depth k hands its state *after* ``shared_head.norm`` to
+depth k+1 (as vLLM's and SGLang's drafters recycle it). The block gets the backbone's rotary ``(cos, sin)`` and
+causal mask for the unrolled position ids.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
+from mtp_recipes.engines import Conventions, EngineRule, at_most
 from mtp_recipes.families.base import (
     Family,
     KeyPrefixes,
@@ -41,9 +42,35 @@ class DeepseekV3(Family):
     name = "deepseek_v3"
     model_types = ("deepseek_v3",)
     head = "shared"
-    # vLLM and SGLang recycle the state after shared_head.norm, and vLLM zeroes the embedding at position 0.
-    passes_on = "normed"
-    zero_first_embedding = True
+    # Both engines feed depth 1 the final-normed backbone state and recycle the state after shared_head.norm;
+    # vLLM zeroes the embedding at position 0, SGLang keeps it.
+    engine_rules = (
+        EngineRule(
+            "vllm",
+            "0.34.0",
+            "vllm/model_executor/models/deepseek_mtp.py (DeepSeekMultiTokenPredictorLayer.forward, "
+            "DeepSeekMultiTokenPredictor: layers N .. N+n-1, module step % n), vllm/config/speculative.py "
+            "(use_multi_module_mtp)",
+            Conventions(h0="normed", passes_on="normed", zero_first_embedding=True),
+            fails_on_missing=False,
+        ),
+        EngineRule(
+            "vllm",
+            "0.33.0",
+            "vllm/model_executor/models/deepseek_mtp.py (load_weights: is_mtp_completeness_check_enabled), "
+            "vllm/config/speculative.py (use_multi_module_mtp reads num_nextn_predict_layers)",
+            Conventions(h0="normed", passes_on="normed", zero_first_embedding=True),
+            multi_module_field="num_nextn_predict_layers",
+        ),
+        EngineRule(
+            "sglang",
+            "0.5.23",
+            "sglang/srt/models/deepseek_nextn.py (DeepseekV3ForCausalLMNextN: one layer, shared_head.norm "
+            "recycled, position 0 kept)",
+            Conventions(h0="normed", passes_on="normed", zero_first_embedding=False),
+            config_rules=(at_most("num_nextn_predict_layers", 1, "SGLang serves one DeepSeek-V3 MTP layer"),),
+        ),
+    )
 
     def mtp_config(
         self, hf_config: PretrainedConfig, source: dict[str, Any] | None = None, **overrides: Any

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
 
+from mtp_recipes.engines import Conventions, EngineRule
 from mtp_recipes.families.base import Family, KeyPrefixes, register, set_fields
 from mtp_recipes.families.minimax_m3_attention import make_document_aware
 from mtp_recipes.hf_compat import attach_weight_conversions, checkpoint_conversions, keep_in_fp32, swap_class
@@ -64,8 +65,36 @@ class MiniMaxM3(Family):
     name = "minimax_m3"
     model_types = ("minimax_m3_vl", "minimax_m3_vl_text")
     head = "shared"
-    passes_on = "pre_norm"
-    zero_first_embedding = True
+    engine_rules = (
+        EngineRule(
+            "vllm",
+            "0.34.0",
+            "vllm/models/minimax_m3/nvidia/mtp.py (MiniMaxM3MultiTokenPredictor: num_mtp_modules modules, "
+            "position 0 zeroed, the block output before final_layernorm recycled), vllm/config/speculative.py "
+            "(use_multi_module_mtp is False for minimax_m3_mtp: module 1 drafts every step)",
+            Conventions(h0="normed", passes_on="pre_norm", zero_first_embedding=True),
+            modules_field="num_mtp_modules",
+            multi_module=False,
+            fails_on_missing=False,
+        ),
+        EngineRule(
+            "vllm",
+            "0.33.0",
+            "vllm/models/minimax_m3/nvidia/mtp.py, vllm/config/speculative.py (use_multi_module_mtp: a module "
+            "per draft step when num_nextn_predict_layers > 1)",
+            Conventions(h0="normed", passes_on="pre_norm", zero_first_embedding=True),
+            modules_field="num_mtp_modules",
+            multi_module_field="num_nextn_predict_layers",
+            fails_on_missing=False,
+        ),
+        EngineRule(
+            "sglang",
+            "0.5.23",
+            "sglang/srt/models/ (no MiniMax-M3 MTP drafter: its MTP weights are skipped on load)",
+            None,
+            modules_field="num_mtp_modules",
+        ),
+    )
     checkpoint_prefixes = ("language_model.",)
 
     def mtp_config(
@@ -82,7 +111,14 @@ class MiniMaxM3(Family):
         )
 
     def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[str]:
-        return ["SGLang skips MiniMax-M3's MTP weights (serve MTP drafting with vLLM)"] if mtp.num_layers else []
+        limits = ["SGLang skips MiniMax-M3's MTP weights (serve MTP drafting with vLLM)"] if mtp.num_layers else []
+        if mtp.num_physical_layers > 1:
+            limits.append(
+                f"vLLM 0.34 drafts every step with MTP module 1 (multi-module MTP is off for MiniMax-M3): modules "
+                f"2..{mtp.num_physical_layers} are never used; mtp.use_repeated_layer=true trains one module for "
+                "every step"
+            )
+        return limits
 
     def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:
         backbone = hf.MiniMaxM3VLForCausalLM(self.text_config(hf_config))

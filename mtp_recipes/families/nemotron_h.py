@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
+from mtp_recipes.engines import Conventions, EngineRule, at_most
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.families.base import Family, KeyPrefixes, packed_mask, register, set_fields, sub_config
 from mtp_recipes.families.nemotron_h_mamba import kernels, use_boundary_aware_mamba
@@ -60,11 +61,64 @@ def block_pattern_string(types: Sequence[str]) -> str:
     return "".join(SYMBOL_OF[t] for t in types)
 
 
+def _served_pattern(text_config: dict[str, Any], modules: int) -> str | None:
+    """Both engines build each depth from ``mtp_hybrid_override_pattern`` with only attention and MoE sublayers."""
+    pattern = text_config.get("mtp_hybrid_override_pattern")
+    if not pattern:
+        return "no mtp_hybrid_override_pattern: the engine builds the MTP depth's sublayers from it"
+    if set(pattern) - {"*", "E"}:
+        return f"mtp_hybrid_override_pattern={pattern!r}: the engine builds only '*' (attention) and 'E' (MoE)"
+    return None
+
+
+def _sglang_block_names(text_config: dict[str, Any], modules: int) -> str | None:
+    """SGLang's config accepts only its own block names in the list fields (transformers' are refused)."""
+    for key in ("layers_block_type", "mtp_layers_block_type"):
+        names = text_config.get(key)
+        if isinstance(names, list) and set(names) - set(SERVING_NAMES.values()):
+            bad = sorted(set(names) - set(SERVING_NAMES.values()))
+            return f"{key} holds {bad}: SGLang's config accepts only {sorted(set(SERVING_NAMES.values()))}"
+    return None
+
+
+_ONE_DEPTH = at_most("num_nextn_predict_layers", 1, "the engine builds exactly one Nemotron-H MTP depth")
+_CONVENTIONS = Conventions(h0="normed", passes_on="normed", zero_first_embedding=False)
+
+
 class NemotronH(Family):
     name = "nemotron_h"
     model_types = ("nemotron_h",)
     head = "shared"
-    passes_on = "normed"
+    # Both engines feed depth 1 the backbone state after norm_f and recycle the state after final_layernorm.
+    engine_rules = (
+        EngineRule(
+            "vllm",
+            "0.34.0",
+            "vllm/model_executor/models/nemotron_h_mtp.py (NemotronHMultiTokenPredictor: one MTP layer asserted, "
+            "sublayers '*' and 'E' from mtp_hybrid_override_pattern), vllm/config/speculative.py",
+            _CONVENTIONS,
+            config_rules=(_ONE_DEPTH, _served_pattern),
+            fails_on_missing=False,
+        ),
+        EngineRule(
+            "vllm",
+            "0.33.0",
+            "vllm/model_executor/models/nemotron_h_mtp.py (NemotronHMultiTokenPredictor), vllm/config/speculative.py",
+            _CONVENTIONS,
+            multi_module_field="num_nextn_predict_layers",
+            config_rules=(_ONE_DEPTH, _served_pattern),
+            fails_on_missing=False,
+        ),
+        EngineRule(
+            "sglang",
+            "0.5.23",
+            "sglang/srt/models/nemotron_h_mtp.py (NemotronHMultiTokenPredictor: one MTP layer asserted), "
+            "sglang/srt/configs/nemotron_h.py (block type names)",
+            _CONVENTIONS,
+            config_rules=(_ONE_DEPTH, _served_pattern, _sglang_block_names),
+            fails_on_missing=False,
+        ),
+    )
     configurable_blocks = True
     # mamba_ssm's fused Mamba2 kernel reads the mixer's out_proj weight directly (peft refuses these too)
     lora_skipped = ("out_proj",)

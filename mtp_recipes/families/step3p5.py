@@ -23,6 +23,7 @@ from transformers.models.step3p7 import Step3p7TextConfig
 from transformers.models.step3p7 import modeling_step3p7 as hf
 
 from mtp_recipes import hf_compat
+from mtp_recipes.engines import Conventions, EngineRule, at_most
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.families.base import (
     Family,
@@ -75,14 +76,64 @@ def _text_conversions() -> list:
 hf_compat.register_checkpoint_conversions(Step3p5TextForCausalLM.__name__, _text_conversions())
 
 
+def _gate_without_flag(text_config: dict[str, Any], key: str) -> str | None:
+    """vLLM builds the attention gate ``g_proj`` only when the config says ``use_head_wise_attn_gate: true``
+    (transformers' field is ``gating``) and skips the tensor otherwise."""
+    if key.endswith(".g_proj.weight") and not text_config.get("use_head_wise_attn_gate"):
+        return "the config has no use_head_wise_attn_gate: true, so vLLM builds no g_proj and skips it"
+    return None
+
+
+def _sglang_layer_45(text_config: dict[str, Any], modules: int) -> str | None:
+    """SGLang builds its one MTP block with the per-layer entries (rope, SwiGLU limits) of layer 45."""
+    layers = text_config.get("num_hidden_layers")
+    if layers != 45:
+        return f"num_hidden_layers={layers}: SGLang builds the MTP block with layer 45's per-layer entries"
+    return None
+
+
+_PRE_NORM = Conventions(h0="pre_norm", passes_on="pre_norm", zero_first_embedding=False)
+
+
 class Step3p5(Family):
     name = "step3p5"
     model_types = ("step3p5",)
     head = "per_depth"
-    # vLLM and SGLang feed depth 1 the backbone state before model.norm, and recycle the block output
-    # before shared_head.norm.
-    h0 = "pre_norm"
-    passes_on = "pre_norm"
+    # Both engines feed depth 1 the backbone state before model.norm and recycle the block output before
+    # shared_head.norm.
+    engine_rules = (
+        EngineRule(
+            "vllm",
+            "0.34.0",
+            "vllm/model_executor/models/step3p5_mtp.py (Step3p5AMultiTokenPredictor: layers N .. N+n-1, module "
+            "step % n; load_weights: '.transformer.' stripped, shared_head.output -> head), "
+            "vllm/model_executor/models/step3p5.py (g_proj only with use_head_wise_attn_gate)",
+            _PRE_NORM,
+            skipped=_gate_without_flag,
+            fails_on_missing=False,
+        ),
+        EngineRule(
+            "vllm",
+            "0.33.0",
+            "vllm/model_executor/models/step3p5_mtp.py (load_weights: is_mtp_completeness_check_enabled), "
+            "vllm/model_executor/models/step3p5.py",
+            _PRE_NORM,
+            multi_module_field="num_nextn_predict_layers",
+            skipped=_gate_without_flag,
+        ),
+        EngineRule(
+            "sglang",
+            "0.5.23",
+            "sglang/srt/models/step3p5_mtp.py (Step3p5AMultiTokenPredictor: one block, layer_id = 45, reused "
+            "every step; hidden_states_before_norm recycled; load_weights raises on a missing parameter)",
+            _PRE_NORM,
+            multi_module=False,
+            config_rules=(
+                at_most("num_nextn_predict_layers", 1, "SGLang builds one Step-3.5 MTP block"),
+                _sglang_layer_45,
+            ),
+        ),
+    )
 
     def mtp_config(
         self, hf_config: PretrainedConfig, source: dict[str, Any] | None = None, **overrides: Any
@@ -94,7 +145,11 @@ class Step3p5(Family):
         return replace(mtp, family_options={**mtp.family_options, _LISTS: SourceLists.of(hf_config, source)})
 
     def write_export_fields(self, config_json: dict[str, Any], mtp: MTPConfig) -> None:
+        # transformers builds every attention's per-head gate g_proj (gating true or "per-head", its default);
+        # vLLM builds and loads g_proj only when the config says use_head_wise_attn_gate: true.
+        per_head = config_json.get("gating", True) in (True, "per-head")
         fields: dict[str, Any] = {"num_nextn_predict_layers": mtp.num_physical_layers}
+        fields["use_head_wise_attn_gate"] = per_head
         lists = mtp.family_options.get(_LISTS)
         if lists is not None:
             fields.update(lists.resized(mtp.num_physical_layers))

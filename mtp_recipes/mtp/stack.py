@@ -98,7 +98,7 @@ class MTPStack(nn.Module):
     ) -> list[torch.Tensor]:
         """Return the D head inputs ``[B, S, H]`` (depth k at slot t predicts token ``t + k + 1``).
 
-        ``h0`` is the backbone state depth 1 reads (the family's, see ``Family.h0``). With
+        ``h0`` is the backbone state depth 1 reads (the engine's convention, ``MTPModel.conventions.h0``). With
         ``zero_first_embedding``, depth 1's embedding is zero at slots whose position is 0: the serving
         engine's drafter does this at the position it runs at, which for depth k is the slot's position
         plus k - 1, so only depth 1 ever meets position 0.

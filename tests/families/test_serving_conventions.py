@@ -1,7 +1,8 @@
 """The trained depth logits equal what a serving engine's drafter computes from the exported checkpoint.
 
-The engine's conventions are stated here, from vLLM 0.33's MTP model files and proposer (SGLang 0.5.23
-agrees except where docs/serving.md says), independently of the ``Family`` classes:
+The engine's conventions are stated here, from vLLM 0.34's MTP model files and proposer (0.33 runs the same math;
+SGLang 0.5.23 agrees except for DeepSeek-V3's position-0 embedding, tested with ``serving.engine=sglang``),
+independently of the ``Family`` classes:
 
 * ``h0``: the backbone state the drafter's first step reads (after or before the final norm);
 * ``recycle``: what step k hands to step k+1 (the state after or before the depth's final norm);
@@ -39,6 +40,8 @@ ENGINE = {
     "step3p5_debug": Engine(h0="pre_norm", recycle="pre_norm", zero_first=False),
     "minimax_m3_debug": Engine(h0="normed", recycle="pre_norm", zero_first=True),
 }
+# SGLang 0.5.23 deepseek_nextn.py: the embedding at position 0 is kept
+SGLANG = {"deepseek_v3_debug": Engine(h0="normed", recycle="normed", zero_first=False)}
 DEPTHS = 2
 
 
@@ -47,10 +50,12 @@ def final_norm(model: MTPModel) -> torch.nn.Module:
     return decoder.norm_f if hasattr(decoder, "norm_f") else decoder.norm
 
 
-def perturbed(name: str) -> MTPModel:
+def perturbed(name: str, engine: str = "vllm") -> MTPModel:
     """A float64 debug model with D=2 whose norms are all away from identity (so pre/post norm differ)."""
     torch.manual_seed(0)
-    model = MTPModel.from_config(debug_model_config(name), num_layers=DEPTHS, experts_implementation="eager")
+    model = MTPModel.from_config(
+        debug_model_config(name), num_layers=DEPTHS, experts_implementation="eager", engine=engine
+    )
     with torch.no_grad():
         for module_name, param in model.named_parameters():
             if "norm" in module_name:
@@ -89,16 +94,20 @@ def engine_drafts(model: MTPModel, ids: torch.Tensor, engine: Engine) -> list[to
     return logits
 
 
-@pytest.mark.parametrize("name", sorted(ENGINE))
-def test_trained_depth_logits_equal_the_engine_drafter_on_the_export(name, tmp_path):
-    trained = perturbed(name)
+@pytest.mark.parametrize(
+    ("name", "engine"), [*((n, "vllm") for n in sorted(ENGINE)), *((n, "sglang") for n in sorted(SGLANG))]
+)
+def test_trained_depth_logits_equal_the_engine_drafter_on_the_export(name, engine, tmp_path):
+    trained = perturbed(name, engine)
     trained.save_pretrained(tmp_path / "export")
-    served = MTPModel.from_pretrained(tmp_path / "export", dtype=torch.float64, experts_implementation="eager")
+    served = MTPModel.from_pretrained(
+        tmp_path / "export", dtype=torch.float64, experts_implementation="eager", engine=engine
+    )
     ids = torch.randint(3, served.text_config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
 
     ours = served(input_ids=ids).mtp_hidden_states
     heads = served.mtp_heads()
-    reference = engine_drafts(served, ids, ENGINE[name])
+    reference = engine_drafts(served, ids, (ENGINE if engine == "vllm" else SGLANG)[name])
     for k in range(1, DEPTHS + 1):
         head = heads[k - 1] if isinstance(heads, list) else heads
         valid = slice(0, ids.shape[1] - k)  # slots whose drafted token exists in the row

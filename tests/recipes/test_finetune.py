@@ -84,10 +84,14 @@ def test_bad_values_are_rejected_before_work(override, needle):
     assert not Path("/nonexistent/never-created").exists()
 
 
-def test_default_recipe_trains_and_writes_a_reloadable_checkpoint(tmp_path):
+def test_default_recipe_trains_and_writes_a_reloadable_checkpoint(tmp_path, caplog):
     cfg = composed(*FAST, "trainer.max_steps=40", "trainer.save_every=20", "optim.warmup_steps=2")
     recipe = FinetuneRecipe(cfg, tmp_path)
-    recipe.run()
+    with caplog.at_level("INFO", logger="mtp_recipes"):
+        recipe.run()
+    checks = [r.getMessage() for r in caplog.records if r.getMessage().startswith("check: ")]
+    # every export (step 20 and final) is checked against every engine release, one line each
+    assert checks == 2 * ["check: vLLM 0.34.0: ok", "check: vLLM 0.33.0: ok", "check: SGLang 0.5.23: ok"]
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in logged if r["split"] == "train"]
     assert len(records) == 40 and [r["step"] for r in logged if r["split"] == "eval"] == [40]  # held-out, at the end
