@@ -24,10 +24,11 @@ from mtp_recipes.distributed.mesh import all_reduce_sum, init_world, shutdown
 from mtp_recipes.distributed.parallelize import clip_grad_norm, parallelize
 from mtp_recipes.export_check import check_export
 from mtp_recipes.memory_plan import refuse_unfitting
-from mtp_recipes.metrics import StepTotals, flops_per_token, mfu, peak_flops
+from mtp_recipes.metrics import StepTotals, flops_per_token
 from mtp_recipes.model import MTPModel, MTPOutput
 from mtp_recipes.mtp.roll import count_depth_targets
 from mtp_recipes.train.guards import non_finite_error
+from mtp_recipes.train.launcher_env import foreign_launcher_settings
 from mtp_recipes.train.metrics_log import MetricsLog, log_setup
 from mtp_recipes.train.resume_policy import data_position, optim_settings, resume_from
 from mtp_recipes.train.run_dir import prepare_run_dir, share_run_dir
@@ -77,12 +78,11 @@ class FinetuneRecipe:
         )
         if resume is not None:
             self.step = resume_from(resume, cfg, self.model, self.optimizer, self.data, self.world)
-        self.flops_per_token = flops_per_token(self.model, cfg.data.seq_len)
-        peak = peak_flops(self.device)
-        self.peak_flops = peak * world.world_size if peak else None
         if world.is_main:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        self.metrics = MetricsLog(cfg, self.run_dir, self.step, main=world.is_main)
+        self.metrics = MetricsLog(cfg, self.run_dir, self.step, world, flops_per_token(self.model, cfg.data.seq_len))
+        for line in foreign_launcher_settings(cfg.trainer) if world.is_main else []:
+            log.warning(line)
         log_setup(self.run_dir, self.model, self.device, world.world_size, sum(p.numel() for p in trainable))
 
     def _build_model(self, load_weights: bool = True) -> MTPModel:
@@ -176,9 +176,7 @@ class FinetuneRecipe:
         tokens_per_s = (
             sum(b["input_ids"].numel() for b in micro) * self.world.world_size / (time.perf_counter() - start)
         )
-        self.metrics.train(
-            self.step, record, lr, lam, tokens_per_s, mfu(tokens_per_s, self.flops_per_token, self.peak_flops)
-        )
+        self.metrics.train(self.step, record, lr, lam, tokens_per_s)
         return stop_requested
 
     @torch.no_grad()

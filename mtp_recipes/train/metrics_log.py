@@ -13,7 +13,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from mtp_recipes.distributed.mesh import World
 from mtp_recipes.errors import ConfigError
+from mtp_recipes.metrics import mfu, peak_flops
 
 log = logging.getLogger("mtp_recipes")
 
@@ -25,10 +27,12 @@ class MetricsLog:
     them again), and a line cut by a kill counts as past every step.
     """
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, step: int, main: bool) -> None:
-        self.cfg, self.main = cfg, main
-        self.file = _open_metrics(run_dir / "metrics.jsonl", step) if main else None
-        self.wandb = _start_wandb(cfg, run_dir) if main else None
+    def __init__(self, cfg: DictConfig, run_dir: Path, step: int, world: World, flops_per_token: float) -> None:
+        self.cfg, self.main = cfg, world.is_main
+        self.file = _open_metrics(run_dir / "metrics.jsonl", step) if self.main else None
+        self.wandb = _start_wandb(cfg, run_dir) if self.main else None
+        peak = peak_flops(world.device)
+        self.flops_per_token, self.peak_flops = flops_per_token, peak * world.world_size if peak else None
         self.bar: tqdm | None = None
         self.validation_text = ""  # the latest held-out numbers, shown in the progress bar
 
@@ -37,12 +41,13 @@ class MetricsLog:
         t = self.cfg.trainer
         self.bar = tqdm(total=t.max_steps, initial=step, disable=not (t.progress_bar and self.main), desc="train")
 
-    def train(self, step: int, numbers: dict[str, float], lr: float, lam: float, tokens_per_s: float, mfu: Any):
-        """A training step's record: total, main CE, each depth's unscaled CE, accuracies, acceptance, λ, lr."""
+    def train(self, step: int, numbers: dict[str, float], lr: float, lam: float, tokens_per_s: float) -> None:
+        """A training step's record: total, main CE, each depth's unscaled CE, accuracies, acceptance, λ, lr,
+        tokens/s and MFU (null without a known GPU)."""
         if not self.main:
             return
         record = {"step": step, "split": "train", **numbers, "lambda": lam, "lr": lr, "tokens_per_s": tokens_per_s}
-        record["mfu"] = mfu  # null without a known GPU
+        record["mfu"] = mfu(tokens_per_s, self.flops_per_token, self.peak_flops)
         self._write(record, step, prefix="")
         self.bar.update(1)
         if step % self.cfg.trainer.log_every == 0:
