@@ -39,6 +39,7 @@ class World:
     mesh: DeviceMesh | None
     ep_mesh: DeviceMesh | None = None
     expert_mesh: DeviceMesh | None = None
+    owns_group: bool = False  # this run created the process group (a caller's group is left to the caller)
 
     @property
     def is_main(self) -> bool:
@@ -63,12 +64,12 @@ def init_world(device: str = "auto", dp_replicate: int = 1, ep: int = 1) -> Worl
         dev = torch.device("cpu")
     if dims.world_size == 1:
         return World(0, 1, dev, None)
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     mesh = dims.mesh(dev.type)
-    if ep == 1:
-        return World(dist.get_rank(), dims.world_size, dev, mesh)
-    return World(dist.get_rank(), dims.world_size, dev, mesh, *dims.expert_meshes(dev.type))
+    experts = dims.expert_meshes(dev.type) if ep > 1 else (None, None)
+    return World(dist.get_rank(), dims.world_size, dev, mesh, *experts, owns_group=owns_group)
 
 
 def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
@@ -95,11 +96,13 @@ def barrier(world: World) -> None:
 
 
 def shutdown(world: World, *, wait: bool = True) -> None:
-    """Leave the process group; with ``wait`` only once every rank is done (none tears down mid-collective).
+    """Leave the process group the run created; with ``wait`` only once every rank is done (none tears down
+    mid-collective). A group the caller created (several runs in one launch) stays for the next run.
 
     After an error on this rank the others may never reach the barrier, so then it is skipped.
     """
     if world.distributed and dist.is_initialized():
         if wait:
             dist.barrier()
-        dist.destroy_process_group()
+        if world.owns_group:
+            dist.destroy_process_group()

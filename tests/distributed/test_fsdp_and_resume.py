@@ -82,14 +82,45 @@ RUNS = [
 ]
 
 
+def launch_runs(jobs: list[tuple[Path, list[str]]], cwd: Path, nproc: int = 2) -> None:
+    """Several runs (run dir, overrides after ``COMMON``) in one launch of ``nproc`` processes, one after another:
+    the interpreters start once (tests/distributed/runs_worker.py)."""
+    spec = cwd / "jobs.json"
+    spec.write_text(json.dumps([{"run_dir": str(d), "overrides": [*COMMON, *o]} for d, o in jobs]))
+    worker = Path(__file__).with_name("runs_worker.py")
+    env = {**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    result = subprocess.run(
+        [*launcher(nproc), str(worker), str(spec)], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def two_rank_args(precision: str, model: str) -> list[str]:
+    return [f"model={model}", f"trainer.precision={precision}", "trainer.max_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def bf16_two_rank_runs(tmp_path_factory) -> Path:
+    """Every family's debug recipe in bf16 on 2 ranks x 2 rows, all in one launch (the fp32 run below goes through
+    the command line, which the layout of the run directory is checked on)."""
+    root = tmp_path_factory.mktemp("bf16")
+    launch_runs([(root / name, [*two_rank_args("bf16", name), "data.batch_size=2"]) for name in DEBUG_MODELS], root)
+    return root
+
+
 @pytest.mark.parametrize("precision, model", RUNS)
-def test_two_processes_equal_one_on_the_same_global_batch(precision, model, tmp_path):
+def test_two_processes_equal_one_on_the_same_global_batch(precision, model, tmp_path, request):
     # 2 ranks x 2 rows == 1 rank x 4 rows per step; packed rows with different valid-target counts per rank.
-    args = [f"model={model}", f"trainer.precision={precision}", "trainer.max_steps=3"]
-    two = cli(*args, "data.batch_size=2", f"hydra.run.dir={tmp_path}/two", nproc=2, cwd=tmp_path)
-    finish(two)
+    args = two_rank_args(precision, model)
+    if precision == "fp32":
+        finish(cli(*args, "data.batch_size=2", f"hydra.run.dir={tmp_path}/two", nproc=2, cwd=tmp_path))
+        two = tmp_path / "two"
+        # only rank 0 wrote, into one run directory
+        assert not any(p.name.startswith("two") and p != two for p in tmp_path.iterdir())
+    else:
+        two = request.getfixturevalue("bf16_two_rank_runs") / model
     run_inline(*args, "data.batch_size=4", run_dir=tmp_path / "one")
-    a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
+    a, b = losses(two), losses(tmp_path / "one")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     # bf16 keeps 8 significant bits (unit roundoff 2**-9 ~ 2e-3) and the two runs round in different
     # places (2 ranks: bf16 parameters and activations; 1 rank: fp32 weights and residual stream, bf16
@@ -99,12 +130,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(precision, model, tmp_
     for step in a:
         for key in ("loss", "main_ce", "mtp_ce_1"):
             assert math.isfinite(a[step][key]) and a[step][key] == pytest.approx(b[step][key], rel=rel), (step, key)
-    # only rank 0 wrote, into one run directory
-    assert not any(p.name.startswith("two") and p != tmp_path / "two" for p in tmp_path.iterdir())
-    wa, wb = (
-        load_file(tmp_path / "two" / "final" / "model.safetensors"),
-        load_file(tmp_path / "one" / "final" / "model.safetensors"),
-    )
+    wa, wb = load_file(two / "final" / "model.safetensors"), load_file(tmp_path / "one" / "final" / "model.safetensors")
     assert set(wa) == set(wb)
     assert all(wa[k].dtype == wb[k].dtype for k in wa)  # the compute dtype never leaks into the export
     if precision == "fp32":

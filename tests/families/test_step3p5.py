@@ -91,7 +91,9 @@ def test_published_layout_survives_load_train_save(tmp_path):
         head = f"model.layers.{N + i}.transformer.shared_head.output.weight"
         assert not torch.equal(trained[head], published[head])
     assert torch.equal(trained[moe + "moe.router_bias"], published[moe + "moe.router_bias"])
-    assert json.loads((out / "config.json").read_text()) == json.loads((tmp_path / "pub" / "config.json").read_text())
+    published = json.loads((tmp_path / "pub" / "config.json").read_text())
+    # the source config, plus the field vLLM builds the attention gates from (transformers' is ``gating``)
+    assert json.loads((out / "config.json").read_text()) == {**published, "use_head_wise_attn_gate": True}
 
 
 def test_mtp_forward_matches_a_plain_pytorch_reference():
@@ -234,7 +236,8 @@ def test_export_keeps_per_layer_lists_consistent_with_d(tmp_path):
     (ckpt / "config.json").write_text(json.dumps(raw))  # the hub form: lists padded with the MTP entry
     padded = ("layer_types", "swiglu_limits", "swiglu_limits_shared", "rope_theta", "partial_rotary_factors")
 
-    assert MTPModel.from_pretrained(ckpt).export_config() == raw  # D unchanged: untouched
+    # D unchanged: untouched, but for the field vLLM builds the attention gates from
+    assert MTPModel.from_pretrained(ckpt).export_config() == {**raw, "use_head_wise_attn_gate": True}
     grown = MTPModel.from_pretrained(ckpt, num_layers=3, init="extend")
     out = grown.export_config()
     assert out["num_nextn_predict_layers"] == 3

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from mtp_recipes.model import MTPModel
-from tests.distributed.test_fsdp_and_resume import cli, finish, losses, run_inline
+from tests.distributed.test_fsdp_and_resume import launch_runs, losses, run_inline
 from tests.helpers import debug_model_config
 
 # (debug model, precision, lora.mtp, lora.export, built from a checkpoint): the checkpoint case is built on
@@ -22,18 +22,34 @@ CASES = [
 FILES = {"merged": ["model.safetensors"], "adapter": ["adapter_model.safetensors", "mtp.safetensors"]}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model, precision, mtp, export, from_checkpoint", CASES)
-def test_two_processes_equal_one(model, precision, mtp, export, from_checkpoint, tmp_path):
+def case_args(root, model, precision, mtp, export, from_checkpoint) -> list[str]:
     args = [f"model={model}", f"trainer.precision={precision}", "trainer.max_steps=3", "lora.rank=4"]
     args += [f"lora.mtp={mtp}", f"lora.export={export}", "data.eval_fraction=0"]
     if from_checkpoint:
-        torch.manual_seed(0)
-        source = MTPModel.from_config(debug_model_config(model)).save_pretrained(tmp_path / "source")
+        source = root / f"source-{model}"
+        if not source.exists():
+            torch.manual_seed(0)
+            MTPModel.from_config(debug_model_config(model)).save_pretrained(source)
         args += [f"model.path={source}", "model.tokenizer=builtin:debug"]
-    finish(cli(*args, "data.batch_size=2", f"hydra.run.dir={tmp_path}/two", nproc=2, cwd=tmp_path))
+    return args
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """Every case on 2 ranks x 2 rows, all in one launch."""
+    root = tmp_path_factory.mktemp("lora")
+    jobs = [(root / case.id, [*case_args(root, *case.values), "data.batch_size=2"]) for case in CASES]
+    launch_runs(jobs, root)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, precision, mtp, export, from_checkpoint", CASES)
+def test_two_processes_equal_one(model, precision, mtp, export, from_checkpoint, tmp_path, two_rank_runs, request):
+    args = case_args(two_rank_runs, model, precision, mtp, export, from_checkpoint)
+    two = two_rank_runs / request.node.callspec.id
     run_inline(*args, "data.batch_size=4", run_dir=tmp_path / "one")
-    a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
+    a, b = losses(two), losses(tmp_path / "one")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     rel = 1e-5 if precision == "fp32" else 2e-3  # bf16: one roundoff (see test_fsdp_and_resume)
     for step in a:
@@ -43,7 +59,7 @@ def test_two_processes_equal_one(model, precision, mtp, export, from_checkpoint,
     gap = max(abs(a[step]["loss"] - b[step]["loss"]) for step in a)
     assert abs(a[3]["loss"] - a[1]["loss"]) > 10 * gap
     for name in FILES[export]:
-        wa, wb = load_file(tmp_path / "two" / "final" / name), load_file(tmp_path / "one" / "final" / name)
+        wa, wb = load_file(two / "final" / name), load_file(tmp_path / "one" / "final" / name)
         assert wa and set(wa) == set(wb) and all(wa[k].dtype == wb[k].dtype for k in wa), name
         if precision == "fp32":
             for k in wa:
