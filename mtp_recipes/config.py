@@ -195,7 +195,10 @@ def validate(cfg: DictConfig) -> None:
         (cfg.trainer.log_every >= 1, "trainer.log_every must be >= 1"),
         (cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype must be float32, bfloat16 or float16"),
         (cfg.data.packing in ("greedy", "first_fit"), "data.packing must be greedy or first_fit"),
-        (cfg.data.format in ("auto", "text", "chat"), "data.format must be auto, text or chat"),
+        (
+            cfg.data.format in ("auto", "text", "chat", "prompt_completion"),
+            "data.format must be auto, text, chat or prompt_completion",
+        ),
         (cfg.data.max_documents is None or cfg.data.max_documents >= 1, "data.max_documents must be >= 1 or null"),
         (cfg.trainer.precision in ("auto", "bf16", "fp32"), "trainer.precision must be auto, bf16 or fp32"),
         (cfg.data.seq_len >= 2, "data.seq_len must be >= 2"),

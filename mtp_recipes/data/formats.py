@@ -8,6 +8,10 @@ used: nothing in the document predicts its first token).
   is a target, EOS included so the model learns where documents end.
 - ``chat``: rendered by ``tokenizer.apply_chat_template``; only tokens produced by the
   assistant (its content, its tool calls and the template's end-of-turn marker) are targets.
+- ``prompt_completion``: TRL's ``prompt`` and ``completion`` columns; only the completion is a target. Both
+  strings: the prompt's tokens (with the tokenizer's special tokens), then the completion's and EOS, tokenised
+  apart as generation sees them. A prompt given as messages is rendered with the chat template and the
+  completion (a string, or messages) is its answer; a string prompt with message completions is a user turn.
   No EOS is appended: the template's end-of-turn marker already ends the conversation.
   Messages are ``{"role", "content"}`` (roles system, developer, user, assistant, tool;
   an assistant turn may carry ``tool_calls`` instead of content) or ShareGPT's
@@ -41,8 +45,9 @@ from ..errors import DataError
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("auto", "text", "chat")
+FORMATS = ("auto", "text", "chat", "prompt_completion")
 SHAREGPT_FIELD = "conversations"
+PROMPT_FIELD, COMPLETION_FIELD = "prompt", "completion"  # TRL's names
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -61,19 +66,30 @@ def resolve_format(
 ) -> tuple[str, str]:
     """``(format, column)``: ``text`` or ``chat`` and the column it reads.
 
-    ``auto`` prefers chat: the messages column, else ShareGPT's ``conversations``, else the text column.
+    ``auto`` prefers chat: the messages column, else ShareGPT's ``conversations``, else ``prompt`` and
+    ``completion`` columns, else the text column.
     """
     if fmt not in FORMATS:
         raise DataError(f"{where}: data.format={fmt!r}; choose one of {FORMATS}")
+    pairs = PROMPT_FIELD in columns and COMPLETION_FIELD in columns
     if fmt == "auto":
         for column, chosen in ((messages_field, "chat"), (SHAREGPT_FIELD, "chat"), (text_field, "text")):
-            if column in columns:
+            if column in columns and not (chosen == "text" and pairs):
                 return chosen, column
+        if pairs:
+            return "prompt_completion", PROMPT_FIELD
         raise DataError(
             f"{where}: neither a text column {text_field!r} nor a messages column {messages_field!r} "
-            f"(nor ShareGPT's {SHAREGPT_FIELD!r}; columns: {list(columns)}); "
-            "set data.text_field=... or data.messages_field=..."
+            f"(nor ShareGPT's {SHAREGPT_FIELD!r}, nor {PROMPT_FIELD!r} and {COMPLETION_FIELD!r}; columns: "
+            f"{list(columns)}); set data.text_field=... or data.messages_field=..."
         )
+    if fmt == "prompt_completion":
+        if not pairs:
+            raise DataError(
+                f"{where}: data.format='prompt_completion' needs {PROMPT_FIELD!r} and {COMPLETION_FIELD!r} columns "
+                f"(columns: {list(columns)})"
+            )
+        return fmt, PROMPT_FIELD
     field = text_field if fmt == "text" else messages_field
     if field not in columns:
         raise DataError(
@@ -101,6 +117,11 @@ def tokenize_dataset(
     if fmt == "text":
         texts = [_check_text(row, column, i, where) for i, row in enumerate(dataset[column])]
         docs = _tokenize_texts([text for text in texts if text.strip()], tokenizer)
+    elif fmt == "prompt_completion":
+        pairs = zip(dataset[PROMPT_FIELD], dataset[COMPLETION_FIELD], strict=True)
+        docs = [tokenize_prompt_completion(p, c, tokenizer, i, where) for i, (p, c) in enumerate(pairs)]
+        chat = isinstance(dataset[0][PROMPT_FIELD], list) or isinstance(dataset[0][COMPLETION_FIELD], list)
+        column = "chat template" if chat else "text"
     else:
         docs = []
         for i, row in enumerate(dataset[column]):
@@ -109,7 +130,11 @@ def tokenize_dataset(
                 docs.append(tokenize_chat(messages, tokenizer, where=f"{where} row {i}"))
     tokens = sum(len(doc.input_ids) for doc in docs)
     targets = sum(sum(doc.trainable[1:]) for doc in docs)
-    chosen = "text" if fmt == "text" else f"chat ({'ShareGPT ' if column == SHAREGPT_FIELD else ''}{column!r} column)"
+    if fmt == "prompt_completion":
+        chosen = f"prompt/completion ({column}; loss on the completion only)"
+    else:
+        sharegpt = "ShareGPT " if column == SHAREGPT_FIELD else ""
+        chosen = "text" if fmt == "text" else f"chat ({sharegpt}{column!r} column)"
     logger.info(
         "%s: format %s, %d rows -> %d documents, %d tokens, %d targets (%.1f%%)",
         where,
@@ -129,9 +154,13 @@ def tokenize_dataset(
 
 
 def tokenize_chat(
-    messages: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerFast, where: str = "conversation"
+    messages: Sequence[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerFast,
+    where: str = "conversation",
+    train_from: int = 0,
 ) -> Document:
-    """Render one conversation with the chat template; only assistant tokens are targets.
+    """Render one conversation with the chat template; only assistant tokens are targets, of the turns from
+    message ``train_from`` on (a prompt's earlier assistant turns are context).
 
     ``where`` names the row in errors: a template that fails on it, or one that leaves an assistant turn
     with fewer targets than its content has tokens.
@@ -142,11 +171,13 @@ def tokenize_chat(
             tokenizer, messages, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
         trainable = [bool(m) for m in encoding["assistant_masks"]]
+        if train_from:
+            trainable = _after_prompt(trainable, messages, train_from, tokenizer, where)
         return Document(input_ids=list(encoding["input_ids"]), trainable=trainable)
     full = _apply(tokenizer, messages, where, tokenize=False, add_generation_prompt=False)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < train_from:
             continue
         before = _apply(tokenizer, messages[:i], where, tokenize=False, add_generation_prompt=True) if i else ""
         through = _apply(tokenizer, messages[: i + 1], where, tokenize=False, add_generation_prompt=False)
@@ -166,6 +197,41 @@ def tokenize_chat(
             )
     trainable = [any(lo <= start < hi for _, lo, hi in spans) for start in starts]
     return Document(input_ids=list(encoding["input_ids"]), trainable=trainable)
+
+
+def _after_prompt(
+    trainable: list[bool], messages: Sequence[dict[str, Any]], train_from: int, tokenizer: Any, where: str
+) -> list[bool]:
+    """``trainable`` without the tokens of ``messages[:train_from]`` (and its generation prompt)."""
+    full = _apply(tokenizer, messages, where, tokenize=False, add_generation_prompt=False)
+    prompt = _apply(tokenizer, messages[:train_from], where, tokenize=False, add_generation_prompt=True)
+    cut = _common_prefix_len(full, prompt)
+    starts = [a for a, _ in tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+    if len(starts) != len(trainable):
+        raise DataError(f"{where}: the chat template's tokens are not its rendered text's; use data.format=chat")
+    return [t and start >= cut for t, start in zip(trainable, starts, strict=True)]
+
+
+def tokenize_prompt_completion(
+    prompt: Any, completion: Any, tokenizer: PreTrainedTokenizerFast, index: int, where: str
+) -> Document:
+    """One prompt/completion row; only the completion's tokens (and the EOS or end-of-turn ending it) are targets.
+
+    Two strings are tokenised apart (the prompt with the tokenizer's special tokens) and joined, as a prompt is
+    tokenised for generation; any message list makes it a conversation rendered by the chat template.
+    """
+    if isinstance(prompt, str) and isinstance(completion, str):
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        ids = ids if ids and ids[-1] == tokenizer.eos_token_id else [*ids, tokenizer.eos_token_id]
+        return Document(input_ids=[*prompt_ids, *ids], trainable=[False] * len(prompt_ids) + [True] * len(ids))
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(completion, str):
+        completion = [{"role": "assistant", "content": completion}]
+    messages = check_messages(prompt, PROMPT_FIELD, index, where, need_assistant=False)
+    answer = check_messages(completion, COMPLETION_FIELD, index, where)
+    return tokenize_chat([*messages, *answer], tokenizer, f"{where} row {index}", train_from=len(messages))
 
 
 def _tokenize_texts(texts: list[str], tokenizer: PreTrainedTokenizerFast) -> list[Document]:
@@ -206,8 +272,9 @@ def _check_text(value: Any, field: str, index: int, where: str) -> str:
     return value
 
 
-def check_messages(value: Any, field: str, index: int, where: str) -> list[dict[str, Any]]:
-    """The row's messages as ``{"role", "content", ...}`` dicts (ShareGPT's ``from``/``value`` mapped)."""
+def check_messages(value: Any, field: str, index: int, where: str, need_assistant: bool = True) -> list[dict[str, Any]]:
+    """The row's messages as ``{"role", "content", ...}`` dicts (ShareGPT's ``from``/``value`` mapped); one
+    DataError line for a malformed one, or (``need_assistant``) for a conversation without an assistant turn."""
     fix = (
         f"each row's {field!r} must be a list of {{'role': str, 'content': str}} or ShareGPT "
         "{'from': str, 'value': str} (or set data.messages_field=...)"
@@ -238,7 +305,7 @@ def check_messages(value: Any, field: str, index: int, where: str) -> list[dict[
         if not (isinstance(message.get("content"), str) or (tool_call and "content" not in message)):
             raise DataError(f"{where} row {index}: message {turn} is {raw!r}; {fix}")
         messages.append(message)
-    if messages and not any(m["role"] == "assistant" for m in messages):
+    if need_assistant and messages and not any(m["role"] == "assistant" for m in messages):
         raise DataError(
             f"{where} row {index}: the conversation has no assistant turn, so nothing in it would be trained; "
             "drop the row or fix its roles"

@@ -202,3 +202,58 @@ def test_tool_calls_and_system_prompt() -> None:
     assert targets_of(doc, tokenizer) == '<tool_call>clock{"tz": "UTC"}</tool_call><|im_end|>\nNoon.<|im_end|>\n'
     prompt = tokenizer.decode([t for t, keep in zip(doc.input_ids, doc.trainable) if not keep])
     assert "Use tools." in prompt and "12:00" in prompt and "What time" in prompt
+
+
+# ---- prompt/completion (TRL's columns) ---------------------------------------------------------------------
+def test_prompt_completion_strings_train_the_completion_only(tokenizer, caplog) -> None:
+    rows = [{"prompt": "Q: What is len()? A:", "completion": " The number of items."}]
+    with caplog.at_level("INFO"):
+        (doc,) = tokenize_dataset(datasets.Dataset.from_list(rows), tokenizer, where="pc.jsonl")
+    prompt_ids = tokenizer(rows[0]["prompt"], add_special_tokens=True)["input_ids"]
+    completion_ids = tokenizer(rows[0]["completion"], add_special_tokens=False)["input_ids"]
+    assert doc.input_ids == [*prompt_ids, *completion_ids, tokenizer.eos_token_id]  # tokenised apart, as generated
+    assert doc.trainable == [False] * len(prompt_ids) + [True] * (len(completion_ids) + 1)
+    assert "pc.jsonl: format prompt/completion (text; loss on the completion only)" in caplog.text
+
+
+def test_prompt_completion_messages_train_the_answer_turn_only(tokenizer, caplog) -> None:
+    """A message-list prompt (earlier assistant turns included) is context; the completion, a string or messages,
+    is the turn the loss is on; a string prompt with message completions becomes a user turn."""
+    history = CONVERSATION[:4]  # ends with the user's second question; holds one assistant turn
+    answers = ["The number of keys.", [{"role": "assistant", "content": "The number of keys."}]]
+    with caplog.at_level("INFO"):
+        docs = [
+            doc
+            for answer in answers  # one file holds one kind of completion (a column has one type)
+            for doc in tokenize_dataset(
+                datasets.Dataset.from_list([{"prompt": history, "completion": answer}]), tokenizer
+            )
+        ]
+    for doc in docs:
+        assert doc.input_ids == tokenize_chat(CONVERSATION, tokenizer).input_ids
+        assert targets_of(doc, tokenizer) == "The number of keys.<|im_end|>\n"  # not the history's answer
+    assert "format prompt/completion (chat template; loss on the completion only)" in caplog.text
+    ds = datasets.Dataset.from_list([{"prompt": "Hi", "completion": [{"role": "assistant", "content": "Hello."}]}])
+    (doc,) = tokenize_dataset(ds, tokenizer)
+    assert tokenizer.decode(doc.input_ids).startswith("<|im_start|>user\nHi<|im_end|>")
+    assert targets_of(doc, tokenizer) == "Hello.<|im_end|>\n"
+
+
+def test_prompt_completion_with_generation_markers_trains_the_answer_turn_only() -> None:
+    tokenizer = with_template(STRIP_HISTORY_MARKED)
+    history, answer = REASONING[:-1], REASONING[-1]
+    (doc,) = tokenize_dataset(
+        datasets.Dataset.from_list([{"prompt": history, "completion": answer["content"]}]), tokenizer
+    )
+    assert targets_of(doc, tokenizer) == "<think>three and three</think>6<|im_end|>\n"
+
+
+def test_prompt_completion_is_chosen_by_auto_and_refused_without_both_columns(tokenizer) -> None:
+    both = datasets.Dataset.from_list([{"prompt": "a", "completion": "b", "text": "c"}])
+    (doc,) = tokenize_dataset(both, tokenizer)  # prompt/completion before a text column
+    assert not all(doc.trainable)
+    with pytest.raises(DataError, match=r"data.format='prompt_completion' needs 'prompt' and 'completion' columns"):
+        tokenize_dataset(datasets.Dataset.from_list([{"prompt": "a"}]), tokenizer, fmt="prompt_completion")
+    bad = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "a"}], "completion": [{"oops": 1}]}])
+    with pytest.raises(DataError, match=r"row 0: message 0 is .*'completion'"):
+        tokenize_dataset(bad, tokenizer)
