@@ -37,7 +37,7 @@ def run(nproc: int, depths: int, steps: int, overrides: list[str], workdir: Path
     launcher = (
         [sys.executable]
         if nproc == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     )
     cmd = [
         *launcher,

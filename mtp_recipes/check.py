@@ -4,7 +4,7 @@ Tells, before a deployment, whether each serving engine release (vLLM 0.34 and 0
 with every trained MTP weight of the export in ``DIR`` (:mod:`mtp_recipes.export_check`): offline, with no GPU
 and no engine installed. Prints one line per engine release and what it found; exits with status 1 when an engine
 would fail or draft with weights that are missing or were trained for another step, 2 on unreadable input.
-``DIR`` may be a run directory: its ``final/`` export is checked.
+``DIR`` may be a run directory: its ``final/`` export is checked, else its newest ``checkpoints/step_N/``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mtp_recipes.checkpoint.locate import run_dir_export
 from mtp_recipes.engines import ENGINES
 from mtp_recipes.errors import MTPRecipesError
 
@@ -25,8 +26,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="draft tokens per step (default: the depths trained)")  # fmt: skip
     args = parser.parse_args(argv)
     directory = Path(args.directory)
-    if not (directory / "config.json").exists() and (directory / "final" / "config.json").exists():
-        directory = directory / "final"
+    export = None if (directory / "config.json").exists() else run_dir_export(directory)
+    if export is not None:
+        print(f"{directory} is a run directory: checking its export {export}", file=sys.stderr)
+        directory = export
     if args.num_speculative_tokens is not None and args.num_speculative_tokens < 1:
         print("error: --num-speculative-tokens must be >= 1", file=sys.stderr)
         return 2

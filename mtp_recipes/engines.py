@@ -13,6 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 ENGINES = ("vllm", "sglang")
+
+
+@dataclass(frozen=True)
+class ServingLimit:
+    """An MTP layout that some engines cannot draft with as trained: ``engines`` are the ``serving.engine``
+    values it concerns, so a run warns only about the engine it is served with."""
+
+    engines: tuple[str, ...]
+    line: str
+
+
 Engine = Literal["vllm", "sglang"]
 # One problem with an export's config.json for an engine, or None: (text config dict, MTP modules built) -> line
 ConfigRule = Callable[[dict[str, Any], int], "str | None"]

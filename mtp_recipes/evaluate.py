@@ -17,8 +17,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from mtp_recipes.command_line import check_command_line
 from mtp_recipes.config import CONFIG_DIR, to_schema
 from mtp_recipes.errors import MTPRecipesError
+from mtp_recipes.input_checks import check_inputs
+from mtp_recipes.log_noise import quiet
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="finetune")
@@ -26,11 +29,14 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("mtp_recipes").setLevel(logging.INFO)
     try:
         schema = to_schema(cfg)
-        from mtp_recipes.measure_acceptance import VerificationError, evaluate, summary_line  # torch loads here
+        check_inputs(schema)
+        from mtp_recipes.hf_compat import KERNEL_FALLBACK_LOGGER  # torch loads here
+        from mtp_recipes.measure_acceptance import VerificationError, evaluate, resolve_device, summary_line
 
         output = schema.eval.output or Path(HydraConfig.get().runtime.output_dir) / "eval.json"
         try:
-            record = evaluate(schema, output)
+            with quiet(KERNEL_FALLBACK_LOGGER, when=resolve_device(schema.trainer.device).type == "cpu"):
+                record = evaluate(schema, output)
         except VerificationError as e:
             print(f"error: verify: {e}", file=sys.stderr)
             sys.exit(1)
@@ -41,4 +47,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:], "evaluate", "finetune")
     main()

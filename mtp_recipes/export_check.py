@@ -11,6 +11,7 @@ on the meta device.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from mtp_recipes.checkpoint.load import examples
 from mtp_recipes.engines import ENGINES, EngineRule
 from mtp_recipes.model import MTPModel
 from mtp_recipes.model_checkpoint import SERVING_RECORD, hf_state
+
+log = logging.getLogger("mtp_recipes")
 
 
 @dataclass
@@ -102,6 +105,15 @@ def read_export(directory: str | Path) -> Export:
         unclaimed=unclaimed,
         dtype=Counter(backbone).most_common(1)[0][0] if backbone else torch.float32,
     )
+
+
+def log_checks(directory: Path, serving_engine: str) -> None:
+    """One log line per engine release for a new export; a failure is a warning only for ``serving_engine``,
+    the engine the run is served with (the others may never serve it)."""
+    for engine in ENGINES:
+        for report in check_export(directory, (engine,)):
+            warn = engine == serving_engine and not report.ok
+            (log.warning if warn else log.info)("check: %s", report.line())
 
 
 def check_export(

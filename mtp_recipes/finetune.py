@@ -25,8 +25,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from mtp_recipes.command_line import check_command_line
 from mtp_recipes.config import CONFIG_DIR, to_schema
 from mtp_recipes.errors import MTPRecipesError
+from mtp_recipes.input_checks import check_inputs
 
 # What Hydra itself writes into a job's directory before our code runs.
 HYDRA_FILES = {".hydra", "finetune.log"}
@@ -64,9 +66,15 @@ def _check_writable(directory: Path, key: str) -> None:
 
 
 def _discard_if_unused(run_dir: Path) -> None:
-    """Remove a run dir holding only what Hydra wrote: a rejected config leaves nothing behind."""
+    """Remove a run dir holding only what Hydra wrote, and the empty directories Hydra made above it
+    (``runs/<date>/``): a rejected config leaves nothing behind."""
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= HYDRA_FILES:
         shutil.rmtree(run_dir, ignore_errors=True)
+        cwd = Path.cwd().resolve()
+        for parent in run_dir.resolve().parents:
+            if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
+                break
+            parent.rmdir()
 
 
 class _CtrlC:
@@ -97,6 +105,7 @@ def main(cfg: DictConfig) -> None:
     ctrl_c = _CtrlC()
     try:
         schema = to_schema(cfg)
+        check_inputs(schema)
         from mtp_recipes.recipe import FinetuneRecipe  # torch and transformers load only for a valid config
 
         if ctrl_c.pressed:  # a KeyboardInterrupt raised inside an import's callback is swallowed by Python
@@ -134,6 +143,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:], "finetune", "finetune")
     main()
     if _failed_jobs:
         print(f"error: {len(_failed_jobs)} sweep job(s) failed: {', '.join(_failed_jobs)}", file=sys.stderr)

@@ -74,6 +74,11 @@ def warn_if_untested_transformers() -> bool:
     return True
 
 
+# The logger of transformers' kernel dispatch, which advises installing mamba_ssm / causal_conv1d (CUDA-only)
+# whenever a Mamba mixer runs its reference PyTorch path; on CPU that advice cannot be followed.
+KERNEL_FALLBACK_LOGGER = "transformers.integrations.hub_kernels"
+
+
 def swap_class(module: nn.Module, cls: type[nn.Module]) -> None:
     """Make ``module`` an instance of ``cls``, a subclass of its own class that adds no state.
 

@@ -13,14 +13,13 @@ estimate at the recipe's ``data.seq_len``. Recipe setup on CUDA refuses, in one 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
-from mtp_recipes.checkpoint.hf import CONFIG_NAME, read_config_dict
+from mtp_recipes.checkpoint.hf import read_config_dict
+from mtp_recipes.checkpoint.locate import CONFIG_NAME, resolve_model_dir
 from mtp_recipes.config import model_kwargs
 from mtp_recipes.distributed.parallel_dims import ParallelDims
 from mtp_recipes.errors import ConfigError
@@ -43,6 +42,7 @@ class MemoryPlan:
     shard_group: int
     expert_parallel: int
     gpu_memory_gb: float
+    activation_checkpointing: bool
     parameters: int
     trainable: int
     params: float
@@ -85,59 +85,111 @@ def _config_dict(cfg: DictConfig) -> dict[str, Any]:
     fetched from the Hub: a plan must not download the weights)."""
     if cfg.model.path is None:
         return OmegaConf.to_container(cfg.model.config, resolve=True)
-    directory = Path(cfg.model.path).expanduser()
-    if not directory.is_dir():
-        from huggingface_hub import hf_hub_download
-
-        try:
-            directory = Path(hf_hub_download(cfg.model.path, CONFIG_NAME)).parent
-        except Exception as e:  # noqa: BLE001 - any hub failure means the same thing to the user
-            raise ConfigError(
-                f"model.path={cfg.model.path} is not a local directory and its config.json could not be fetched "
-                f"({type(e).__name__}); point model.path at a directory holding its config.json"
-            ) from None
+    directory = resolve_model_dir(cfg.model.path, [CONFIG_NAME])
     raw = read_config_dict(directory)
     return {k: v for k, v in raw.items() if k != "quantization_config"}
 
 
-def _gathered_size(block: nn.Module, family: Any, ep: int) -> float:
-    """Elements one rank gathers for ``block``: all of it but the routed experts, of which its ``1 / ep``."""
-    experts = sum(p.numel() for p in routed_expert_weights(block, family))
-    return sum(p.numel() for p in block.parameters()) - experts + experts / ep
+@dataclass(frozen=True)
+class ModelCounts:
+    """What the plan needs from the model, counted once on meta: every layout is arithmetic over it."""
+
+    parameters: int
+    trainable: int
+    param_bytes: int
+    trained_bytes: int
+    buffer_bytes: int
+    root: int  # elements outside the blocks (embeddings, head, norms): gathered for the whole step
+    blocks: tuple[tuple[int, int], ...]  # per block: (elements but routed experts, routed-expert elements)
+    routed_experts: int  # experts per MoE layer (0: a dense model); trainer.ep must divide it
+    hidden_size: int
 
 
-def memory_plan(cfg: DictConfig, world_size: int) -> MemoryPlan:
-    """The per-GPU plan of ``cfg`` over ``world_size`` ranks (the model is built on meta: nothing allocated)."""
-    dims = ParallelDims(world_size, cfg.trainer.dp_replicate, cfg.trainer.ep)
-    shard, ep = dims.dp_shard, dims.ep
+def count_model(cfg: DictConfig) -> ModelCounts:
+    """Count ``cfg``'s model (backbone + MTP depths) on the meta device: nothing is allocated."""
     fp32 = cfg.trainer.precision == "fp32"  # else a GPU run computes (and holds a frozen backbone) in bf16
     with torch.device("meta"):
         model = MTPModel.from_config(_config_dict(cfg), **model_kwargs(cfg, frozen_dtype=None if fp32 else "bfloat16"))
     params = list(model.parameters())
     trained = [p for p in params if p.requires_grad]
-    trained_bytes = sum(p.numel() * p.element_size() for p in trained)
-    blocks = model.blocks()
-    root = sum(p.numel() for p in params) - sum(sum(p.numel() for p in b.parameters()) for b in blocks)
-    tokens = cfg.data.batch_size * cfg.data.seq_len * model.text_config.hidden_size
+    blocks = []
+    for block in model.blocks():
+        experts = list(routed_expert_weights(block, model.family))
+        routed = sum(p.numel() for p in experts)
+        total = sum(p.numel() for p in block.parameters())
+        blocks.append((total - routed, routed, experts[0].shape[0] if experts else 0))
+    return ModelCounts(
+        parameters=sum(p.numel() for p in params),
+        trainable=sum(p.numel() for p in trained),
+        param_bytes=sum(p.numel() * p.element_size() for p in params),
+        trained_bytes=sum(p.numel() * p.element_size() for p in trained),
+        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+        root=sum(p.numel() for p in params) - sum(dense + routed for dense, routed, _ in blocks),
+        blocks=tuple((dense, routed) for dense, routed, _ in blocks),
+        routed_experts=max((n for _, _, n in blocks), default=0),
+        hidden_size=model.text_config.hidden_size,
+    )
+
+
+def memory_plan(cfg: DictConfig, world_size: int, counts: ModelCounts | None = None) -> MemoryPlan:
+    """The per-GPU plan of ``cfg`` over ``world_size`` ranks (``counts``: the model's, counted once)."""
+    counts = counts or count_model(cfg)
+    dims = ParallelDims(world_size, cfg.trainer.dp_replicate, cfg.trainer.ep)
+    shard, ep = dims.dp_shard, dims.ep
+    if ep > 1 and not counts.routed_experts:
+        raise ConfigError(f"trainer.ep={ep} but the model has no routed experts to split; set trainer.ep=1")
+    if ep > 1 and counts.routed_experts % ep:
+        raise ConfigError(
+            f"trainer.ep={ep} does not divide the {counts.routed_experts} routed experts of each MoE layer"
+        )
+    fp32 = cfg.trainer.precision == "fp32"
+    tokens = cfg.data.batch_size * cfg.data.seq_len * counts.hidden_size
+    n_blocks = len(counts.blocks)
     if cfg.trainer.activation_checkpointing:
-        activations = tokens * (CHECKPOINTED_BYTES * len(blocks) + ACTIVATION_BYTES)
+        activations = tokens * (CHECKPOINTED_BYTES * n_blocks + ACTIVATION_BYTES)
     else:
-        activations = tokens * ACTIVATION_BYTES * len(blocks)
+        activations = tokens * ACTIVATION_BYTES * n_blocks
+    largest = max((dense + routed / ep for dense, routed in counts.blocks), default=0)
     return MemoryPlan(
         world_size=world_size,
         shard_group=shard,
         expert_parallel=ep,
         gpu_memory_gb=cfg.trainer.gpu_memory_gb,
-        parameters=sum(p.numel() for p in params),
-        trainable=sum(p.numel() for p in trained),
-        params=sum(p.numel() * p.element_size() for p in params) / shard,
-        grads=trained_bytes / shard,
-        optimizer=2 * trained_bytes / shard,
-        buffers=sum(b.numel() * b.element_size() for b in model.buffers()),
-        gathered=(4 if fp32 else 2)
-        * (root + 2 * max((_gathered_size(b, model.family, ep) for b in blocks), default=0)),
+        activation_checkpointing=cfg.trainer.activation_checkpointing,
+        parameters=counts.parameters,
+        trainable=counts.trainable,
+        params=counts.param_bytes / shard,
+        grads=counts.trained_bytes / shard,
+        optimizer=2 * counts.trained_bytes / shard,
+        buffers=counts.buffer_bytes,
+        gathered=(4 if fp32 else 2) * (counts.root + 2 * largest),
         activations=activations,
     )
+
+
+def smallest_fitting(cfg: DictConfig, counts: ModelCounts, max_world_size: int = 1024) -> MemoryPlan | None:
+    """The layout with the fewest GPUs that fits: 1, 2, 4, then whole 8-GPU nodes; at a given size, expert
+    parallelism before activation checkpointing (which costs a recomputed forward), and the smallest ``ep``.
+    ``trainer.dp_replicate`` is kept; None when nothing up to ``max_world_size`` fits."""
+    sizes = [1, 2, 4, *range(8, max_world_size + 1, 8)]
+    checkpointing = [False, True] if not cfg.trainer.activation_checkpointing else [True]
+    for world in sizes:
+        if world % cfg.trainer.dp_replicate:
+            continue
+        shard = world // cfg.trainer.dp_replicate
+        eps = [ep for ep in range(1, shard + 1) if shard % ep == 0 and (ep == 1 or counts.routed_experts % ep == 0)]
+        for ac in checkpointing:
+            for ep in eps:
+                plan = memory_plan(_with(cfg, ep=ep, activation_checkpointing=ac), world, counts)
+                if plan.fits:
+                    return plan
+    return None
+
+
+def _with(cfg: DictConfig, **trainer: Any) -> DictConfig:
+    changed = OmegaConf.create(OmegaConf.to_container(cfg))
+    changed.trainer.update(trainer)
+    return changed
 
 
 def refuse_unfitting(cfg: DictConfig, world_size: int, device: torch.device) -> None:

@@ -19,8 +19,9 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from mtp_recipes import hf_compat
-from mtp_recipes.checkpoint.hf import fp8_block_size, read_config_dict, resolve_model_dir
+from mtp_recipes.checkpoint.hf import fp8_block_size, read_config_dict
 from mtp_recipes.checkpoint.keymap import KeyMap
+from mtp_recipes.checkpoint.locate import resolve_model_dir
 from mtp_recipes.checkpoint.provenance import Provenance
 from mtp_recipes.document_layout import document_layout
 from mtp_recipes.errors import ConfigError
@@ -364,9 +365,11 @@ class MTPModel(nn.Module):
         """config.json for the export: the source's own JSON (unknown fields kept) + current MTP fields."""
         return export_config(self)
 
-    def serving_limits(self) -> list[str]:
-        """One line per serving engine that cannot draft with this model's MTP layout (docs/serving.md)."""
-        return self.family.serving_limits(self.text_config, self.mtp_config)
+    def serving_limits(self, engine: str | None = None) -> list[str]:
+        """What ``engine`` (default: the one this model trains for, ``serving.engine``) cannot draft with in this
+        MTP layout, one line each (docs/serving.md)."""
+        limits = self.family.serving_limits(self.text_config, self.mtp_config)
+        return [limit.line for limit in limits if (engine or self.engine) in limit.engines]
 
     def save_pretrained(
         self,

@@ -149,7 +149,7 @@ def save_checkpoint(
     """
     provenance = model.provenance
     if writer:
-        for limit in model.family.serving_limits(model.text_config, model.mtp_config):
+        for limit in model.serving_limits():
             logger.warning("export to %s: %s", save_directory, limit)
         if provenance.dequantized:
             logger.info("export to %s: FP8 source weights are written in BF16, not re-quantised", save_directory)

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mtp_recipes.drawing import pyplot
+
 Curve = tuple[list[int], list[float]]
 
 
@@ -38,13 +40,7 @@ def curves(records: list[dict[str, Any]]) -> dict[str, dict[str, Curve]]:
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw the run's metrics (:func:`curves`) into a PNG (default ``RUN_DIR/metrics.png``) and return its path."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("error: plotting needs matplotlib: pip install 'mtp_recipes[plot]'") from None
+    plt = pyplot()
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():

@@ -22,7 +22,7 @@ from mtp_recipes.data import build_train_and_eval, load_tokenizer
 from mtp_recipes.data.tokenizer import check_vocab, tokenizer_location
 from mtp_recipes.distributed.mesh import all_reduce_sum, init_world, shutdown
 from mtp_recipes.distributed.parallelize import clip_grad_norm, parallelize
-from mtp_recipes.export_check import check_export
+from mtp_recipes.export_check import log_checks
 from mtp_recipes.memory_plan import refuse_unfitting
 from mtp_recipes.metrics import StepTotals, flops_per_token
 from mtp_recipes.model import MTPModel, MTPOutput
@@ -240,8 +240,7 @@ class FinetuneRecipe:
         self.model.save_pretrained(directory, tokenizer=self.tokenizer, writer=self.world.is_main)
         log.info("saved Hugging Face checkpoint to %s", directory)
         if self.world.is_main and (directory / "config.json").exists():  # an adapter export has none
-            for report in check_export(directory):  # python -m mtp_recipes.check gives the details
-                (log.info if report.ok else log.warning)("check: %s", report.line())
+            log_checks(directory, self.cfg.serving.engine)  # python -m mtp_recipes.check gives the details
         self.last_checkpoint = directory
         return directory
 

@@ -10,8 +10,8 @@ unless the job already holds an ``eval.json``. Then ``MULTIRUN_DIR`` gets
   training tokens/s (median over steps), generation tokens/s, wall time (from Hydra's start of the job to its
   last metrics record or export), and whether the job is on the Pareto front;
 * ``summary.png``: held-out main CE against acceptance length, one labelled point per job, the Pareto front
-  (no other job has both a lower CE and a longer acceptance) joined by a line. Needs matplotlib (the ``plot``
-  extra); without it the table is still written.
+  (no other job has both a lower CE and a longer acceptance) joined by a line, titled with what the sweep varied
+  and held.
 
 :class:`SweepReport` runs this at the end of every ``finetune`` multirun (registered in ``configs/finetune.yaml``).
 """
@@ -30,6 +30,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from mtp_recipes.drawing import pyplot
 from mtp_recipes.errors import MTPRecipesError
 
 log = logging.getLogger("mtp_recipes")
@@ -154,8 +155,15 @@ def report(sweep_dir: str | Path, evaluate: bool = True) -> list[dict[str, Any]]
     fixed = [f"{k}={rows[0][k]}" for k in overridden if k not in swept]
     measured = [c for c in columns if c not in (*overridden, "job", "overrides", "label")]
     (sweep_dir / "summary.md").write_text(_markdown(sweep_dir, rows, swept, fixed, measured))
-    _plot(sweep_dir / "summary.png", rows)
+    _plot(sweep_dir / "summary.png", rows, _title(sweep_dir, swept, fixed, len(rows)))
     return rows
+
+
+def _title(sweep_dir: Path, swept: list[str], fixed: list[str], jobs: int) -> str:
+    """What the sweep varied and held, and when it ran (``runs/multirun/<date>/<time>``)."""
+    varied = ", ".join(swept) or "nothing"
+    held = f" | {', '.join(fixed)}" if fixed else ""
+    return f"sweep of {varied} ({jobs} jobs, {sweep_dir.parent.name} {sweep_dir.name}){held}"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -197,15 +205,8 @@ def _job_number_or_name(row: dict[str, Any]) -> str:
     return prefix if prefix.isdigit() else row["job"]
 
 
-def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("report: no summary.png (needs matplotlib: pip install 'mtp_recipes[plot]')")
-        return
+def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+    plt = pyplot()
     points = [r for r in rows if r["heldout_main_ce"] is not None and r["acceptance_length"] is not None]
     fig, ax = plt.subplots(figsize=(7, 5))
     for r in points:
@@ -218,7 +219,7 @@ def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
         ax.legend()
     ax.set_xlabel("acceptance length (tokens per backbone forward, greedy)")
     ax.set_ylabel("held-out main CE")
-    ax.set_title(path.parent.name)
+    ax.set_title(title, fontsize=9, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

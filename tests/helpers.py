@@ -19,7 +19,8 @@ def launcher(nproc: int) -> list[str]:
     """The command prefix that runs a script or ``-m module`` in ``nproc`` processes (torchrun), or in one."""
     if nproc == 1:
         return [sys.executable]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    # --standalone: a free port of its own, so concurrent suites (or a stray worker) never share a rendezvous
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
 
 
 def tiny_nemotron(**overrides: Any) -> NemotronHConfig:

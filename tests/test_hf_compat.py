@@ -4,7 +4,9 @@ Each test checks the touch point's *effect* on transformers' own objects (or agr
 so a rename or a change of meaning in a new release fails here, not deep inside a training run.
 """
 
+import importlib
 import importlib.metadata
+import inspect
 import logging
 import re
 from pathlib import Path
@@ -348,3 +350,12 @@ def test_no_touch_point_outside_the_fence():
         if re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}", line)
     ]
     assert found == []
+
+
+def test_kernel_fallback_logger():
+    """The logger that advises CUDA-only kernels on CPU is the one evaluate and regenerate hold back there."""
+    module = importlib.import_module(hf_compat.KERNEL_FALLBACK_LOGGER)
+    assert module.logger.name == hf_compat.KERNEL_FALLBACK_LOGGER, touch("KERNEL_FALLBACK_LOGGER")
+    assert "is falling back to its reference PyTorch implementation" in inspect.getsource(module), touch(
+        "KERNEL_FALLBACK_LOGGER"
+    )

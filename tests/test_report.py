@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 
+from mtp_recipes import report as report_module
 from mtp_recipes.report import pareto_front, report
 
 SWEEP = [
@@ -17,7 +18,7 @@ SWEEP = [
 ]  # fmt: skip
 
 
-def test_a_two_job_sweep_gets_its_summary(tmp_path):
+def test_a_two_job_sweep_gets_its_summary(tmp_path, monkeypatch):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
         [sys.executable, "-m", "mtp_recipes.finetune", "-m", *SWEEP, "mtp.loss_scaling_factor=0.05,0.3",
@@ -47,9 +48,19 @@ def test_a_two_job_sweep_gets_its_summary(tmp_path):
     assert "Every job: trainer.progress_bar=False trainer.max_steps=3" in table
     assert (sweep / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # Run again by hand: the jobs' eval.json files are reused, the summary is the same.
+    assert "fontManager" not in result.stdout + result.stderr and "font cache" not in result.stdout + result.stderr
+
+    # Run again by hand: the jobs' eval.json files are reused, the summary is the same; the plot's title says
+    # what was swept and what every job held
+    titles = []
+    monkeypatch.setattr(report_module, "_plot", lambda path, rows, title: titles.append(title))
     again = report(sweep, evaluate=False)
     assert [str(r["acceptance_length"]) for r in again] == [r["acceptance_length"] for r in rows]
+    assert titles == [
+        f"sweep of mtp.loss_scaling_factor (2 jobs, {sweep.parent.name} {sweep.name}) | trainer.progress_bar=False, "
+        "trainer.max_steps=3, data.seq_len=64, data.batch_size=4, data.max_documents=20, eval.num_prompts=2, "
+        "eval.max_new_tokens=8"
+    ]
 
 
 def test_pareto_front_holds_exactly_the_undominated_points():

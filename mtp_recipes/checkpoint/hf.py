@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint files: finding them, reading tensors (whole or some rows), writing a directory.
+"""Hugging Face checkpoint files: reading tensors (whole or some rows), writing a directory.
 
 transformers drops every MTP tensor on load, so the safetensors files are read and written here, MTP tensors
 included: names, layouts and dtypes are the caller's business (:mod:`mtp_recipes.checkpoint.load`,
@@ -21,42 +21,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mtp_recipes.checkpoint.atomic import atomic_directory
+from mtp_recipes.checkpoint.locate import CONFIG_NAME
 from mtp_recipes.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-CONFIG_NAME = "config.json"
 _NOT_COPIED = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)$|model\.safetensors\.index\.json|config\.json")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-def resolve_model_dir(name_or_path: str) -> Path:
-    """A local checkpoint directory for a path or a Hub id (downloaded only when the Hub is reachable)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"model.path={name_or_path} is a file; point it at a checkpoint directory")
-    if not _HUB_ID.match(name_or_path):
-        raise CheckpointError(f"model directory {name_or_path} does not exist; check model.path")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(
-                name_or_path,
-                allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"],
-            )
-        )
-    except Exception as e:  # noqa: BLE001 - any hub failure means the same thing to the user
-        reason = " ".join(str(e).split()) or "no message"
-        raise CheckpointError(
-            f"model '{name_or_path}' is not a local directory and could not be fetched from the Hugging Face Hub "
-            f"({type(e).__name__}: {reason}); download it first (hf download {name_or_path} --local-dir DIR) "
-            "and set model.path=DIR"
-        ) from None
 
 
 def read_config_dict(model_dir: Path) -> dict[str, Any]:

@@ -36,12 +36,14 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
-from transformers import PreTrainedTokenizerFast
 
 from ..errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +83,8 @@ def resolve_format(
         raise DataError(
             f"{where}: neither a text column {text_field!r} nor a messages column {messages_field!r} "
             f"(nor ShareGPT's {SHAREGPT_FIELD!r}, nor {PROMPT_FIELD!r} and {COMPLETION_FIELD!r}; columns: "
-            f"{list(columns)}); set data.text_field=... or data.messages_field=..."
+            f"{list(columns)}); name the columns {PROMPT_FIELD!r} and {COMPLETION_FIELD!r} for prompt/completion "
+            "pairs, or set data.text_field / data.messages_field to a column holding whole documents / chats"
         )
     if fmt == "prompt_completion":
         if not pairs:
@@ -118,10 +121,10 @@ def tokenize_dataset(
         texts = [_check_text(row, column, i, where) for i, row in enumerate(dataset[column])]
         docs = _tokenize_texts([text for text in texts if text.strip()], tokenizer)
     elif fmt == "prompt_completion":
-        pairs = zip(dataset[PROMPT_FIELD], dataset[COMPLETION_FIELD], strict=True)
+        pairs = list(zip(dataset[PROMPT_FIELD], dataset[COMPLETION_FIELD], strict=True))
         docs = [tokenize_prompt_completion(p, c, tokenizer, i, where) for i, (p, c) in enumerate(pairs)]
-        chat = isinstance(dataset[0][PROMPT_FIELD], list) or isinstance(dataset[0][COMPLETION_FIELD], list)
-        column = "chat template" if chat else "text"
+        chat = {isinstance(p, list) or isinstance(c, list) for p, c in pairs}  # rows may mix the two
+        column = "text and chat template rows" if len(chat) == 2 else "chat template" if True in chat else "text"
     else:
         docs = []
         for i, row in enumerate(dataset[column]):

@@ -25,6 +25,7 @@ from pathlib import Path
 import datasets
 
 from ..errors import DataError
+from ..log_noise import quiet
 
 _LOADER_BY_SUFFIX = {
     ".jsonl": "json",
@@ -104,7 +105,8 @@ def _local_files(source: str) -> list[str] | None:
     return files
 
 
-def _load_files(source: str, files: list[str], split: str, text_sample_by: str) -> datasets.Dataset:
+def _checked_loader(source: str, files: list[str], text_sample_by: str) -> str:
+    """The one datasets loader of ``files``, after the checks that need no loading."""
     loaders = {_LOADER_BY_SUFFIX.get(Path(f).suffix) for f in files}
     if None in loaders or len(loaders) != 1:
         raise DataError(
@@ -112,16 +114,20 @@ def _load_files(source: str, files: list[str], split: str, text_sample_by: str) 
             f"({sorted({Path(f).suffix for f in files})}); use one of {sorted(_LOADER_BY_SUFFIX)}"
         )
     loader = loaders.pop()
-    kwargs = {}
-    if loader == "text":
-        if text_sample_by not in TEXT_SAMPLE_BY:
-            raise DataError(f"data.text_sample_by={text_sample_by!r}; choose one of {TEXT_SAMPLE_BY}")
-        kwargs["sample_by"] = text_sample_by
+    if loader == "text" and text_sample_by not in TEXT_SAMPLE_BY:
+        raise DataError(f"data.text_sample_by={text_sample_by!r}; choose one of {TEXT_SAMPLE_BY}")
     if all(_blank(f) for f in files):
         raise DataError(f"data.source={source!r}: {'the file is' if len(files) == 1 else 'every file is'} empty")
+    return loader
+
+
+def _load_files(source: str, files: list[str], split: str, text_sample_by: str) -> datasets.Dataset:
+    loader = _checked_loader(source, files, text_sample_by)
+    kwargs = {"sample_by": text_sample_by} if loader == "text" else {}
     split_name = split.split("[", 1)[0]
     try:
-        dataset = datasets.load_dataset(loader, data_files={split_name: files}, split=split, **kwargs)
+        with quiet("datasets.packaged_modules.json.json"):  # it logs the parse error we report with its line
+            dataset = datasets.load_dataset(loader, data_files={split_name: files}, split=split, **kwargs)
     except Exception as err:  # pyarrow, datasets and the OS raise many types; find the line at fault
         bad = _first_bad_json_line(files) if loader == "json" else None
         if bad is not None:
@@ -158,12 +164,15 @@ def _first_bad_json_line(files: list[str]) -> str | None:
             except json.JSONDecodeError:
                 pass
         for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                return f"{path} line {number} is not valid JSON ({e.msg} at column {e.colno})"
-            if not isinstance(row, dict):
-                return f"{path} line {number} is a JSON {type(row).__name__}, not an object"
+            bad = _bad_json_line(path, number, line) if line.strip() else None
+            if bad is not None:
+                return bad
     return None
+
+
+def _bad_json_line(path: str, number: int, line: str) -> str | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        return f"{path} line {number} is not valid JSON ({e.msg} at column {e.colno})"
+    return None if isinstance(row, dict) else f"{path} line {number} is a JSON {type(row).__name__}, not an object"

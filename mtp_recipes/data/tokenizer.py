@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from ..checkpoint.hf import resolve_model_dir
+from ..checkpoint.locate import resolve_model_dir
 from ..errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from mtp_recipes import hf_compat
-from mtp_recipes.engines import Conventions, EngineRule
+from mtp_recipes.engines import Conventions, EngineRule, ServingLimit
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.stack import BlockRunner, MTPDepth, PassesOn
@@ -150,8 +150,8 @@ class Family(ABC):
         """
         return None
 
-    def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[str]:
-        """One line per serving engine that cannot draft with this MTP layout (none by default)."""
+    def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[ServingLimit]:
+        """What the serving engines cannot draft with in this MTP layout (nothing by default)."""
         return []
 
     def packing_kwargs(self, seq_idx: torch.Tensor | None) -> dict[str, Any]:

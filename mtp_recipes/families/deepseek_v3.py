@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
-from mtp_recipes.engines import Conventions, EngineRule, at_most
+from mtp_recipes.engines import Conventions, EngineRule, ServingLimit, at_most
 from mtp_recipes.families.base import (
     Family,
     KeyPrefixes,
@@ -80,9 +80,10 @@ class DeepseekV3(Family):
     def write_export_fields(self, config_json: dict[str, Any], mtp: MTPConfig) -> None:
         set_fields(config_json, {"num_nextn_predict_layers": mtp.num_physical_layers})
 
-    def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[str]:
+    def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[ServingLimit]:
         if mtp.num_physical_layers > 1:
-            return [f"SGLang serves DeepSeek-V3 MTP with one depth only; this layout has {mtp.num_physical_layers}"]
+            line = f"SGLang serves DeepSeek-V3 MTP with one depth only; this layout has {mtp.num_physical_layers}"
+            return [ServingLimit(("sglang",), line)]
         return []
 
     def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
 
-from mtp_recipes.engines import Conventions, EngineRule
+from mtp_recipes.engines import Conventions, EngineRule, ServingLimit
 from mtp_recipes.families.base import Family, KeyPrefixes, register, set_fields
 from mtp_recipes.families.minimax_m3_attention import make_document_aware
 from mtp_recipes.hf_compat import attach_weight_conversions, checkpoint_conversions, keep_in_fp32, swap_class
@@ -110,14 +110,16 @@ class MiniMaxM3(Family):
             {"num_mtp_modules": mtp.num_physical_layers, "num_nextn_predict_layers": mtp.num_physical_layers},
         )
 
-    def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[str]:
-        limits = ["SGLang skips MiniMax-M3's MTP weights (serve MTP drafting with vLLM)"] if mtp.num_layers else []
+    def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[ServingLimit]:
+        skipped = "SGLang skips MiniMax-M3's MTP weights (serve MTP drafting with vLLM)"
+        limits = [ServingLimit(("sglang",), skipped)] if mtp.num_layers else []
         if mtp.num_physical_layers > 1:
-            limits.append(
+            line = (
                 f"vLLM 0.34 drafts every step with MTP module 1 (multi-module MTP is off for MiniMax-M3): modules "
                 f"2..{mtp.num_physical_layers} are never used; mtp.use_repeated_layer=true trains one module for "
                 "every step"
             )
+            limits.append(ServingLimit(("vllm",), line))
         return limits
 
     def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
-from mtp_recipes.engines import Conventions, EngineRule, at_most
+from mtp_recipes.engines import Conventions, EngineRule, ServingLimit, at_most
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.families.base import Family, KeyPrefixes, packed_mask, register, set_fields, sub_config
 from mtp_recipes.families.nemotron_h_mamba import kernels, use_boundary_aware_mamba
@@ -148,20 +148,20 @@ class NemotronH(Family):
         if isinstance(layers, list):
             config_json["layers_block_type"] = [SERVING_NAMES.get(t, t) for t in layers]
 
-    def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[str]:
-        limits = []
+    def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[ServingLimit]:
+        lines = []
         if mtp.num_physical_layers > 1:
-            limits.append(
+            lines.append(
                 f"vLLM and SGLang serve Nemotron-H MTP with one physical depth; this layout has "
                 f"{mtp.num_physical_layers} (mtp.use_repeated_layer=true keeps one)"
             )
         pattern = block_pattern_string(mtp.block_types)
         if set(pattern) - {"*", "E"}:
-            limits.append(
+            lines.append(
                 f"vLLM and SGLang build Nemotron-H MTP sublayers of attention (*) and MoE (E) only; "
                 f"this pattern is {pattern!r}"
             )
-        return limits
+        return [ServingLimit(("vllm", "sglang"), line) for line in lines]
 
     def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:
         backbone = super().build_backbone(hf_config)

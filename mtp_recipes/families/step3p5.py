@@ -23,7 +23,7 @@ from transformers.models.step3p7 import Step3p7TextConfig
 from transformers.models.step3p7 import modeling_step3p7 as hf
 
 from mtp_recipes import hf_compat
-from mtp_recipes.engines import Conventions, EngineRule, at_most
+from mtp_recipes.engines import Conventions, EngineRule, ServingLimit, at_most
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.families.base import (
     Family,
@@ -155,15 +155,16 @@ class Step3p5(Family):
             fields.update(lists.resized(mtp.num_physical_layers))
         set_fields(config_json, fields)
 
-    def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[str]:
+    def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[ServingLimit]:
         # SGLang builds one MTP block, with the per-layer entries (rope, SwiGLU limits) of layer 45 (the
         # first MTP layer of Step-3.5-Flash), and reuses it for every draft step.
         if hf_config.num_hidden_layers != 45 or mtp.num_physical_layers > 1:
-            return [
+            line = (
                 "SGLang builds one Step-3.5 MTP block with layer 45's per-layer config entries and reuses it "
                 f"for every draft step; this layout has {hf_config.num_hidden_layers} backbone layers and "
                 f"{mtp.num_physical_layers} physical MTP depth(s)"
-            ]
+            )
+            return [ServingLimit(("sglang",), line)]
         return []
 
     def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:

@@ -99,7 +99,9 @@ def log_setup(run_dir: Path, model: Any, device: Any, world_size: int, trainable
     """The run's first lines: where it writes, what trains, the MTP layout and λ, and LoRA's settings."""
     log.info("run dir %s", run_dir)
     m = model.mtp_config
-    pattern = "/".join(m.block_types)
+    # the sublayers of a depth: the family's pattern where it offers a choice, else the block classes
+    blocks = [type(b).__name__ for b in model.mtp.depths[0].blocks] if len(model.mtp.depths) else []
+    pattern = "/".join(m.block_types) or "/".join(blocks)
     log.info(
         "%s x%d | %.2fM trainable parameters | MTP D=%d%s λ=%g",
         device,

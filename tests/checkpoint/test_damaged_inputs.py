@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from mtp_recipes.checkpoint import locate
 from mtp_recipes.checkpoint.atomic import recover_interrupted_writes
-from mtp_recipes.checkpoint.hf import resolve_model_dir
+from mtp_recipes.checkpoint.locate import resolve_model_dir
 from mtp_recipes.errors import CheckpointError
 from mtp_recipes.model import MTPModel
 from tests.helpers import debug_model_config
@@ -71,11 +72,36 @@ def test_a_hub_error_keeps_its_message_and_the_hint_names_hf_download(monkeypatc
         raise OSError("401 Client Error: Unauthorized for url: https://huggingface.co/api/models/acme/secret")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    monkeypatch.setattr(locate, "hub_unreachable", lambda: None)  # the Hub answers, and refuses
     with pytest.raises(CheckpointError) as err:
         resolve_model_dir("acme/secret")
     message = str(err.value)
     assert "401 Client Error: Unauthorized" in message and "hf download acme/secret --local-dir DIR" in message
     assert "\n" not in message
+
+
+def test_an_unreachable_hub_is_asked_nothing_and_the_cache_is_tried(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    calls = []
+
+    def from_cache(repo_id, **kwargs):
+        calls.append(kwargs)
+        if repo_id == "acme/cached":
+            return str(tmp_path)
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", from_cache)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    assert locate.hub_unreachable() == "127.0.0.1 cannot be reached (Connection refused)"
+    assert resolve_model_dir("acme/cached") == tmp_path
+    with pytest.raises(CheckpointError) as err:
+        resolve_model_dir("acme/elsewhere")
+    assert "(127.0.0.1 cannot be reached (Connection refused)) and it is not in the local Hugging Face cache" in str(
+        err.value
+    )
+    assert [c["local_files_only"] for c in calls] == [True, True]
 
 
 def test_interrupted_atomic_writes_are_undone(tmp_path):

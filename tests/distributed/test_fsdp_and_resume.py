@@ -300,7 +300,17 @@ def test_sharded_load_keeps_each_rank_near_its_own_share(tmp_path):
     small = MTPModel.from_config(debug_model_config("deepseek_v3_debug")).save_pretrained(tmp_path / "dsv3")
     worker = Path(__file__).with_name("load_worker.py")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), str(ckpt), str(small)],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(worker),
+            str(ckpt),
+            str(small),
+        ],
         cwd=tmp_path,
         env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
         capture_output=True,

@@ -136,25 +136,36 @@ def test_final_norm_weight_reaches_depth_one_only_through_a_normed_h0(name):
 @pytest.mark.parametrize(
     ("name", "overrides", "engines"),
     [
-        ("nemotron_h_debug", {"num_layers": 1}, []),
-        ("nemotron_h_debug", {"num_layers": 2}, ["vLLM and SGLang"]),
-        ("nemotron_h_debug", {"num_layers": 2, "use_repeated_layer": True}, []),
-        ("nemotron_h_debug", {"num_layers": 1, "block_types": "*-"}, ["vLLM and SGLang"]),
-        ("deepseek_v3_debug", {"num_layers": 1}, []),
-        ("deepseek_v3_debug", {"num_layers": 2}, ["SGLang"]),
-        ("step3p5_debug", {"num_layers": 1}, ["SGLang"]),  # 45 backbone layers only
-        ("minimax_m3_debug", {"num_layers": 1}, ["SGLang"]),
+        ("nemotron_h_debug", {"num_layers": 1}, {}),
+        ("nemotron_h_debug", {"num_layers": 2}, {"vllm": "vLLM and SGLang", "sglang": "vLLM and SGLang"}),
+        ("nemotron_h_debug", {"num_layers": 2, "use_repeated_layer": True}, {}),
+        ("nemotron_h_debug", {"num_layers": 1, "block_types": "*-"}, {"vllm": "vLLM and", "sglang": "vLLM and"}),
+        ("deepseek_v3_debug", {"num_layers": 1}, {}),
+        ("deepseek_v3_debug", {"num_layers": 2}, {"sglang": "SGLang"}),
+        ("step3p5_debug", {"num_layers": 1}, {"sglang": "SGLang"}),  # 45 backbone layers only
+        ("minimax_m3_debug", {"num_layers": 1}, {"sglang": "SGLang"}),
+        ("minimax_m3_debug", {"num_layers": 2}, {"sglang": "SGLang", "vllm": "vLLM 0.34"}),
     ],
 )
 def test_unservable_layouts_are_named_at_export(name, overrides, engines, tmp_path, caplog):
-    model = MTPModel.from_config(debug_model_config(name), **overrides)
-    limits = model.serving_limits()
-    assert [line.split(" ")[0] for line in limits] == [e.split(" ")[0] for e in engines]
-    assert all(line.startswith(engine) for line, engine in zip(limits, engines))
+    """Each engine's limits name that engine; an export warns only about the engine it is served with."""
+    model = MTPModel.from_config(debug_model_config(name), **overrides)  # serving.engine=vllm
+    for engine in ("vllm", "sglang"):
+        limits = model.serving_limits(engine)
+        assert [line[: len(engines[engine])] for line in limits] == ([engines[engine]] if engine in engines else [])
+    assert model.serving_limits() == model.serving_limits("vllm")
     with caplog.at_level("WARNING", logger="mtp_recipes"):
         model.save_pretrained(tmp_path / "export")
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("export to")]
-    assert [m.split(": ", 1)[1] for m in logged] == limits
+    assert [m.split(": ", 1)[1] for m in logged] == model.serving_limits("vllm")
+
+
+def test_an_export_served_by_sglang_warns_about_sglang(tmp_path, caplog):
+    model = MTPModel.from_config(debug_model_config("deepseek_v3_debug"), num_layers=2, engine="sglang")
+    with caplog.at_level("WARNING", logger="mtp_recipes"):
+        model.save_pretrained(tmp_path / "export")
+    logged = [r.getMessage().split(": ", 1)[1] for r in caplog.records if r.getMessage().startswith("export to")]
+    assert logged == model.serving_limits() and logged[0].startswith("SGLang serves DeepSeek-V3 MTP with one depth")
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3_debug", "nemotron_h_debug"])
