@@ -13,7 +13,8 @@ from transformers import (
 
 from mtp_recipes.metrics import flops_per_token, mfu, peak_flops, peak_flops_for_name
 from mtp_recipes.model import MTPModel
-from tests.helpers import tiny_nemotron
+from mtp_recipes.train.metrics_log import log_setup
+from tests.helpers import debug_model_config, tiny_nemotron
 from tests.test_hf_compat import tiny_deepseek
 
 V, H, FF, L, HEADS, KV, HD = 97, 16, 24, 2, 4, 2, 8
@@ -143,3 +144,15 @@ def test_peak_and_mfu():
         assert peak_flops() is None
     assert mfu(1000.0, 6e9, 989e12) == pytest.approx(6e12 / 989e12)
     assert mfu(1000.0, 6e9, None) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "blocks"), [("nemotron_h_debug", "full_attention/moe"), ("step3p5_debug", "Step3p7DecoderLayer")]
+)
+def test_the_setup_line_names_what_a_depth_holds(name, blocks, caplog, tmp_path):
+    """The MTP pattern where the family offers a choice, else the block classes of a depth: never empty."""
+    model = MTPModel.from_config(debug_model_config(name))
+    assert [type(b).__name__ for b in model.mtp.depths[0].blocks] != []
+    with caplog.at_level("INFO", logger="mtp_recipes"):
+        log_setup(tmp_path, model, "cpu", 1, 1_000_000)
+    assert f"cpu x1 | 1.00M trainable parameters | MTP D=1 {blocks} λ=0.1" in caplog.messages
