@@ -38,6 +38,8 @@ EXPECTED = {
     ("nemotron_h_debug", 2): dict.fromkeys((V34, V33, SGL), "num_nextn_predict_layers=2"),
     ("deepseek_v3_debug", 1): {V34: OK, V33: OK, SGL: "zero_first_embedding trained True, runs False"},
     ("deepseek_v3_debug", 2): {V34: OK, V33: OK, SGL: "num_nextn_predict_layers=2"},
+    ("glm4_moe_debug", 1): {V34: OK, V33: "passes_on trained 'normed', runs 'pre_norm'", SGL: "zero_first_embedding"},
+    ("glm4_moe_debug", 2): {V34: OK, V33: "passes_on trained 'normed'", SGL: "num_nextn_predict_layers=2"},
     ("step3p5_debug", 1): {V34: OK, V33: OK, SGL: "num_hidden_layers=3"},
     ("step3p5_debug", 2): {V34: OK, V33: OK, SGL: "num_nextn_predict_layers=2"},
     ("minimax_m3_debug", 1): {V34: OK, V33: OK, SGL: "does not draft with minimax_m3 MTP weights"},
@@ -46,6 +48,7 @@ EXPECTED = {
 # modules the draft steps 1..D run (1-based), per engine, where the engine drafts
 STEPS = {
     ("deepseek_v3_debug", 2): {V34: [1, 2], V33: [1, 2]},
+    ("glm4_moe_debug", 2): {V34: [1, 2], V33: [1, 2]},
     ("step3p5_debug", 2): {V34: [1, 2], V33: [1, 2], SGL: [1, 1]},
     ("minimax_m3_debug", 2): {V34: [1, 1], V33: [1, 2]},
 }

@@ -19,7 +19,7 @@ from tests.helpers import debug_model_config
 from tests.recipes.test_finetune import composed
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-PUBLISHED = ("deepseek_v3", "nemotron_super", "step3p5_flash", "minimax_m3")
+PUBLISHED = ("deepseek_v3", "nemotron_super", "step3p5_flash", "minimax_m3", "glm4_5_air")
 
 
 def config(*overrides: str, name: str = "finetune"):

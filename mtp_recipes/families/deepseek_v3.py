@@ -17,7 +17,7 @@ causal mask for the unrolled position ids.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
@@ -39,9 +39,15 @@ from mtp_recipes.mtp.stack import MTPDepth
 
 
 class DeepseekV3(Family):
+    """Also the base of the families whose MTP modules are laid out like DeepSeek-V3's (their own block and norm
+    classes, title and engine rules as class attributes)."""
+
     name = "deepseek_v3"
+    title = "DeepSeek-V3"
     model_types = ("deepseek_v3",)
     head = "shared"
+    decoder_layer: ClassVar[type[nn.Module]] = hf.DeepseekV3DecoderLayer
+    rms_norm: ClassVar[type[nn.Module]] = hf.DeepseekV3RMSNorm
     # Both engines feed depth 1 the final-normed backbone state and recycle the state after shared_head.norm;
     # vLLM zeroes the embedding at position 0, SGLang keeps it.
     engine_rules = (
@@ -82,7 +88,7 @@ class DeepseekV3(Family):
 
     def serving_limits(self, hf_config: PretrainedConfig, mtp: MTPConfig) -> list[ServingLimit]:
         if mtp.num_physical_layers > 1:
-            line = f"SGLang serves DeepSeek-V3 MTP with one depth only; this layout has {mtp.num_physical_layers}"
+            line = f"SGLang serves {self.title} MTP with one depth only; this layout has {mtp.num_physical_layers}"
             return [ServingLimit(("sglang",), line)]
         return []
 
@@ -93,9 +99,8 @@ class DeepseekV3(Family):
 
     def build_depth(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> MTPDepth:
         cfg = sub_config(hf_config, first_k_dense_replace=0)
-        block = hf.DeepseekV3DecoderLayer(cfg, layer_idx=hf_config.num_hidden_layers + index)
-
-        norm = functools.partial(hf.DeepseekV3RMSNorm, hf_config.hidden_size, eps=hf_config.rms_norm_eps)
+        block = self.decoder_layer(cfg, layer_idx=hf_config.num_hidden_layers + index)
+        norm = functools.partial(self.rms_norm, hf_config.hidden_size, eps=hf_config.rms_norm_eps)
         return MTPDepth.with_norms(hf_config.hidden_size, norm, [block])
 
     def key_prefixes(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> KeyPrefixes:

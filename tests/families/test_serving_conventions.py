@@ -1,8 +1,9 @@
 """The trained depth logits equal what a serving engine's drafter computes from the exported checkpoint.
 
-The engine's conventions are stated here, from vLLM 0.34's MTP model files and proposer (0.33 runs the same math;
-SGLang 0.5.23 agrees except for DeepSeek-V3's position-0 embedding, tested with ``serving.engine=sglang``),
-independently of the ``Family`` classes:
+The engine's conventions are stated here, from vLLM 0.34's MTP model files and proposer (0.33 runs the same math
+except GLM-4.5's, which recycled the state before ``shared_head.norm``; SGLang 0.5.23 agrees except for the
+position-0 embedding of DeepSeek-V3 and GLM-4.5, tested with ``serving.engine=sglang``), independently of the
+``Family`` classes:
 
 * ``h0``: the backbone state the drafter's first step reads (after or before the final norm);
 * ``recycle``: what step k hands to step k+1 (the state after or before the depth's final norm);
@@ -37,11 +38,15 @@ class Engine:
 ENGINE = {
     "nemotron_h_debug": Engine(h0="normed", recycle="normed", zero_first=False),
     "deepseek_v3_debug": Engine(h0="normed", recycle="normed", zero_first=True),
+    "glm4_moe_debug": Engine(h0="normed", recycle="normed", zero_first=True),
     "step3p5_debug": Engine(h0="pre_norm", recycle="pre_norm", zero_first=False),
     "minimax_m3_debug": Engine(h0="normed", recycle="pre_norm", zero_first=True),
 }
-# SGLang 0.5.23 deepseek_nextn.py: the embedding at position 0 is kept
-SGLANG = {"deepseek_v3_debug": Engine(h0="normed", recycle="normed", zero_first=False)}
+# SGLang 0.5.23 deepseek_nextn.py, glm4_moe_nextn.py: the embedding at position 0 is kept
+SGLANG = {
+    "deepseek_v3_debug": Engine(h0="normed", recycle="normed", zero_first=False),
+    "glm4_moe_debug": Engine(h0="normed", recycle="normed", zero_first=False),
+}
 DEPTHS = 2
 
 
@@ -142,6 +147,8 @@ def test_final_norm_weight_reaches_depth_one_only_through_a_normed_h0(name):
         ("nemotron_h_debug", {"num_layers": 1, "block_types": "*-"}, {"vllm": "vLLM and", "sglang": "vLLM and"}),
         ("deepseek_v3_debug", {"num_layers": 1}, {}),
         ("deepseek_v3_debug", {"num_layers": 2}, {"sglang": "SGLang"}),
+        ("glm4_moe_debug", {"num_layers": 1}, {}),
+        ("glm4_moe_debug", {"num_layers": 2}, {"sglang": "SGLang serves GLM-4.5 MTP with one depth"}),
         ("step3p5_debug", {"num_layers": 1}, {"sglang": "SGLang"}),  # 45 backbone layers only
         ("minimax_m3_debug", {"num_layers": 1}, {"sglang": "SGLang"}),
         ("minimax_m3_debug", {"num_layers": 2}, {"sglang": "SGLang", "vllm": "vLLM 0.34"}),

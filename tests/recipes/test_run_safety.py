@@ -20,12 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mtp_recipes.checkpoint.resume import latest_resume
 from mtp_recipes.errors import CheckpointError, ConfigError, TrainingError
 from mtp_recipes.recipe import FinetuneRecipe
 from mtp_recipes.train.schedules import learning_rate
+from tests.helpers import DEBUG_MODELS
 from tests.recipes.test_finetune import FAST as FAST_ANY_DEVICE
 from tests.recipes.test_finetune import composed, run_cli
 
@@ -117,6 +119,25 @@ def test_metrics_continue_from_the_resumed_step_without_duplicates(finished, run
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), a["step"]
     # the cosine schedule reaches lr * min_lr_ratio on the last step
     assert again[-1]["lr"] == pytest.approx(1e-3 * 0.1, rel=1e-9)
+
+
+@pytest.mark.parametrize("model", DEBUG_MODELS)
+def test_every_family_resumes_to_the_uninterrupted_run(model, tmp_path):
+    """Stopped after step 3 was logged, before its export: the resume from the step-2 checkpoint retrains step 3 to
+    the same loss and the same exported weights (fp32 on one process: equal up to rounding)."""
+    args = [*RUN, f"model={model}", "trainer.max_steps=3", "data.batch_size=2"]
+    FinetuneRecipe(composed(*args), tmp_path / "ref").run()
+    run = Path(shutil.copytree(tmp_path / "ref", tmp_path / "stopped"))
+    shutil.rmtree(run / "final")
+    assert [p.name for p in (run / "resume").iterdir()] == ["step_000002"]
+    FinetuneRecipe(composed(*args, "trainer.resume=auto"), run).run()
+    again, first = records(run), records(tmp_path / "ref")
+    assert [r["step"] for r in again] == [1, 2, 3]
+    assert again[-1]["loss"] == pytest.approx(first[-1]["loss"], rel=1e-6)
+    resumed, reference = (load_file(r / "final" / "model.safetensors") for r in (run, tmp_path / "ref"))
+    assert set(resumed) == set(reference)
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
 @pytest.mark.parametrize("damage", ["truncated shard", "garbage trainer_state.json", "no .metadata"])

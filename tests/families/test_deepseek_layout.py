@@ -1,4 +1,5 @@
-"""DeepSeek-V3 specifics: the published key layout in and out, the tied export copies, the MTP forward."""
+"""The families whose MTP modules are laid out like DeepSeek-V3's (DeepSeek-V3, GLM-4.5): the published key layout
+in and out, the tied export copies, the MTP forward."""
 
 from __future__ import annotations
 
@@ -8,28 +9,40 @@ import logging
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from mtp_recipes.document_layout import position_in_document
 from mtp_recipes.errors import CheckpointError
 from mtp_recipes.model import MTPModel
 from tests.helpers import debug_model_config, packed_batch, published_round_trip
 
+# debug model -> (its attention's name for one projection, the MoE class of its MTP block)
+MODELS = {
+    "deepseek_v3_debug": ("self_attn.kv_a_proj_with_mqa", "DeepseekV3MoE"),
+    "glm4_moe_debug": ("self_attn.k_proj", "Glm4MoeMoE"),
+}
 N = debug_model_config("deepseek_v3_debug")["num_hidden_layers"]
+assert all(debug_model_config(name)["num_hidden_layers"] == N for name in MODELS)
 
 
-def write_published(path, d: int = 2) -> dict[str, torch.Tensor]:
-    """A tiny checkpoint laid out like deepseek-ai/DeepSeek-V3: bf16, router bias fp32, MTP at layers N..N+d-1.
+@pytest.fixture(params=sorted(MODELS))
+def name(request) -> str:
+    return request.param
+
+
+def write_published(path, name: str, d: int = 2) -> dict[str, torch.Tensor]:
+    """A tiny checkpoint laid out like the published one (deepseek-ai/DeepSeek-V3, zai-org/GLM-4.5): bf16, router
+    bias fp32, MTP at layers N..N+d-1.
 
     The backbone and the MTP blocks come from transformers' own ``save_pretrained`` of a model with N+d
     layers (so the block keys are transformers' on-disk names, per-expert MoE tensors included); the
-    MTP-only tensors are added under the names vLLM's ``deepseek_mtp`` loader reads.
+    MTP-only tensors are added under the names vLLM's ``deepseek_mtp`` / ``glm4_moe_mtp`` loaders read.
     """
-    raw = debug_model_config("deepseek_v3_debug", num_nextn_predict_layers=d)
+    raw = debug_model_config(name, num_nextn_predict_layers=d)
     fields = {k: v for k, v in raw.items() if k != "model_type"}
-    hf_cfg = DeepseekV3Config(**{**fields, "num_hidden_layers": N + d})
+    hf_cfg = AutoConfig.for_model(raw["model_type"], **{**fields, "num_hidden_layers": N + d})
     torch.manual_seed(1)
-    DeepseekV3ForCausalLM(hf_cfg).save_pretrained(path / "full")
+    AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(path / "full")
     tensors = load_file(path / "full" / "model.safetensors")
     h = raw["hidden_size"]
     for i in range(d):
@@ -47,11 +60,11 @@ def write_published(path, d: int = 2) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def test_published_layout_survives_load_train_save(tmp_path):
-    published = write_published(tmp_path)
+def test_published_layout_survives_load_train_save(tmp_path, name):
+    published = write_published(tmp_path, name)
     for i in range(2):  # the spec's names, MoE block included
-        for name in ("shared_head.head", "embed_tokens", "mlp.experts.3.up_proj", "self_attn.kv_a_proj_with_mqa"):
-            assert f"model.layers.{N + i}.{name}.weight" in published
+        for key in ("shared_head.head", "embed_tokens", "mlp.experts.3.up_proj", MODELS[name][0]):
+            assert f"model.layers.{N + i}.{key}.weight" in published
         assert published[f"model.layers.{N + i}.mlp.gate.e_score_correction_bias"].dtype == torch.float32
 
     model, trained = published_round_trip(tmp_path / "pub", published, tmp_path)
@@ -64,17 +77,17 @@ def test_published_layout_survives_load_train_save(tmp_path):
     assert json.loads((out / "config.json").read_text()) == json.loads((tmp_path / "pub" / "config.json").read_text())
 
 
-def test_tied_export_copies_are_checked_not_loaded(tmp_path, caplog):
-    published = write_published(tmp_path, d=1)
+def test_tied_export_copies_are_checked_not_loaded(tmp_path, caplog, name):
+    published = write_published(tmp_path, name, d=1)
     copy = f"model.layers.{N}.shared_head.head.weight"
 
-    def variant(name, change):
+    def variant(folder, change):
         tensors = dict(published)
         change(tensors)
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text((tmp_path / "pub" / "config.json").read_text())
-        save_file(tensors, tmp_path / name / "model.safetensors")
-        return tmp_path / name
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "config.json").write_text((tmp_path / "pub" / "config.json").read_text())
+        save_file(tensors, tmp_path / folder / "model.safetensors")
+        return tmp_path / folder
 
     # A copy that drifted from lm_head: loaded anyway (tied in training), with a warning naming it.
     with caplog.at_level(logging.WARNING):
@@ -92,14 +105,12 @@ def test_tied_export_copies_are_checked_not_loaded(tmp_path, caplog):
     assert copy in str(err.value) and "\n" not in str(err.value)
 
 
-def test_mtp_forward_matches_a_plain_pytorch_reference():
-    """Depth k: cat[enorm(emb(x_{t+k})), hnorm(h_{k-1})] -> eh_proj -> MLA+MoE block -> shared_head.norm ->
+def test_mtp_forward_matches_a_plain_pytorch_reference(name):
+    """Depth k: cat[enorm(emb(x_{t+k})), hnorm(h_{k-1})] -> eh_proj -> attention+MoE block -> shared_head.norm ->
     lm_head; the state *after* shared_head.norm goes on to depth k+1, and depth 1's embedding is zero at a
     document's first position (vLLM's drafter)."""
     torch.manual_seed(0)
-    model = MTPModel.from_config(
-        debug_model_config("deepseek_v3_debug"), num_layers=2, experts_implementation="eager"
-    ).double()
+    model = MTPModel.from_config(debug_model_config(name), num_layers=2, experts_implementation="eager").double()
     with torch.no_grad():
         for depth in model.mtp.depths:
             for norm in (depth.enorm, depth.hnorm, depth.final_norm):
@@ -114,8 +125,12 @@ def test_mtp_forward_matches_a_plain_pytorch_reference():
     # Causal attention inside each document, as an additive mask.
     allowed = (seq[:, :, None] == seq[:, None, :]) & torch.ones(s, s, dtype=torch.bool).tril()
     mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, float("-inf"))[:, None]
-    # Plain RoPE over the unrolled in-document positions (MLA rotates only its qk_rope_head_dim part).
-    dim = cfg.qk_rope_head_dim
+    # Plain RoPE over the unrolled in-document positions, on the rotated part of each head only (MLA: its
+    # qk_rope_head_dim part; GLM: partial_rotary_factor of head_dim).
+    if hasattr(cfg, "qk_rope_head_dim"):
+        dim = cfg.qk_rope_head_dim
+    else:
+        dim = int(cfg.head_dim * cfg.rope_parameters["partial_rotary_factor"])
     inv_freq = 1.0 / cfg.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     freqs = pos[..., None].double() * inv_freq
     cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
@@ -131,10 +146,10 @@ def test_mtp_forward_matches_a_plain_pytorch_reference():
         e = emb[shifted].masked_fill((pos == 0)[..., None], 0.0) if k == 1 else emb[shifted]
         x = torch.cat([rms(e, depth.enorm.weight), rms(h, depth.hnorm.weight)], -1) @ depth.eh_proj.weight.T
         (block,) = depth.blocks
-        assert type(block.mlp).__name__ == "DeepseekV3MoE"  # the MTP block is MoE like the published one
+        assert type(block.mlp).__name__ == MODELS[name][1]  # the MTP block is MoE like the published one
         x = block(x, attention_mask=mask, position_ids=pos, position_embeddings=(cos, sin))
         normed = rms(x, depth.final_norm.weight)
-        # DeepseekV3RMSNorm and the router compute in float32 even for float64 inputs, and the rotary
+        # The RMSNorms and the router compute in float32 even for float64 inputs, and the rotary
         # module returns float32-precision cos/sin: agreement is at float32 level, hence 1e-6.
         torch.testing.assert_close(out.mtp_hidden_states[k - 1], normed, rtol=1e-6, atol=1e-6)
         h = normed  # passes_on = "normed"
