@@ -193,12 +193,15 @@ def enable_block_checkpointing(block: nn.Module, checkpoint_fn: Callable[..., An
 
 
 # ---- modules and helpers of transformers' decoders ------------------------------------------------------
-def mask_function(kind: str = "full") -> Callable[..., Any]:
+def mask_function(kind: str = "full", always: bool = False) -> Callable[..., Any]:
     """transformers' mask builder for ``full`` or ``sliding`` (window) attention, as its decoders call them.
 
     Its own module, not the top-level API; an MTP block must get exactly the mask the backbone's layers get.
+    ``always``: the mask tensor even where sdpa's causal flag would stand for it (``None``), as the decoders whose
+    indexer scores keys under the mask ask for it (``allow_is_causal_skip=False``).
     """
-    return {"full": create_causal_mask, "sliding": create_sliding_window_causal_mask}[kind]
+    fn = {"full": create_causal_mask, "sliding": create_sliding_window_causal_mask}[kind]
+    return functools.partial(fn, allow_is_causal_skip=False) if always else fn
 
 
 def rotary_embedding(decoder: nn.Module) -> nn.Module:

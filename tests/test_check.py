@@ -38,6 +38,7 @@ EXPECTED = {
     ("nemotron_h_debug", 2): dict.fromkeys((V34, V33, SGL), "num_nextn_predict_layers=2"),
     ("deepseek_v3_debug", 1): {V34: OK, V33: OK, SGL: "zero_first_embedding trained True, runs False"},
     ("deepseek_v3_debug", 2): {V34: OK, V33: OK, SGL: "num_nextn_predict_layers=2"},
+    ("deepseek_v32_debug", 1): {V34: OK, V33: OK, SGL: "zero_first_embedding trained True, runs False"},
     ("glm4_moe_debug", 1): {V34: OK, V33: "passes_on trained 'normed', runs 'pre_norm'", SGL: "zero_first_embedding"},
     ("glm4_moe_debug", 2): {V34: OK, V33: "passes_on trained 'normed'", SGL: "num_nextn_predict_layers=2"},
     ("step3p5_debug", 1): {V34: OK, V33: OK, SGL: "num_hidden_layers=3"},

@@ -359,3 +359,25 @@ def test_kernel_fallback_logger():
     assert "is falling back to its reference PyTorch implementation" in inspect.getsource(module), touch(
         "KERNEL_FALLBACK_LOGGER"
     )
+
+
+def test_mask_function():
+    """The full mask of a packed row is block-diagonal causal (an independent reference); ``always`` builds the
+    tensor where sdpa would otherwise get ``None`` (its causal flag)."""
+    config = tiny_deepseek()
+    config._attn_implementation = "sdpa"
+    hidden = torch.zeros(1, 7, config.hidden_size)
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    cache = {hf_compat.cache_keyword(hf_compat.mask_function()): None}
+    mask = hf_compat.mask_function()(
+        config=config, inputs_embeds=hidden, attention_mask=None, position_ids=packed, **cache
+    )
+    doc = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    expected = (doc[:, None] == doc[None, :]) & torch.ones(7, 7, dtype=torch.bool).tril()
+    assert torch.equal(mask[0, 0].bool(), expected), touch("mask_function")
+
+    plain = torch.arange(7)[None]
+    kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=None, position_ids=plain, **cache)
+    assert hf_compat.mask_function()(**kwargs) is None, touch("mask_function")
+    built = hf_compat.mask_function(always=True)(**kwargs)
+    assert torch.equal(built[0, 0].bool(), torch.ones(7, 7, dtype=torch.bool).tril()), touch("mask_function")

@@ -63,10 +63,10 @@ def apply_activation_checkpointing(model: MTPModel) -> None:
         enable_block_checkpointing(block, func)
 
 
-def apply_compile(model: MTPModel) -> None:
+def apply_compile(model: MTPModel, backend: str = "inductor") -> None:
     """``torch.compile`` each block in place (GPU); keys and module structure stay the same."""
     for block in model.blocks():
-        block.compile()
+        block.compile(backend=backend)
 
 
 def apply_fsdp(

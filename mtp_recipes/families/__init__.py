@@ -8,7 +8,14 @@ import importlib.metadata
 from packaging.version import Version
 
 from mtp_recipes.errors import ConfigError
-from mtp_recipes.families import deepseek_v3, glm4_moe, minimax_m3, nemotron_h, step3p5  # noqa: F401  (they register)
+from mtp_recipes.families import (  # noqa: F401  (they register)
+    deepseek_v3,
+    deepseek_v32,
+    glm4_moe,
+    minimax_m3,
+    nemotron_h,
+    step3p5,
+)
 from mtp_recipes.families.base import REGISTRY, Family, register
 
 

@@ -13,7 +13,6 @@ import functools
 import inspect
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -52,6 +51,9 @@ class Family(ABC):
     # The oldest transformers release whose modeling code the family runs on, where that is newer than the oldest
     # release the package supports: on an older one the family refuses in one line, and the others still work.
     min_transformers: ClassVar[str | None] = None
+    # Whether the MTP block reads its attention mask as a tensor even where sdpa could run without one (an indexer
+    # scores keys under it): the block then always gets the mask built.
+    block_reads_mask: ClassVar[bool] = False
 
     def conventions(self, engine: str) -> Conventions:
         """The drafting math ``engine``'s newest release runs for this family; one ConfigError line when that
@@ -107,7 +109,7 @@ class Family(ABC):
         ``position_ids`` restart per document) and one ``(cos, sin)`` pair for the unrolled positions.
         """
         decoder = backbone.get_decoder()
-        mask = packed_mask(decoder.config, hidden, position_ids)
+        mask = packed_mask(decoder.config, hidden, position_ids, always=self.block_reads_mask)
         rotary = hf_compat.rotary_embedding(decoder)(hidden, position_ids)
 
         def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -245,22 +247,26 @@ def transformers_experts(root: nn.Module) -> list[nn.Module]:
     return [m for m in root.modules() if holds_experts(m)]
 
 
-def packed_mask(config: PretrainedConfig, hidden: torch.Tensor, position_ids: torch.Tensor, kind: str = "full") -> Any:
+def packed_mask(
+    config: PretrainedConfig, hidden: torch.Tensor, position_ids: torch.Tensor, kind: str = "full", always: bool = False
+) -> Any:
     """The attention mask a transformers decoder builds for a packed row during training.
 
     With no 2D mask and no cache, transformers derives a block-diagonal mask from ``position_ids``
-    that restart at 0 per document (sliding windows included for ``kind="sliding"``).
+    that restart at 0 per document (sliding windows included for ``kind="sliding"``). ``always`` builds the mask
+    tensor where sdpa's causal flag would do (``None``), as decoders whose indexer reads it do.
     """
-    mask_fn = hf_compat.mask_function(kind)
+    mask_fn = hf_compat.mask_function(kind, always=always)
     return mask_fn(
-        config=config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids, **_no_cache(mask_fn)
+        config=config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids, **_no_cache(kind)
     )
 
 
 @functools.cache
-def _no_cache(mask_fn: Callable[..., Any]) -> dict[str, None]:
-    """``{name: None}`` for ``mask_fn``'s KV-cache argument (its name differs between releases), or ``{}`` when it
-    defaults to None."""
+def _no_cache(kind: str) -> dict[str, None]:
+    """``{name: None}`` for the KV-cache argument of ``kind``'s mask function (its name differs between releases),
+    or ``{}`` when it defaults to None."""
+    mask_fn = hf_compat.mask_function(kind)
     name = hf_compat.cache_keyword(mask_fn)
     return {} if inspect.signature(mask_fn).parameters[name].default is None else {name: None}
 

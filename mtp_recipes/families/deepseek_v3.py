@@ -97,9 +97,13 @@ class DeepseekV3(Family):
         ignore_trailing_layers(backbone, hf_config.num_hidden_layers)
         return backbone
 
+    def block_config(self, hf_config: PretrainedConfig, layer_idx: int) -> PretrainedConfig:
+        """The config the MTP block at ``layer_idx`` is built from: one whose layer ``layer_idx`` is MoE."""
+        return sub_config(hf_config, first_k_dense_replace=0)
+
     def build_depth(self, hf_config: PretrainedConfig, mtp: MTPConfig, index: int) -> MTPDepth:
-        cfg = sub_config(hf_config, first_k_dense_replace=0)
-        block = self.decoder_layer(cfg, layer_idx=hf_config.num_hidden_layers + index)
+        layer_idx = hf_config.num_hidden_layers + index
+        block = self.decoder_layer(self.block_config(hf_config, layer_idx), layer_idx=layer_idx)
         norm = functools.partial(self.rms_norm, hf_config.hidden_size, eps=hf_config.rms_norm_eps)
         return MTPDepth.with_norms(hf_config.hidden_size, norm, [block])
 

@@ -17,43 +17,22 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
 
 from mtp_recipes.engines import Conventions, EngineRule, ServingLimit
 from mtp_recipes.families.base import Family, KeyPrefixes, register, set_fields
+from mtp_recipes.families.frozen import freeze_modules
 from mtp_recipes.families.minimax_m3_attention import make_document_aware
-from mtp_recipes.hf_compat import attach_weight_conversions, checkpoint_conversions, keep_in_fp32, swap_class
+from mtp_recipes.hf_compat import attach_weight_conversions, checkpoint_conversions, keep_in_fp32
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.stack import MTPDepth
 
 
-class InputDtypeLinear(nn.Linear):
-    """``nn.Linear`` that computes in its input's dtype: a frozen indexer projection, whose weight is a buffer.
-
-    FSDP2's mixed-precision policy casts parameters only, so a buffer weight would stay float32 and meet bf16
-    activations in its matmul; cast at use, as autocast does in a one-process run, the stored buffer keeps its
-    dtype and values, so checkpoints stay bit-exact.
-    """
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(input.dtype)
-        return F.linear(input, self.weight.to(input.dtype), bias)
-
-
 def freeze_indexers(module: nn.Module) -> None:
-    """Turn every indexer weight into a persistent buffer (kept in the state dict, never optimised), its linear
-    layers computing in their input's dtype."""
-    for indexer in [m for m in module.modules() if isinstance(m, hf.MiniMaxM3VLIndexer)]:
-        for sub in indexer.modules():
-            for name, param in list(sub.named_parameters(recurse=False)):
-                delattr(sub, name)
-                sub.register_buffer(name, param.detach())
-            if type(sub) is nn.Linear:
-                swap_class(sub, InputDtypeLinear)
+    """The indexers select key blocks only: their weights become buffers (:func:`freeze_modules`)."""
+    freeze_modules(module, hf.MiniMaxM3VLIndexer)
 
 
 def text_weight_conversions() -> list[Any]:

@@ -1,5 +1,5 @@
-"""The families whose MTP modules are laid out like DeepSeek-V3's (DeepSeek-V3, GLM-4.5): the published key layout
-in and out, the tied export copies, the MTP forward."""
+"""The families whose MTP modules are laid out like DeepSeek-V3's (DeepSeek-V3, DeepSeek-V3.2, GLM-4.5): the
+published key layout in and out, the tied export copies, the MTP forward."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from tests.helpers import debug_model_config, packed_batch, published_round_trip
 # debug model -> (its attention's name for one projection, the MoE class of its MTP block)
 MODELS = {
     "deepseek_v3_debug": ("self_attn.kv_a_proj_with_mqa", "DeepseekV3MoE"),
+    "deepseek_v32_debug": ("self_attn.indexer.wk", "DeepseekV32MoE"),
     "glm4_moe_debug": ("self_attn.k_proj", "Glm4MoeMoE"),
 }
 N = debug_model_config("deepseek_v3_debug")["num_hidden_layers"]

@@ -2,7 +2,7 @@
 
 The engine's conventions are stated here, from vLLM 0.34's MTP model files and proposer (0.33 runs the same math
 except GLM-4.5's, which recycled the state before ``shared_head.norm``; SGLang 0.5.23 agrees except for the
-position-0 embedding of DeepSeek-V3 and GLM-4.5, tested with ``serving.engine=sglang``), independently of the
+position-0 embedding of DeepSeek-V3 (V3.2) and GLM-4.5, tested with ``serving.engine=sglang``), independently of the
 ``Family`` classes:
 
 * ``h0``: the backbone state the drafter's first step reads (after or before the final norm);
@@ -38,6 +38,7 @@ class Engine:
 ENGINE = {
     "nemotron_h_debug": Engine(h0="normed", recycle="normed", zero_first=False),
     "deepseek_v3_debug": Engine(h0="normed", recycle="normed", zero_first=True),
+    "deepseek_v32_debug": Engine(h0="normed", recycle="normed", zero_first=True),
     "glm4_moe_debug": Engine(h0="normed", recycle="normed", zero_first=True),
     "step3p5_debug": Engine(h0="pre_norm", recycle="pre_norm", zero_first=False),
     "minimax_m3_debug": Engine(h0="normed", recycle="pre_norm", zero_first=True),
@@ -45,6 +46,7 @@ ENGINE = {
 # SGLang 0.5.23 deepseek_nextn.py, glm4_moe_nextn.py: the embedding at position 0 is kept
 SGLANG = {
     "deepseek_v3_debug": Engine(h0="normed", recycle="normed", zero_first=False),
+    "deepseek_v32_debug": Engine(h0="normed", recycle="normed", zero_first=False),
     "glm4_moe_debug": Engine(h0="normed", recycle="normed", zero_first=False),
 }
 DEPTHS = 2
@@ -147,6 +149,7 @@ def test_final_norm_weight_reaches_depth_one_only_through_a_normed_h0(name):
         ("nemotron_h_debug", {"num_layers": 1, "block_types": "*-"}, {"vllm": "vLLM and", "sglang": "vLLM and"}),
         ("deepseek_v3_debug", {"num_layers": 1}, {}),
         ("deepseek_v3_debug", {"num_layers": 2}, {"sglang": "SGLang"}),
+        ("deepseek_v32_debug", {"num_layers": 2}, {"sglang": "SGLang serves DeepSeek-V3.2 MTP with one depth"}),
         ("glm4_moe_debug", {"num_layers": 1}, {}),
         ("glm4_moe_debug", {"num_layers": 2}, {"sglang": "SGLang serves GLM-4.5 MTP with one depth"}),
         ("step3p5_debug", {"num_layers": 1}, {"sglang": "SGLang"}),  # 45 backbone layers only

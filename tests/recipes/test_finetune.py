@@ -194,6 +194,7 @@ RECIPE_FAMILIES = [
     ("deepseek_v3", "deepseek_v3_debug"),
     ("step3p5_flash", "step3p5_debug"),
     ("minimax_m3", "minimax_m3_debug"),
+    ("glm4_5_air", "glm4_moe_debug"),
 ]
 
 
