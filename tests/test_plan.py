@@ -19,7 +19,7 @@ from tests.helpers import debug_model_config
 from tests.recipes.test_finetune import composed
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-PUBLISHED = ("deepseek_v3", "nemotron_super", "step3p5_flash", "minimax_m3", "glm4_5_air")
+PUBLISHED = ("deepseek_v3", "nemotron_super", "step3p5_flash", "minimax_m3", "glm4_5_air", "deepseek_v32")
 
 
 def config(*overrides: str, name: str = "finetune"):
@@ -160,3 +160,12 @@ def test_stored_configs_rebuild_the_published_parameter_counts():
     # included, no MTP tensors); transformers holds the 57 MoE layers' router biases as buffers
     routing_biases = sum(b.numel() for n, b in vl.named_buffers() if n.endswith("e_score_correction_bias"))
     assert sum(p.numel() for p in vl.parameters()) + routing_biases == 426_993_800_960 + 46_339_200
+
+    raw = json.loads((RECIPES / "deepseek_v32" / "config.json").read_text())
+    with torch.device("meta"):
+        v32 = MTPModel.from_config(raw)
+    # deepseek-ai/DeepSeek-V3.2: 685,355,329,792 weight elements besides the FP8 scale blocks; the frozen indexers
+    # and the router biases are buffers here, and the MTP layer's embed_tokens / shared_head.head are export copies
+    held = sum(b.numel() for n, b in v32.named_buffers() if "indexer" in n or n.endswith("e_score_correction_bias"))
+    copies = 2 * raw["vocab_size"] * raw["hidden_size"]
+    assert sum(p.numel() for p in v32.parameters()) + held + copies == 685_355_329_792

@@ -195,6 +195,7 @@ RECIPE_FAMILIES = [
     ("step3p5_flash", "step3p5_debug"),
     ("minimax_m3", "minimax_m3_debug"),
     ("glm4_5_air", "glm4_moe_debug"),
+    ("deepseek_v32", "deepseek_v32_debug"),
 ]
 
 
