@@ -11,11 +11,13 @@ status 130.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,16 +83,31 @@ class _CtrlC:
     """Ctrl-C before training starts: remember it, then raise KeyboardInterrupt as Python would.
 
     Libraries may turn the KeyboardInterrupt into another error (an import interrupted inside transformers'
-    lazy loader becomes ModuleNotFoundError), so the flag, not the exception type, says it was Ctrl-C.
+    lazy loader becomes ModuleNotFoundError), so the flag, not the exception type, says it was Ctrl-C. While
+    torch and transformers import (:meth:`deferred`) it is only remembered: a KeyboardInterrupt inside torch's
+    extension loading aborted the process (SIGABRT and a stack dump, observed), not one line.
     """
 
     def __init__(self) -> None:
         self.pressed = False
+        self.deferring = False
         self.previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
         self.pressed = True
-        raise KeyboardInterrupt
+        if not self.deferring:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Remember a Ctrl-C inside the block; raise it as KeyboardInterrupt once the block is done."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pressed:
+            raise KeyboardInterrupt
 
     def restore(self) -> None:
         signal.signal(signal.SIGINT, self.previous)
@@ -106,10 +123,9 @@ def main(cfg: DictConfig) -> None:
     try:
         schema = to_schema(cfg)
         check_inputs(schema)
-        from mtp_recipes.recipe import FinetuneRecipe  # torch and transformers load only for a valid config
+        with ctrl_c.deferred():  # torch and transformers load only for a valid config
+            from mtp_recipes.recipe import FinetuneRecipe
 
-        if ctrl_c.pressed:  # a KeyboardInterrupt raised inside an import's callback is swallowed by Python
-            raise KeyboardInterrupt
         interrupted = FinetuneRecipe(schema, run_dir).run()
     except MTPRecipesError as e:
         _discard_if_unused(run_dir)
