@@ -37,11 +37,12 @@ import triton.language as tl
 from mtp_recipes.document_layout import document_starts
 from mtp_recipes.families.nemotron_h_mamba.ssd import discretized_dt, skip_and_gate
 
-# Launch shape, chosen from sm_90 builds of these kernels (`python scripts/triton_ssd_resources.py`): at
-# N=128, bf16, 8 warps, the forward with 64-token chunks and both backward walks with 32-token chunks use no
-# local-memory spills (the backward spills at 64 tokens, everything spills at 4 warps). BV value columns per
-# program (more programs when heads are few); BK covers the whole state dim (a program's state is [BK, BV]).
-CHUNK_TOKENS = 64
+# Launch shape, chosen from sm_80 and sm_90 builds of these kernels (`python scripts/triton_ssd_resources.py
+# --sweep`): at N=128, bf16, 8 warps, 32-token chunks use no local-memory spills in any of the three walks with
+# Triton 3.8 (torch 2.14.x) and 3.9 (the backward spills at 64 tokens; the forward spills 32 bytes at 64 tokens on
+# sm_90 with Triton 3.8; everything spills at 4 warps). BV value columns per program (more programs when heads are
+# few); BK covers the whole state dim (a program's state is [BK, BV]).
+CHUNK_TOKENS = 32
 BACKWARD_CHUNK_TOKENS = 32
 VALUE_BLOCK = 32
 NUM_WARPS = 8
