@@ -47,11 +47,12 @@ class Conventions:
 class EngineRule:
     """One engine release's handling of one family's MTP export.
 
-    ``modules_field`` is the text-config field whose value is the number of MTP modules the engine builds;
-    ``max_modules`` is the most it can build (more is refused at load). Draft step k runs module ``(k - 1) % n``
-    when the engine selects modules by step (``multi_module``, and for vLLM only when ``n > 1`` and more than
-    one token is drafted; ``multi_module_field`` names another field that must be > 1 for it, as in vLLM 0.33),
-    else module 1 at every step. ``conventions`` is ``None`` when the engine does not draft with these MTP
+    ``modules_field`` is the text-config field whose value is the number of MTP modules the engine builds, or
+    ``builds`` that number when the engine sets it itself whatever config.json says (``default_modules`` when the
+    field is missing). Draft step k runs module
+    ``(k - 1) % n`` when the engine selects modules by step (``multi_module``, and for vLLM only when ``n > 1`` and
+    more than one token is drafted; ``multi_module_field`` names another field that must be > 1 for it, as in vLLM
+    0.33), else module 1 at every step. ``conventions`` is ``None`` when the engine does not draft with these MTP
     weights at all. ``skipped`` names exported MTP tensors the engine never loads although it builds their
     module (a config field it reads decides), each with the reason.
     """
@@ -61,7 +62,8 @@ class EngineRule:
     source: str
     conventions: Conventions | None
     modules_field: str = "num_nextn_predict_layers"
-    max_modules: int | None = None
+    builds: int | None = None
+    default_modules: int = 0
     multi_module: bool = True
     multi_module_field: str | None = None
     config_rules: tuple[ConfigRule, ...] = ()
@@ -74,8 +76,10 @@ class EngineRule:
         return f"{'vLLM' if self.engine == 'vllm' else 'SGLang'} {self.version}"
 
     def modules(self, text_config: dict[str, Any]) -> int:
-        """MTP modules the engine builds from ``text_config`` (0 when the field is missing)."""
-        return int(text_config.get(self.modules_field) or 0)
+        """MTP modules the engine builds from ``text_config``."""
+        if self.builds is not None:
+            return self.builds
+        return int(text_config.get(self.modules_field) or self.default_modules)
 
     def module_for_step(self, step: int, modules: int, num_speculative_tokens: int, text_config: dict) -> int:
         """The 0-based module draft step ``step`` (1-based) runs."""

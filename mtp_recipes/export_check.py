@@ -176,7 +176,11 @@ def _check_tensors(export: Export, rule: EngineRule, modules: int, report: Engin
     if beyond:
         report.problems.append(
             f"{len(beyond)} exported MTP tensor(s) of modules the engine does not build ({examples(beyond, 2)}): "
-            f"config.json's {rule.modules_field}={modules} does not cover them"
+            + (
+                f"it builds {modules} whatever config.json says"
+                if rule.builds is not None
+                else f"config.json's {rule.modules_field}={modules} does not cover them"
+            )
         )
 
 

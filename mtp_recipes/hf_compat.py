@@ -137,6 +137,12 @@ def attention_implementation(config: PretrainedConfig) -> str:
     return config._attn_implementation
 
 
+def unsupported_attention(error: ValueError) -> bool:
+    """Whether ``error`` is transformers refusing the requested attention kernel for a model class (it says so only
+    in the message)."""
+    return "does not support an attention implementation" in str(error)
+
+
 def init_module_weights(model: PreTrainedModel, module: nn.Module) -> None:
     """transformers' own initialisation of one ``module`` (built outside ``model``) with ``model``'s rules.
 

@@ -32,6 +32,9 @@ GIB = 2**30
 # layer keeps only its 16-bit input (2 bytes) and one layer at a time is recomputed in full.
 ACTIVATION_BYTES = 34
 CHECKPOINTED_BYTES = 2
+# Attention that is not fused (``model.attn_implementation=eager``) also keeps its score matrices: 5·a·s²·b bytes
+# per layer (the same paper; a heads).
+EAGER_SCORE_BYTES = 5
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class ModelCounts:
     blocks: tuple[tuple[int, int], ...]  # per block: (elements but routed experts, routed-expert elements)
     routed_experts: int  # experts per MoE layer (0: a dense model); trainer.ep must divide it
     hidden_size: int
+    attention_heads: int
 
 
 def count_model(cfg: DictConfig) -> ModelCounts:
@@ -128,6 +132,7 @@ def count_model(cfg: DictConfig) -> ModelCounts:
         blocks=tuple((dense, routed) for dense, routed, _ in blocks),
         routed_experts=max((n for _, _, n in blocks), default=0),
         hidden_size=model.text_config.hidden_size,
+        attention_heads=model.text_config.num_attention_heads,
     )
 
 
@@ -144,11 +149,14 @@ def memory_plan(cfg: DictConfig, world_size: int, counts: ModelCounts | None = N
         )
     fp32 = cfg.trainer.precision == "fp32"
     tokens = cfg.data.batch_size * cfg.data.seq_len * counts.hidden_size
+    layer = tokens * ACTIVATION_BYTES
+    if cfg.model.attn_implementation == "eager":
+        layer += EAGER_SCORE_BYTES * counts.attention_heads * cfg.data.seq_len**2 * cfg.data.batch_size
     n_blocks = len(counts.blocks)
     if cfg.trainer.activation_checkpointing:
-        activations = tokens * (CHECKPOINTED_BYTES * n_blocks + ACTIVATION_BYTES)
+        activations = tokens * CHECKPOINTED_BYTES * n_blocks + layer
     else:
-        activations = tokens * ACTIVATION_BYTES * n_blocks
+        activations = layer * n_blocks
     largest = max((dense + routed / ep for dense, routed in counts.blocks), default=0)
     return MemoryPlan(
         world_size=world_size,

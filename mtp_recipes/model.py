@@ -95,7 +95,15 @@ class MTPModel(nn.Module):
         self.lora = lora
         frozen = frozen_dtype if mtp_config.train_only or lora is not None else None
         with _default_dtype(frozen) if frozen is not None else contextlib.nullcontext():
-            self.backbone = self.family.build_backbone(hf_config)
+            try:
+                self.backbone = self.family.build_backbone(hf_config)
+            except ValueError as err:
+                if not hf_compat.unsupported_attention(err):
+                    raise
+                raise ConfigError(
+                    f"model.attn_implementation={hf_compat.attention_implementation(hf_config)}: "
+                    f"{str(err).split('. ')[0]}; set model.attn_implementation=eager"
+                ) from None
         frozen_depths = frozen if lora is not None and lora.mtp == "lora" else None
         with _default_dtype(frozen_depths) if frozen_depths is not None else contextlib.nullcontext():
             depths = [
@@ -347,7 +355,8 @@ class MTPModel(nn.Module):
             for block in self.mtp.depths[index].blocks:
                 donor = self.family.donor_block(block, self.backbone)
                 if donor is not None:
-                    _copy_block(block, donor, f"{self.family.block_kind(block)}", layers.index(donor))
+                    named = f"backbone block {layers.index(donor)}" if donor in layers else "its backbone blocks"
+                    _copy_block(block, donor, f"{self.family.block_kind(block)}", named)
 
     def keymap(self) -> KeyMap:
         pairs = [
@@ -385,7 +394,7 @@ class MTPModel(nn.Module):
         return save_checkpoint(self, save_directory, tokenizer=tokenizer, max_shard_size=max_shard_size, writer=writer)
 
 
-def _copy_block(block: nn.Module, donor: nn.Module, kind: str, donor_index: int) -> None:
+def _copy_block(block: nn.Module, donor: nn.Module, kind: str, donor_name: str) -> None:
     """Copy ``donor``'s weights into ``block`` by checkpoint names; one ConfigError line when they differ."""
     ours, theirs = checkpoint_names(block.state_dict()), checkpoint_names(donor.state_dict())
     bad = [
@@ -395,7 +404,7 @@ def _copy_block(block: nn.Module, donor: nn.Module, kind: str, donor_index: int)
     ]
     if bad:
         raise ConfigError(
-            f"mtp.init=from_scratch: the MTP {kind} block cannot start from backbone block {donor_index}, whose "
+            f"mtp.init=from_scratch: the MTP {kind} block cannot start from {donor_name}, whose "
             f"tensors differ ({', '.join(bad[:4])}{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}); make the "
             "MTP depth's config match the backbone's, or load MTP tensors from a checkpoint (mtp.init=from_checkpoint "
             "or extend)"

@@ -46,6 +46,17 @@ def tiny_nemotron(**overrides: Any) -> NemotronHConfig:
     return NemotronHConfig(**{**fields, **overrides})
 
 
+# Debug models whose MTP layers share one fusion and final norm (Qwen3-Next, Qwen3.5): their family trains one
+# physical depth, run at every step (``mtp.use_repeated_layer``), as their engines draft.
+ONE_PHYSICAL_DEPTH = ("qwen3_next_debug", "qwen3_5_debug", "qwen3_5_moe_debug")
+
+
+def depths(name: str, d: int) -> dict[str, Any]:
+    """MTP overrides for ``d`` depths of debug model ``name``: ``d`` physical depths, or one repeated ``d`` times
+    where the family trains one."""
+    return {"num_layers": d, **({"use_repeated_layer": True} if d > 1 and name in ONE_PHYSICAL_DEPTH else {})}
+
+
 def debug_model_config(name: str, **changes: Any) -> dict[str, Any]:
     """The HF config dict of a debug model config, with optional field changes."""
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{name}.yaml"), resolve=True)

@@ -22,7 +22,7 @@ from mtp_recipes.acceptance import (
     speculative_decode,
 )
 from mtp_recipes.model import MTPModel
-from tests.helpers import DEBUG_MODELS, debug_model_config
+from tests.helpers import DEBUG_MODELS, debug_model_config, depths
 
 DEPTHS = 2
 NEW_TOKENS = 32
@@ -31,7 +31,7 @@ EOS = [2]
 
 def predictable(name: str) -> MTPModel:
     torch.manual_seed(0)
-    model = MTPModel.from_config(debug_model_config(name), num_layers=DEPTHS, experts_implementation="eager")
+    model = MTPModel.from_config(debug_model_config(name), **depths(name, DEPTHS), experts_implementation="eager")
     model = model.double().eval()
     hidden = model.text_config.hidden_size
     with torch.no_grad():

@@ -13,6 +13,12 @@ The expectations are transcribed here from the engines' code, independently of t
 * SGLang ``step3p5_mtp.py`` ``Step3p5AMultiTokenPredictor.__init__``: one block built with ``layer_id = 45``.
 * vLLM ``step3p5.py`` ``Step3p5Attention.__init__``: ``g_proj`` only with ``use_head_wise_attn_gate``.
 * SGLang 0.5.23 has no MiniMax-M3 MTP drafter.
+* vLLM ``mimo_v2_mtp.py`` ``MiMoV2MultiTokenPredictor.__init__``: ``num_mtp_layers = 1`` whatever the config says
+  (only ``model.mtp.layers.0`` is built and loaded); SGLang ``configs/model_config.py`` sets
+  ``num_nextn_predict_layers = 1`` for the MiMo-V2 draft model and ``mimo_v2_nextn.py`` ``load_weights`` maps every
+  ``model.mtp.layers.N`` onto its one module.
+* vLLM ``qwen3_next_mtp.py``: ``num_nextn_predict_layers`` defaults to 1; SGLang ``qwen3_next_mtp.py`` builds a
+  one-layer model.
 """
 
 from __future__ import annotations
@@ -45,6 +51,13 @@ EXPECTED = {
     ("step3p5_debug", 2): {V34: OK, V33: OK, SGL: "num_nextn_predict_layers=2"},
     ("minimax_m3_debug", 1): {V34: OK, V33: OK, SGL: "does not draft with minimax_m3 MTP weights"},
     ("minimax_m3_debug", 2): {V34: "draft step 2 runs module 1", V33: OK, SGL: "does not draft"},
+    ("mimo_v2_flash_debug", 1): {V34: OK, V33: OK, SGL: OK},
+    ("qwen3_next_debug", 1): {V34: OK, V33: OK, SGL: OK},
+    ("mimo_v2_flash_debug", 2): {
+        V34: "modules the engine does not build",
+        V33: "modules the engine does not build",
+        SGL: "num_nextn_predict_layers=2",
+    },
 }
 # modules the draft steps 1..D run (1-based), per engine, where the engine drafts
 STEPS = {
@@ -52,6 +65,7 @@ STEPS = {
     ("glm4_moe_debug", 2): {V34: [1, 2], V33: [1, 2]},
     ("step3p5_debug", 2): {V34: [1, 2], V33: [1, 2], SGL: [1, 1]},
     ("minimax_m3_debug", 2): {V34: [1, 1], V33: [1, 2]},
+    ("mimo_v2_flash_debug", 2): {V34: [1, 1], V33: [1, 1], SGL: [1, 1]},
 }
 
 

@@ -16,7 +16,7 @@ import torch
 from packaging.version import Version
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM, DeepseekV3Config
+from transformers import AutoModelForCausalLM, DeepseekV3Config, MiMoV2FlashConfig
 from transformers.models.nemotron_h import modeling_nemotron_h as nemotron
 
 from mtp_recipes import hf_compat
@@ -73,6 +73,19 @@ def test_set_implementations_and_attention_implementation():
         ours = AutoModelForCausalLM.from_config(config)
         assert hf_compat.attention_implementation(ours.config) == impl, touch("set_implementations")
         assert ours.config._experts_implementation == "eager", touch("set_implementations")
+
+
+def test_unsupported_attention():
+    """transformers' refusal of an attention kernel a model class lacks (MiMo-V2-Flash has no sdpa path) is
+    recognised; other errors are not."""
+    config = MiMoV2FlashConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, v_head_dim=8, n_routed_experts=4, moe_intermediate_size=16,
+    )  # fmt: skip
+    with pytest.raises(ValueError) as err:
+        AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    assert hf_compat.unsupported_attention(err.value), touch("unsupported_attention")
+    assert not hf_compat.unsupported_attention(ValueError("some other problem"))
 
 
 def test_init_module_weights():

@@ -19,7 +19,16 @@ from tests.helpers import debug_model_config
 from tests.recipes.test_finetune import composed
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-PUBLISHED = ("deepseek_v3", "nemotron_super", "step3p5_flash", "minimax_m3", "glm4_5_air", "deepseek_v32")
+PUBLISHED = (
+    "deepseek_v3",
+    "nemotron_super",
+    "step3p5_flash",
+    "minimax_m3",
+    "glm4_5_air",
+    "deepseek_v32",
+    "mimo_v2_flash",
+    "qwen3_next_80b",
+)
 
 
 def config(*overrides: str, name: str = "finetune"):
@@ -101,6 +110,20 @@ def test_activations_follow_seq_len_and_checkpointing():
     # 2-byte input, plus one block recomputed in full
     checkpointed = memory_plan(config("data.seq_len=256", "trainer.activation_checkpointing=true"), 2)
     assert checkpointed.activations == base.activations * (2 * 3 + 34) / (34 * 3)
+
+
+def test_eager_attention_adds_its_score_matrices():
+    """Unfused attention keeps 5 bytes per head and (query, key) pair per layer (Korthikanti et al., 2022): all
+    layers without checkpointing, the one recomputed layer with it."""
+    cfg = ("data.seq_len=256", "data.batch_size=2")
+    heads = debug_model_config("deepseek_v3_debug")["num_attention_heads"]
+    scores = 5 * heads * 256**2 * 2
+    for checkpointing, layers in (("false", 3), ("true", 1)):
+        fused = memory_plan(config(*cfg, f"trainer.activation_checkpointing={checkpointing}"), 2)
+        eager = memory_plan(
+            config(*cfg, f"trainer.activation_checkpointing={checkpointing}", "model.attn_implementation=eager"), 2
+        )
+        assert eager.activations - fused.activations == layers * scores
 
 
 def test_setup_refuses_an_unfitting_plan_on_cuda_only(capsys):

@@ -12,8 +12,10 @@ from mtp_recipes.families import (  # noqa: F401  (they register)
     deepseek_v3,
     deepseek_v32,
     glm4_moe,
+    mimo_v2_flash,
     minimax_m3,
     nemotron_h,
+    qwen3_next,
     step3p5,
 )
 from mtp_recipes.families.base import REGISTRY, Family, register

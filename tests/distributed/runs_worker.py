@@ -9,6 +9,7 @@ leaves a group it did not create as it found it).
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from mtp_recipes.recipe import FinetuneRecipe
 from tests.recipes.test_finetune import composed
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)  # the runs' log lines reach the launch's output, as on the command line
     torch.distributed.init_process_group("gloo")
     for job in json.loads(Path(sys.argv[1]).read_text()):
         FinetuneRecipe(composed(*job["overrides"]), job["run_dir"]).run()

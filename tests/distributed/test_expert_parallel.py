@@ -91,20 +91,31 @@ def run_ep(tmp_path: Path, name: str, *args: str, nproc: int) -> str:
     return out + err
 
 
-@pytest.mark.slow
 # DeepSeek-V3.2: V3's MLA + MoE block with an indexer (V3's expert-parallel load and export: below)
-@pytest.mark.parametrize("model", ["deepseek_v32_debug", "glm4_moe_debug", "nemotron_h_debug"])
-def test_ep2_on_two_ranks_equals_one_process(model, tmp_path):
-    """The backbone's and the MTP depth's MoE layers split over ep=2 (2 of 4 experts per rank).
+EP2_MODELS = ["deepseek_v32_debug", "glm4_moe_debug", "mimo_v2_flash_debug", "nemotron_h_debug", "qwen3_next_debug"]
+# AdamW's eps is 1e-6, not 1e-8: an embedding row whose gradient is ~1e-8 (a rare token) turns a summation-order
+# difference of the gradient into a 3e-5 weight difference at eps=1e-8 (measured on GLM-4.5's debug model, 1.4e-6 at
+# 1e-6), which says nothing about expert parallelism.
+EP2_ARGS = ["trainer.precision=fp32", "trainer.max_steps=3", "optim.eps=1e-6"]
 
-    AdamW's eps is 1e-6, not 1e-8: an embedding row whose gradient is ~1e-8 (a rare token) turns a summation-order
-    difference of the gradient into a 3e-5 weight difference at eps=1e-8 (measured on GLM-4.5's debug model,
-    1.4e-6 at 1e-6), which says nothing about expert parallelism.
-    """
-    args = [f"model={model}", "trainer.precision=fp32", "trainer.max_steps=3", "optim.eps=1e-6"]
-    run_ep(tmp_path, "ep", *args, "data.batch_size=2", "trainer.ep=2", nproc=2)
-    run_inline(*args, "data.batch_size=4", run_dir=tmp_path / "one")
-    assert_same_run(tmp_path / "ep", tmp_path / "one", 3)
+
+@pytest.fixture(scope="module")
+def ep2_runs(tmp_path_factory) -> Path:
+    """Every model's ep=2 run on 2 ranks x 2 rows, in one launch."""
+    root = tmp_path_factory.mktemp("ep2")
+    jobs = [(root / m, [f"model={m}", *EP2_ARGS, "data.batch_size=2", "trainer.ep=2"]) for m in EP2_MODELS]
+    output = launch_runs(jobs, root)
+    assert output.count(EP_LOG) >= len(EP2_MODELS), "expert parallelism was not applied"
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", EP2_MODELS)
+def test_ep2_on_two_ranks_equals_one_process(model, ep2_runs, tmp_path):
+    """The backbone's and the MTP depth's MoE layers split over ep=2 (2 of 4 experts per rank): the same losses and
+    weights as one process on the same 4 rows per step."""
+    run_inline(f"model={model}", *EP2_ARGS, "data.batch_size=4", run_dir=tmp_path / "one")
+    assert_same_run(ep2_runs / model, tmp_path / "one", 3)
 
 
 @pytest.mark.slow

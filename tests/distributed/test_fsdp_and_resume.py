@@ -82,9 +82,9 @@ RUNS = [
 ]
 
 
-def launch_runs(jobs: list[tuple[Path, list[str]]], cwd: Path, nproc: int = 2) -> None:
+def launch_runs(jobs: list[tuple[Path, list[str]]], cwd: Path, nproc: int = 2) -> str:
     """Several runs (run dir, overrides after ``COMMON``) in one launch of ``nproc`` processes, one after another:
-    the interpreters start once (tests/distributed/runs_worker.py)."""
+    the interpreters start once (tests/distributed/runs_worker.py). Returns the launch's output."""
     spec = cwd / "jobs.json"
     spec.write_text(json.dumps([{"run_dir": str(d), "overrides": [*COMMON, *o]} for d, o in jobs]))
     worker = Path(__file__).with_name("runs_worker.py")
@@ -93,6 +93,7 @@ def launch_runs(jobs: list[tuple[Path, list[str]]], cwd: Path, nproc: int = 2) -
         [*launcher(nproc), str(worker), str(spec)], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
 
 
 def two_rank_args(precision: str, model: str) -> list[str]:

@@ -7,14 +7,14 @@ import torch
 
 import mtp_recipes.distributed.parallelize as parallelize
 from mtp_recipes.model import MTPModel
-from tests.helpers import DEBUG_MODELS, debug_model_config, packed_batch
+from tests.helpers import DEBUG_MODELS, debug_model_config, depths, packed_batch
 
 
 @pytest.mark.parametrize("name", DEBUG_MODELS)
 def test_activation_checkpointing_gives_the_same_gradients(name, monkeypatch):
     torch.manual_seed(0)
-    plain = MTPModel.from_config(debug_model_config(name), num_layers=2)
-    checkpointed = MTPModel.from_config(debug_model_config(name), num_layers=2)
+    plain = MTPModel.from_config(debug_model_config(name), **depths(name, 2))
+    checkpointed = MTPModel.from_config(debug_model_config(name), **depths(name, 2))
     checkpointed.load_state_dict(plain.state_dict())
 
     calls = {"n": 0}

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from mtp_recipes.checkpoint.hf import tensor_files
 from mtp_recipes.errors import CheckpointError, ConfigError
 from mtp_recipes.model import MTPModel
-from tests.helpers import DEBUG_MODELS, debug_model_config, packed_batch
+from tests.helpers import DEBUG_MODELS, ONE_PHYSICAL_DEPTH, debug_model_config, depths, packed_batch
 
 
 def disk_tensors(path) -> dict[str, torch.Tensor]:
@@ -38,7 +38,7 @@ def build(name: str, **overrides) -> MTPModel:
 
 
 def test_forward_backward_reaches_every_parameter(model_name):
-    model = build(model_name, num_layers=2)
+    model = build(model_name, **depths(model_name, 2))
     batch = packed_batch(model.text_config.vocab_size, [[10, 6], [16]])
     out = model(**batch)
     assert len(out.mtp_losses) == 2 and len(out.mtp_hidden_states) == 2
@@ -96,6 +96,14 @@ def _strip_mtp(src, dst, keep) -> list[str]:
     return mtp_keys
 
 
+def assert_copied(block: torch.nn.Module, donor: torch.nn.Module) -> None:
+    """Every parameter of ``block`` equals the donor's of the same name."""
+    theirs = dict(donor.named_parameters())
+    assert {n for n, _ in block.named_parameters()} == set(theirs)
+    for name, param in block.named_parameters():
+        assert torch.equal(param, theirs[name]), name
+
+
 def test_missing_mtp_tensors_fail_clearly_unless_from_scratch(model_name, tmp_path):
     model = build(model_name)
     model.save_pretrained(tmp_path / "full")
@@ -110,11 +118,10 @@ def test_missing_mtp_tensors_fail_clearly_unless_from_scratch(model_name, tmp_pa
 
     fresh = MTPModel.from_pretrained(tmp_path / "no_mtp", init="from_scratch")
     fresh_blocks = fresh.mtp.depths[0].blocks
-    donors = fresh.family.backbone_blocks(fresh.backbone)
-    for block in fresh_blocks:  # every debug model's MTP blocks have a backbone block of their kind
-        donor = [b for b in donors if fresh.family.block_kind(b) == fresh.family.block_kind(block)]
-        assert donor, f"no backbone block of kind {fresh.family.block_kind(block)}"
-        assert all(torch.equal(p, q) for p, q in zip(block.parameters(), donor[-1].parameters(), strict=True))
+    for block in fresh_blocks:  # every debug model's MTP blocks have a backbone donor
+        donor = fresh.family.donor_block(block, fresh.backbone)
+        assert donor is not None, f"no backbone donor for an MTP block of kind {fresh.family.block_kind(block)}"
+        assert_copied(block, donor)
     out = fresh.save_pretrained(tmp_path / "attached")
     assert _disk_mtp_keys(out, fresh) == _disk_mtp_keys(tmp_path / "full", model)
 
@@ -122,8 +129,7 @@ def test_missing_mtp_tensors_fail_clearly_unless_from_scratch(model_name, tmp_pa
 def test_from_scratch_names_block_tensors_whose_shape_differs_from_the_backbone(model_name):
     """An MTP block whose config differs from the backbone's is an error naming the tensors, not left random."""
     model = build(model_name)
-    donors = {model.family.block_kind(b) for b in model.family.backbone_blocks(model.backbone)}
-    block = next(b for b in model.mtp.depths[0].blocks if model.family.block_kind(b) in donors)
+    block = next(b for b in model.mtp.depths[0].blocks if model.family.donor_block(b, model.backbone) is not None)
     name, param = next((n, p) for n, p in block.named_parameters() if p.dim() == 2)
     owner = block.get_submodule(name.rpartition(".")[0])
     setattr(owner, name.rpartition(".")[2], torch.nn.Parameter(torch.zeros(param.shape[0], param.shape[1] + 1)))
@@ -205,16 +211,20 @@ def test_meta_device_load_equals_the_eager_load(model_name, tmp_path):
 def test_extend_keeps_the_checkpoint_depths_and_adds_new_ones(model_name, tmp_path):
     model = build(model_name, num_layers=1)
     ckpt = model.save_pretrained(tmp_path / "d1")
+    if model_name in ONE_PHYSICAL_DEPTH:  # one fusion for every MTP layer: a second physical depth is refused
+        with pytest.raises(ConfigError, match="mtp.use_repeated_layer=true") as err:
+            MTPModel.from_pretrained(ckpt, num_layers=2, init="extend")
+        assert "\n" not in str(err.value)
+        return
     with pytest.raises(CheckpointError, match="mtp.init=extend"):
         MTPModel.from_pretrained(ckpt, num_layers=2)
     grown = MTPModel.from_pretrained(ckpt, num_layers=2, init="extend")
     for a, b in zip(model.mtp.depths[0].parameters(), grown.mtp.depths[0].parameters(), strict=True):
         assert torch.equal(a, b)  # depth 1 kept bit-exact
-    new, donors = grown.mtp.depths[1], grown.family.backbone_blocks(grown.backbone)
-    for block in new.blocks:  # depth 2 starts from the last backbone block of each kind
-        same = [b for b in donors if grown.family.block_kind(b) == grown.family.block_kind(block)]
-        assert same, f"no backbone block of kind {grown.family.block_kind(block)}"
-        assert all(torch.equal(p, q) for p, q in zip(block.parameters(), same[-1].parameters(), strict=True))
+    for block in grown.mtp.depths[1].blocks:  # depth 2 starts from its backbone donor
+        donor = grown.family.donor_block(block, grown.backbone)
+        assert donor is not None, f"no backbone donor for an MTP block of kind {grown.family.block_kind(block)}"
+        assert_copied(block, donor)
     out = grown(**packed_batch(grown.text_config.vocab_size, [[8, 8]]))
     assert len(out.mtp_losses) == 2 and torch.isfinite(out.loss)
 

@@ -2,7 +2,8 @@
 
 The engine's conventions are stated here, from vLLM 0.34's MTP model files and proposer (0.33 runs the same math
 except GLM-4.5's, which recycled the state before ``shared_head.norm``; SGLang 0.5.23 agrees except for the
-position-0 embedding of DeepSeek-V3 (V3.2) and GLM-4.5, tested with ``serving.engine=sglang``), independently of the
+position-0 embedding of DeepSeek-V3 (V3.2) and GLM-4.5, tested with ``serving.engine=sglang``; MiMo-V2-Flash is
+tested with both), independently of the
 ``Family`` classes:
 
 * ``h0``: the backbone state the drafter's first step reads (after or before the final norm);
@@ -25,7 +26,7 @@ import pytest
 import torch
 
 from mtp_recipes.model import MTPModel
-from tests.helpers import debug_model_config
+from tests.helpers import debug_model_config, depths
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,18 @@ ENGINE = {
     "glm4_moe_debug": Engine(h0="normed", recycle="normed", zero_first=True),
     "step3p5_debug": Engine(h0="pre_norm", recycle="pre_norm", zero_first=False),
     "minimax_m3_debug": Engine(h0="normed", recycle="pre_norm", zero_first=True),
+    "mimo_v2_flash_debug": Engine(h0="normed", recycle="normed", zero_first=False),
+    "qwen3_next_debug": Engine(h0="normed", recycle="normed", zero_first=False),
 }
 # SGLang 0.5.23 deepseek_nextn.py, glm4_moe_nextn.py: the embedding at position 0 is kept
 SGLANG = {
     "deepseek_v3_debug": Engine(h0="normed", recycle="normed", zero_first=False),
     "deepseek_v32_debug": Engine(h0="normed", recycle="normed", zero_first=False),
     "glm4_moe_debug": Engine(h0="normed", recycle="normed", zero_first=False),
+    # mimo_v2_nextn.py: final_layernorm output recycled by the EAGLE worker, as vLLM's mimo_v2_mtp.py
+    "mimo_v2_flash_debug": Engine(h0="normed", recycle="normed", zero_first=False),
+    # qwen3_next_mtp.py: a one-layer Qwen3NextModel whose norm output is drafted and recycled, as vLLM's
+    "qwen3_next_debug": Engine(h0="normed", recycle="normed", zero_first=False),
 }
 DEPTHS = 2
 
@@ -61,7 +68,7 @@ def perturbed(name: str, engine: str = "vllm") -> MTPModel:
     """A float64 debug model with D=2 whose norms are all away from identity (so pre/post norm differ)."""
     torch.manual_seed(0)
     model = MTPModel.from_config(
-        debug_model_config(name), num_layers=DEPTHS, experts_implementation="eager", engine=engine
+        debug_model_config(name), **depths(name, DEPTHS), experts_implementation="eager", engine=engine
     )
     with torch.no_grad():
         for module_name, param in model.named_parameters():
@@ -108,7 +115,7 @@ def test_trained_depth_logits_equal_the_engine_drafter_on_the_export(name, engin
     trained = perturbed(name, engine)
     trained.save_pretrained(tmp_path / "export")
     served = MTPModel.from_pretrained(
-        tmp_path / "export", dtype=torch.float64, experts_implementation="eager", engine=engine
+        tmp_path / "export", dtype=torch.float64, experts_implementation="eager", engine=engine, **depths(name, DEPTHS)
     )
     ids = torch.randint(3, served.text_config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
 
@@ -155,6 +162,11 @@ def test_final_norm_weight_reaches_depth_one_only_through_a_normed_h0(name):
         ("step3p5_debug", {"num_layers": 1}, {"sglang": "SGLang"}),  # 45 backbone layers only
         ("minimax_m3_debug", {"num_layers": 1}, {"sglang": "SGLang"}),
         ("minimax_m3_debug", {"num_layers": 2}, {"sglang": "SGLang", "vllm": "vLLM 0.34"}),
+        ("mimo_v2_flash_debug", {"num_layers": 1}, {}),
+        ("mimo_v2_flash_debug", {"num_layers": 2}, {"vllm": "vLLM 0.34 and SGLang", "sglang": "vLLM 0.34 and SGLang"}),
+        ("mimo_v2_flash_debug", {"num_layers": 2, "use_repeated_layer": True}, {}),
+        ("qwen3_next_debug", {"num_layers": 1}, {}),
+        ("qwen3_next_debug", {"num_layers": 3, "use_repeated_layer": True}, {}),
     ],
 )
 def test_unservable_layouts_are_named_at_export(name, overrides, engines, tmp_path, caplog):

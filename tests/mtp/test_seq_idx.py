@@ -8,7 +8,7 @@ import torch
 from mtp_recipes.document_layout import check_positions_match, document_ids
 from mtp_recipes.model import MTPModel
 from mtp_recipes.mtp.roll import count_depth_targets, roll_ids, roll_targets
-from tests.helpers import DEBUG_MODELS, debug_model_config
+from tests.helpers import DEBUG_MODELS, debug_model_config, depths
 
 REUSED = torch.tensor([[0, 0, 0, 1, 1, 0, 0, 0]], dtype=torch.int32)  # three documents: slots 0-2, 3-4, 5-7
 CANONICAL = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]], dtype=torch.int32)
@@ -35,7 +35,7 @@ def test_a_reused_id_starts_a_new_document_in_the_rolls():
 @pytest.mark.parametrize("name", DEBUG_MODELS)
 def test_the_model_reads_documents_from_change_points(name):
     torch.manual_seed(0)
-    model = MTPModel.from_config(debug_model_config(name), num_layers=2)
+    model = MTPModel.from_config(debug_model_config(name), **depths(name, 2))
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, model.text_config.vocab_size, (1, 8), generator=g)
     labels = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1)

@@ -196,6 +196,8 @@ RECIPE_FAMILIES = [
     ("minimax_m3", "minimax_m3_debug"),
     ("glm4_5_air", "glm4_moe_debug"),
     ("deepseek_v32", "deepseek_v32_debug"),
+    ("mimo_v2_flash", "mimo_v2_flash_debug"),
+    ("qwen3_next_80b", "qwen3_next_debug"),
 ]
 
 
