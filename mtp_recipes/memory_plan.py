@@ -112,8 +112,9 @@ class ModelCounts:
 def count_model(cfg: DictConfig) -> ModelCounts:
     """Count ``cfg``'s model (backbone + MTP depths) on the meta device: nothing is allocated."""
     fp32 = cfg.trainer.precision == "fp32"  # else a GPU run computes (and holds a frozen backbone) in bf16
+    raw = _config_dict(cfg)
     with torch.device("meta"):
-        model = MTPModel.from_config(_config_dict(cfg), **model_kwargs(cfg, frozen_dtype=None if fp32 else "bfloat16"))
+        model = MTPModel.from_config(raw, **model_kwargs(cfg, frozen_dtype=None if fp32 else "bfloat16"))
     params = list(model.parameters())
     trained = [p for p in params if p.requires_grad]
     blocks = []
@@ -132,7 +133,8 @@ def count_model(cfg: DictConfig) -> ModelCounts:
         blocks=tuple((dense, routed) for dense, routed, _ in blocks),
         routed_experts=max((n for _, _, n in blocks), default=0),
         hidden_size=model.text_config.hidden_size,
-        attention_heads=model.text_config.num_attention_heads,
+        # config.json's value: configs with per-layer head counts (Step-3.5) refuse the global one in memory
+        attention_heads=int(raw.get("text_config", raw).get("num_attention_heads") or 0),
     )
 
 

@@ -95,15 +95,7 @@ class MTPModel(nn.Module):
         self.lora = lora
         frozen = frozen_dtype if mtp_config.train_only or lora is not None else None
         with _default_dtype(frozen) if frozen is not None else contextlib.nullcontext():
-            try:
-                self.backbone = self.family.build_backbone(hf_config)
-            except ValueError as err:
-                if not hf_compat.unsupported_attention(err):
-                    raise
-                raise ConfigError(
-                    f"model.attn_implementation={hf_compat.attention_implementation(hf_config)}: "
-                    f"{str(err).split('. ')[0]}; set model.attn_implementation=eager"
-                ) from None
+            self.backbone = _build_backbone(self.family, hf_config)
         frozen_depths = frozen if lora is not None and lora.mtp == "lora" else None
         with _default_dtype(frozen_depths) if frozen_depths is not None else contextlib.nullcontext():
             depths = [
@@ -392,6 +384,19 @@ class MTPModel(nn.Module):
         (:func:`mtp_recipes.model_checkpoint.save_checkpoint`). Under FSDP2 every rank calls this; only
         ``writer`` writes."""
         return save_checkpoint(self, save_directory, tokenizer=tokenizer, max_shard_size=max_shard_size, writer=writer)
+
+
+def _build_backbone(family: Family, hf_config: PretrainedConfig) -> nn.Module:
+    """The family's backbone; transformers' refusal of the configured attention kernel becomes one ConfigError line."""
+    try:
+        return family.build_backbone(hf_config)
+    except ValueError as err:
+        if not hf_compat.unsupported_attention(err):
+            raise
+        raise ConfigError(
+            f"model.attn_implementation={hf_compat.attention_implementation(hf_config)}: "
+            f"{str(err).split('. ')[0]}; set model.attn_implementation=eager"
+        ) from None
 
 
 def _copy_block(block: nn.Module, donor: nn.Module, kind: str, donor_name: str) -> None:
