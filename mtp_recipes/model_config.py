@@ -22,7 +22,7 @@ def config_from_dict(raw: dict[str, Any]) -> PretrainedConfig:
         raise ConfigError(
             f"the model config has no model_type; set model.config.model_type to one of {registered_model_types()}"
         )
-    get_family(model_type)
+    raw = get_family(model_type).read_config(raw)
     raw = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
     try:
         config = CONFIG_MAPPING[model_type].from_dict(hf_compat.decode_special_floats(raw))

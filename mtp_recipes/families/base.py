@@ -69,6 +69,11 @@ class Family(ABC):
         return rule.conventions
 
     # ---- config -------------------------------------------------------------------------------
+    def read_config(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """config.json as transformers is to read it: where a supported transformers release does not derive a field
+        from the published names as newer ones do, the family writes it (default: unchanged)."""
+        return raw
+
     def text_config(self, hf_config: PretrainedConfig) -> PretrainedConfig:
         """The config of the language model (the whole config for text-only families)."""
         return hf_config.get_text_config()

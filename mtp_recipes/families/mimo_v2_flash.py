@@ -84,13 +84,20 @@ class MiMoV2Flash(Family):
         ),
     )
 
+    def read_config(self, raw: dict[str, Any]) -> dict[str, Any]:
+        # transformers >= 5.20 sets sliding_window = sliding_window_size + 1 (the query counted, as SGLang attends);
+        # 5.19 reads the published sliding_window (the window without the query) as is.
+        if raw.get("sliding_window_size") is None:
+            return raw
+        return {**raw, "sliding_window": raw["sliding_window_size"] + 1}
+
     def mtp_config(
         self, hf_config: PretrainedConfig, source: dict[str, Any] | None = None, **overrides: Any
     ) -> MTPConfig:
         if source is not None:
             differ = [
                 f"{k}={source[k]} (transformers builds {v})"
-                for k, v in hub_fields(source).items()
+                for k, v in hub_fields(hf_config).items()
                 if k in source and source[k] != v
             ]
             if differ:
@@ -104,7 +111,8 @@ class MiMoV2Flash(Family):
         return MTPConfig(num_layers=depths).with_overrides(**overrides)
 
     def write_export_fields(self, config_json: dict[str, Any], mtp: MTPConfig) -> None:
-        fields = {k: v for k, v in hub_fields(config_json).items() if k not in config_json}
+        built = MiMoV2FlashConfig.from_dict(self.read_config(config_json))
+        fields = {k: v for k, v in hub_fields(built).items() if k not in config_json}
         # A published config.json says nothing of D (three): it stays as it was unless D changed.
         if "num_nextn_predict_layers" in config_json or mtp.num_physical_layers != PUBLISHED_DEPTHS:
             fields["num_nextn_predict_layers"] = mtp.num_physical_layers
@@ -175,14 +183,13 @@ class MiMoV2Flash(Family):
         return pairs
 
 
-def hub_fields(config_json: dict[str, Any]) -> dict[str, Any]:
-    """The published config.json's own fields, which vLLM and SGLang read, from transformers' fields (defaults
-    filled in: a config saved by transformers leaves out the values equal to them).
+def hub_fields(cfg: PretrainedConfig) -> dict[str, Any]:
+    """The published config.json's own fields, which vLLM and SGLang read, from transformers' config ``cfg`` (built
+    from a config.json, so the defaults a config saved by transformers leaves out are filled in).
 
     transformers doubles the key/value heads of sliding layers, gives them sinks, and attends to ``sliding_window``
     tokens counting the query (the hub's ``sliding_window_size`` plus one).
     """
-    cfg = MiMoV2FlashConfig.from_dict(config_json)
     full, sliding = cfg.rope_parameters["full_attention"], cfg.rope_parameters[SLIDING]
     return {
         "hybrid_layer_pattern": [int(t == SLIDING) for t in cfg.layer_types],

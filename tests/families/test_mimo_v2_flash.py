@@ -107,6 +107,8 @@ def test_published_layout_survives_load_train_save(tmp_path):
     published = write_published(tmp_path)
     model, trained = published_round_trip(tmp_path / "pub", published, tmp_path)
     assert model.mtp_config.num_layers == 3  # the published D, which its config.json does not state
+    # the window counts the query, on transformers 5.19 (which reads the published sliding_window as is) as on 5.20+
+    assert model.text_config.sliding_window == HUB["sliding_window_size"] + 1
     assert not torch.equal(trained["model.mtp.layers.0.eh_proj.weight"], published["model.mtp.layers.0.eh_proj.weight"])
     exported = json.loads((tmp_path / "trained" / "config.json").read_text())
     assert exported == HUB
