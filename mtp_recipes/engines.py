@@ -43,6 +43,11 @@ class Conventions:
         return {"h0": self.h0, "passes_on": self.passes_on, "zero_first_embedding": self.zero_first_embedding}
 
 
+# The drafting math most MTP drafters run: the final-normed backbone state in, the state after the depth's final
+# norm passed on, the embedding at position 0 kept.
+NORMED_CHAIN = Conventions(h0="normed", passes_on="normed", zero_first_embedding=False)
+
+
 @dataclass(frozen=True)
 class EngineRule:
     """One engine release's handling of one family's MTP export.

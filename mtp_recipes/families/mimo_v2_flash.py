@@ -28,7 +28,7 @@ from transformers.models.mimo_v2_flash import MiMoV2FlashConfig
 from transformers.models.mimo_v2_flash import modeling_mimo_v2_flash as hf
 
 from mtp_recipes import hf_compat
-from mtp_recipes.engines import Conventions, EngineRule, ServingLimit, at_most
+from mtp_recipes.engines import NORMED_CHAIN, EngineRule, ServingLimit, at_most
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.families.base import Family, KeyPrefixes, packed_mask, register, set_fields, sub_config
 from mtp_recipes.mtp.config import MTPConfig
@@ -37,8 +37,6 @@ from mtp_recipes.mtp.stack import BlockRunner, MTPDepth
 # MiMo-V2-Flash's published checkpoint holds model.mtp.layers.0-2; its config.json has no field saying so.
 PUBLISHED_DEPTHS = 3
 SLIDING = "sliding_attention"
-
-_NORMED = Conventions(h0="normed", passes_on="normed", zero_first_embedding=False)
 
 
 class MiMoV2Flash(Family):
@@ -52,7 +50,7 @@ class MiMoV2Flash(Family):
             "vllm/model_executor/models/mimo_v2_mtp.py (MiMoV2MultiTokenPredictor: one layer, model.mtp.layers.0, "
             "run at every step; final_layernorm output drafted and recycled; no position-0 zeroing), "
             "vllm/config/speculative.py (n_predict = 1 for MiMoV2FlashForCausalLM)",
-            _NORMED,
+            NORMED_CHAIN,
             builds=1,
             multi_module=False,
             fails_on_missing=False,
@@ -61,7 +59,7 @@ class MiMoV2Flash(Family):
             "vllm",
             "0.33.0",
             "vllm/model_executor/models/mimo_v2_mtp.py (the same as 0.34's), vllm/config/speculative.py",
-            _NORMED,
+            NORMED_CHAIN,
             builds=1,
             multi_module=False,
             fails_on_missing=False,
@@ -72,7 +70,7 @@ class MiMoV2Flash(Family):
             "sglang/srt/models/mimo_v2_nextn.py (MiMoV2ModelNextN: one block; load_weights maps every "
             "model.mtp.layers.N onto it; final_layernorm output recycled by the EAGLE worker), "
             "sglang/srt/configs/model_config.py (num_nextn_predict_layers = 1 for the draft model)",
-            _NORMED,
+            NORMED_CHAIN,
             multi_module=False,
             config_rules=(
                 at_most(

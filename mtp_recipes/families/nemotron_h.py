@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
-from mtp_recipes.engines import Conventions, EngineRule, ServingLimit, at_most
+from mtp_recipes.engines import NORMED_CHAIN, EngineRule, ServingLimit, at_most
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.families.base import Family, KeyPrefixes, packed_mask, register, set_fields, sub_config
 from mtp_recipes.families.nemotron_h_mamba import kernels, use_boundary_aware_mamba
@@ -82,7 +82,6 @@ def _sglang_block_names(text_config: dict[str, Any], modules: int) -> str | None
 
 
 _ONE_DEPTH = at_most("num_nextn_predict_layers", 1, "the engine builds exactly one Nemotron-H MTP depth")
-_CONVENTIONS = Conventions(h0="normed", passes_on="normed", zero_first_embedding=False)
 
 
 class NemotronH(Family):
@@ -96,7 +95,7 @@ class NemotronH(Family):
             "0.34.0",
             "vllm/model_executor/models/nemotron_h_mtp.py (NemotronHMultiTokenPredictor: one MTP layer asserted, "
             "sublayers '*' and 'E' from mtp_hybrid_override_pattern), vllm/config/speculative.py",
-            _CONVENTIONS,
+            NORMED_CHAIN,
             config_rules=(_ONE_DEPTH, _served_pattern),
             fails_on_missing=False,
         ),
@@ -104,7 +103,7 @@ class NemotronH(Family):
             "vllm",
             "0.33.0",
             "vllm/model_executor/models/nemotron_h_mtp.py (NemotronHMultiTokenPredictor), vllm/config/speculative.py",
-            _CONVENTIONS,
+            NORMED_CHAIN,
             multi_module_field="num_nextn_predict_layers",
             config_rules=(_ONE_DEPTH, _served_pattern),
             fails_on_missing=False,
@@ -114,7 +113,7 @@ class NemotronH(Family):
             "0.5.23",
             "sglang/srt/models/nemotron_h_mtp.py (NemotronHMultiTokenPredictor: one MTP layer asserted), "
             "sglang/srt/configs/nemotron_h.py (block type names)",
-            _CONVENTIONS,
+            NORMED_CHAIN,
             config_rules=(_ONE_DEPTH, _served_pattern, _sglang_block_names),
             fails_on_missing=False,
         ),

@@ -25,14 +25,12 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.qwen3_next import modeling_qwen3_next as hf
 
 from mtp_recipes import hf_compat
-from mtp_recipes.engines import Conventions, EngineRule
+from mtp_recipes.engines import NORMED_CHAIN, EngineRule
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.families.base import Family, KeyPrefixes, register, set_fields, sub_config
 from mtp_recipes.families.gated_deltanet import deltanet_forward, zero_padding
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.stack import MTPDepth
-
-_NORMED = Conventions(h0="normed", passes_on="normed", zero_first_embedding=False)
 
 
 class PackedQwen3NextGatedDeltaNet(hf.Qwen3NextGatedDeltaNet):
@@ -79,7 +77,7 @@ class Qwen3Next(Family):
             "vllm/model_executor/models/qwen3_next_mtp.py (Qwen3NextMultiTokenPredictor: one fc and pre-fc norms, "
             "layers mtp.layers.{i}, layer step % n, mtp.norm output drafted and recycled; no position-0 zeroing; "
             "num_nextn_predict_layers defaults to 1)",
-            _NORMED,
+            NORMED_CHAIN,
             default_modules=1,
             fails_on_missing=False,
         ),
@@ -87,7 +85,7 @@ class Qwen3Next(Family):
             "vllm",
             "0.33.0",
             "vllm/model_executor/models/qwen3_next_mtp.py (the same drafting math)",
-            _NORMED,
+            NORMED_CHAIN,
             default_modules=1,
             multi_module_field="num_nextn_predict_layers",
             fails_on_missing=False,
@@ -97,7 +95,7 @@ class Qwen3Next(Family):
             "0.5.23",
             "sglang/srt/models/qwen3_next_mtp.py (Qwen3NextForCausalLMMTP: fc + pre-fc norms, a one-layer "
             "Qwen3NextModel whose norm output is drafted and recycled; no position-0 zeroing)",
-            _NORMED,
+            NORMED_CHAIN,
             builds=1,
             multi_module=False,
         ),
