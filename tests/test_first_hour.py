@@ -128,29 +128,48 @@ def test_plan_help_and_an_unreachable_hub(tmp_path):
     assert "127.0.0.1 cannot be reached" in line and "hf download nvidia/" in line
 
 
+def commands(*calls: tuple[str, ...], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Several ``(module, *args)`` commands run at once (independent processes: the interpreters start side by side)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", *call], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )  # fmt: skip
+        for call in calls
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
 def test_every_command_takes_a_run_directory(run_dir, tmp_path):
     final = run_dir / "final"
     said = f"model.path={run_dir} is a run directory: using its export {final}"
-    trained = command("mtp_recipes.finetune", *TINY, f"model.path={run_dir}", "trainer.save_final=false",
-                      f"hydra.run.dir={tmp_path}/again", cwd=tmp_path)  # fmt: skip
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                                   {"role": "assistant", "content": "hello"}]}) + "\n")  # fmt: skip
+    trained, evaluated, regenerated, checked = commands(
+        ("mtp_recipes.finetune", *TINY, f"model.path={run_dir}", "trainer.save_final=false",
+         f"hydra.run.dir={tmp_path}/again"),
+        ("mtp_recipes.evaluate", f"model.path={run_dir}", "eval.num_prompts=1", "eval.max_new_tokens=4",
+         "trainer.progress_bar=false", f"hydra.run.dir={tmp_path}/eval"),
+        ("mtp_recipes.regenerate", f"model.path={run_dir}", "data.source=chats.jsonl", "out=out.jsonl",
+         "regenerate.max_new_tokens=2"),
+        ("mtp_recipes.check", str(run_dir)),
+        cwd=tmp_path,
+    )  # fmt: skip
     assert trained.returncode == 0 and said in trained.stdout, trained.stderr[-3000:]
 
-    evaluated = command("mtp_recipes.evaluate", f"model.path={run_dir}", "eval.num_prompts=1", "eval.max_new_tokens=4",
-                        "trainer.progress_bar=false", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)  # fmt: skip
     assert evaluated.returncode == 0 and said in evaluated.stdout, evaluated.stderr[-3000:]
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["checkpoint"] == str(final)
     assert "falling back to its reference" not in evaluated.stdout + evaluated.stderr  # CPU: nothing to install
 
-    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                                                   {"role": "assistant", "content": "hello"}]}) + "\n")  # fmt: skip
-    regenerated = command("mtp_recipes.regenerate", f"model.path={run_dir}", "data.source=chats.jsonl", "out=out.jsonl",
-                          "regenerate.max_new_tokens=2", cwd=tmp_path)  # fmt: skip
     assert regenerated.returncode == 0 and said in regenerated.stdout + regenerated.stderr
     assert "falling back to its reference" not in regenerated.stdout + regenerated.stderr
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "chats.jsonl", "eval", "out.jsonl"]  # no runs/
 
-    checked = command("mtp_recipes.check", str(run_dir), cwd=tmp_path)
     assert checked.returncode == 0 and f"{run_dir} is a run directory: checking its export {final}" in checked.stderr
 
     empty = tmp_path / "empty"
