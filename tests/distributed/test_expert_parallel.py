@@ -24,7 +24,6 @@ from tests.distributed.test_fsdp_and_resume import (
     ENV,
     assert_same_bf16_update,
     cli,
-    finish,
     initial_weights,
     launch_runs,
     losses,
@@ -132,8 +131,8 @@ def test_bf16_with_activation_checkpointing_equals_fsdp_without_ep(tmp_path):
         "trainer.max_steps=3",
         "data.batch_size=2",
     ]
-    run_ep(tmp_path, "ep", *args, "trainer.ep=2", nproc=2)
-    finish(cli(*args, f"hydra.run.dir={tmp_path}/fsdp", nproc=2, cwd=tmp_path))
+    output = launch_runs([(tmp_path / "ep", [*args, "trainer.ep=2"]), (tmp_path / "fsdp", args)], tmp_path)
+    assert output.count(EP_LOG) >= 1, "expert parallelism was not applied"
     a, b = losses(tmp_path / "ep"), losses(tmp_path / "fsdp")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
