@@ -9,6 +9,7 @@ group, and ``--config-name`` must be a config of ``configs/``. What passes goes 
 from __future__ import annotations
 
 import difflib
+import shutil
 import sys
 from functools import partial
 from pathlib import Path
@@ -20,6 +21,18 @@ from mtp_recipes.config import CONFIG_DIR
 
 # Hydra flags that take a value in the next argument.
 _VALUE_FLAGS = {"--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c", "--package", "-p", "--experimental-rerun"}
+
+
+def discard_unused_run_dir(run_dir: Path, command: str) -> None:
+    """Remove a run dir holding only what Hydra wrote (``.hydra/``, ``<command>.log``), and the empty directories
+    Hydra made above it (``runs/<date>/``): a rejected command line leaves nothing behind."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", f"{command}.log"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cwd = Path.cwd().resolve()
+        for parent in run_dir.resolve().parents:
+            if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
+                break
+            parent.rmdir()
 
 
 def config_names() -> list[str]:

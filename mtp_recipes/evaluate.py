@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mtp_recipes.command_line import check_command_line
+from mtp_recipes.command_line import check_command_line, discard_unused_run_dir
 from mtp_recipes.config import CONFIG_DIR, to_schema
 from mtp_recipes.errors import MTPRecipesError
 from mtp_recipes.input_checks import check_inputs
@@ -41,6 +41,7 @@ def main(cfg: DictConfig) -> None:
             print(f"error: verify: {e}", file=sys.stderr)
             sys.exit(1)
     except MTPRecipesError as e:
+        discard_unused_run_dir(Path(HydraConfig.get().runtime.output_dir), "evaluate")
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"{summary_line(record)} -> {output}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Iterator
@@ -27,13 +26,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mtp_recipes.command_line import check_command_line
+from mtp_recipes.command_line import check_command_line, discard_unused_run_dir
 from mtp_recipes.config import CONFIG_DIR, to_schema
 from mtp_recipes.errors import MTPRecipesError
 from mtp_recipes.input_checks import check_inputs
-
-# What Hydra itself writes into a job's directory before our code runs.
-HYDRA_FILES = {".hydra", "finetune.log"}
 
 _failed_jobs: list[str] = []
 
@@ -65,18 +61,6 @@ def _check_writable(directory: Path, key: str) -> None:
         reason = e.strerror or str(e)
         print(f"error: {key}={directory} cannot be used ({reason}); set {key} to a writable directory", file=sys.stderr)
         sys.exit(2)
-
-
-def _discard_if_unused(run_dir: Path) -> None:
-    """Remove a run dir holding only what Hydra wrote, and the empty directories Hydra made above it
-    (``runs/<date>/``): a rejected config leaves nothing behind."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= HYDRA_FILES:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        cwd = Path.cwd().resolve()
-        for parent in run_dir.resolve().parents:
-            if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
-                break
-            parent.rmdir()
 
 
 class _CtrlC:
@@ -128,7 +112,7 @@ def main(cfg: DictConfig) -> None:
 
         interrupted = FinetuneRecipe(schema, run_dir).run()
     except MTPRecipesError as e:
-        _discard_if_unused(run_dir)
+        discard_unused_run_dir(run_dir, "finetune")
         if not multirun:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
@@ -139,7 +123,7 @@ def main(cfg: DictConfig) -> None:
     except BaseException as e:
         if not (isinstance(e, KeyboardInterrupt) or ctrl_c.pressed):
             raise
-        _discard_if_unused(run_dir)
+        discard_unused_run_dir(run_dir, "finetune")
         print(
             "error: interrupted (Ctrl-C): stopped at once, without a checkpoint of the current step; continue from "
             f"the newest one in {run_dir / 'resume'} (if any) with trainer.resume=auto",

@@ -178,6 +178,7 @@ def test_every_command_takes_a_run_directory(run_dir, tmp_path):
     assert refused.returncode == 2
     (line,) = error_lines(refused)
     assert "neither a Hugging Face checkpoint nor a run directory with an export" in line
+    assert not (tmp_path / "runs").exists()  # the rejected command leaves no run directory behind
 
 
 def test_a_run_directory_without_final_stands_for_its_newest_export(tmp_path):
