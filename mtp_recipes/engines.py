@@ -56,9 +56,9 @@ class EngineRule:
     (``default_modules`` when the field is missing), or ``builds`` that number when the engine sets it itself
     whatever config.json says. Draft step k runs module ``(k - 1) % n`` when the engine selects modules by step
     (``multi_module``, and for vLLM only when ``n > 1`` and more than one token is drafted; ``multi_module_field``
-    names another field that must be > 1 for it, as in vLLM 0.33), else module 1 at every step. ``conventions`` is ``None`` when the engine does not draft with these MTP
-    weights at all. ``skipped`` names exported MTP tensors the engine never loads although it builds their
-    module (a config field it reads decides), each with the reason.
+    names another field that must be > 1 for it, as in vLLM 0.33), else module 1 at every step. ``conventions`` is
+    ``None`` when the engine does not draft with these MTP weights at all. ``skipped`` names exported MTP tensors the
+    engine never loads although it builds their module (a config field it reads decides), each with the reason.
     """
 
     engine: Engine
