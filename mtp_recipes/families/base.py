@@ -54,6 +54,9 @@ class Family(ABC):
     # Whether the MTP block reads its attention mask as a tensor even where sdpa could run without one (an indexer
     # scores keys under it): the block then always gets the mask built.
     block_reads_mask: ClassVar[bool] = False
+    # The attention type of the MTP blocks where the decoder builds a mask and a rotary table per layer type
+    # (``sliding_attention``, ``full_attention``); ``None``: one causal mask and one rotary table for every layer.
+    mtp_layer_type: ClassVar[str | None] = None
 
     def conventions(self, engine: str) -> Conventions:
         """The drafting math ``engine``'s newest release runs for this family; one ConfigError line when that
@@ -111,11 +114,17 @@ class Family(ABC):
         """A function that runs one MTP block with the masks/rotary inputs the backbone would use.
 
         By default what a transformers decoder hands its layers: one causal mask (block-diagonal when
-        ``position_ids`` restart per document) and one ``(cos, sin)`` pair for the unrolled positions.
+        ``position_ids`` restart per document) and one ``(cos, sin)`` pair for the unrolled positions; with
+        ``mtp_layer_type``, the mask and the pair of that layer type.
         """
         decoder = backbone.get_decoder()
-        mask = packed_mask(decoder.config, hidden, position_ids, always=self.block_reads_mask)
-        rotary = hf_compat.rotary_embedding(decoder)(hidden, position_ids)
+        kind = "sliding" if self.mtp_layer_type == "sliding_attention" else "full"
+        mask = packed_mask(decoder.config, hidden, position_ids, kind, always=self.block_reads_mask)
+        rotary_table = hf_compat.rotary_embedding(decoder)
+        if self.mtp_layer_type is None:
+            rotary = rotary_table(hidden, position_ids)
+        else:
+            rotary = hf_compat.rotary_cos_sin(rotary_table, hidden, position_ids, self.mtp_layer_type)
 
         def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return block(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary)

@@ -21,18 +21,16 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.mimo_v2_flash import MiMoV2FlashConfig
 from transformers.models.mimo_v2_flash import modeling_mimo_v2_flash as hf
 
-from mtp_recipes import hf_compat
 from mtp_recipes.engines import NORMED_CHAIN, EngineRule, ServingLimit, at_most
 from mtp_recipes.errors import ConfigError
-from mtp_recipes.families.base import Family, KeyPrefixes, packed_mask, register, set_fields, sub_config
+from mtp_recipes.families.base import Family, KeyPrefixes, register, set_fields, sub_config
 from mtp_recipes.mtp.config import MTPConfig
-from mtp_recipes.mtp.stack import BlockRunner, MTPDepth
+from mtp_recipes.mtp.stack import MTPDepth
 
 # MiMo-V2-Flash's published checkpoint holds model.mtp.layers.0-2; its config.json has no field saying so.
 PUBLISHED_DEPTHS = 3
@@ -43,6 +41,7 @@ class MiMoV2Flash(Family):
     name = "mimo_v2_flash"
     model_types = ("mimo_v2_flash",)
     head = "shared"
+    mtp_layer_type = SLIDING  # the MTP block's mask and rotary table are the sliding layers' (default block_runner)
     engine_rules = (
         EngineRule(
             "vllm",
@@ -134,23 +133,6 @@ class MiMoV2Flash(Family):
         block = hf.MiMoV2FlashDecoderLayer(cfg, layer_idx=0)
         norm = functools.partial(hf.MiMoV2FlashRMSNorm, hf_config.hidden_size, eps=hf_config.rms_norm_eps)
         return MTPDepth.with_norms(hf_config.hidden_size, norm, [block])
-
-    def block_runner(
-        self,
-        backbone: PreTrainedModel,
-        hidden: torch.Tensor,
-        position_ids: torch.Tensor,
-        seq_idx: torch.Tensor | None,
-    ) -> BlockRunner:
-        # The sliding-window mask and the sliding layers' (cos, sin) MiMoV2FlashModel.forward builds.
-        decoder = backbone.get_decoder()
-        mask = packed_mask(decoder.config, hidden, position_ids, "sliding")
-        rotary = hf_compat.rotary_cos_sin(hf_compat.rotary_embedding(decoder), hidden, position_ids, SLIDING)
-
-        def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            return block(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary)
-
-        return run
 
     def block_kind(self, block: nn.Module) -> Any:
         return (block.self_attn.layer_type, type(block.mlp))
