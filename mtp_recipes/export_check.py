@@ -24,6 +24,7 @@ from mtp_recipes import hf_compat
 from mtp_recipes.checkpoint.convert import disk_groups, from_disk
 from mtp_recipes.checkpoint.hf import TensorReader, read_config_dict, tensor_files
 from mtp_recipes.checkpoint.load import examples
+from mtp_recipes.checkpoint.nesting import find_nesting
 from mtp_recipes.engines import ENGINES, EngineRule
 from mtp_recipes.model import MTPModel
 from mtp_recipes.model_checkpoint import SERVING_RECORD, hf_state
@@ -78,8 +79,8 @@ def read_export(directory: str | Path) -> Export:
     record = json.loads(record_file.read_text()) if record_file.exists() else None
     files = tensor_files(directory)
     reader = TensorReader(files)
-    prefix = next((p for p in model.family.checkpoint_prefixes if any(k.startswith(p) for k in files)), "")
-    meta = {k[len(prefix) :]: reader.meta(k) for k in reader.keys() if k.startswith(prefix)}
+    nesting = find_nesting(model.family.checkpoint_nestings, files)
+    meta = {name: reader.meta(k) for k in reader.keys() if (name := nesting.to_memory(k)) is not None}
     in_memory = from_disk(model.backbone, meta)
     keymap = model.keymap()
     expected: dict[int, dict[str, torch.Tensor]] = {}

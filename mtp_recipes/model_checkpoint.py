@@ -25,11 +25,12 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from mtp_recipes import hf_compat
-from mtp_recipes.checkpoint.convert import from_disk, to_disk
+from mtp_recipes.checkpoint.convert import from_disk, keep_source_conversions, to_disk
 from mtp_recipes.checkpoint.export import Transform, export_tensors
 from mtp_recipes.checkpoint.hf import TensorReader, tensor_files, write_checkpoint
 from mtp_recipes.checkpoint.keymap import KeyMap
 from mtp_recipes.checkpoint.load import check_keys, check_shapes, fill, row_reader
+from mtp_recipes.checkpoint.nesting import find_nesting
 from mtp_recipes.checkpoint.provenance import Provenance
 from mtp_recipes.distributed.tensors import gather_full
 from mtp_recipes.engines import Conventions
@@ -70,8 +71,8 @@ def load_checkpoint(model: CheckpointedModel, model_dir: Path, fp8_block: tuple[
     """
     files = tensor_files(model_dir)
     reader = TensorReader(files, fp8_block)
-    prefix = next((p for p in model.family.checkpoint_prefixes if any(k.startswith(p) for k in files)), "")
-    meta = {k[len(prefix) :]: reader.meta(k) for k in reader.keys() if k.startswith(prefix)}
+    nesting = find_nesting(model.family.checkpoint_nestings, files)
+    meta = {name: reader.meta(k) for k in reader.keys() if (name := nesting.to_memory(k)) is not None}
     hf_meta = from_disk(model.backbone, meta)
     # Export-only copies of backbone tensors (Family.tied_export_copies): tied in training, so they are
     # accepted when present, checked against their source, and never loaded.
@@ -92,7 +93,7 @@ def load_checkpoint(model: CheckpointedModel, model_dir: Path, fp8_block: tuple[
         where=where,
     )
     check_shapes(hf_meta, params, copies, copy_sources, where)
-    read = row_reader(model.backbone, reader, prefix, meta, hf_meta, model.family.expert_index)
+    read = row_reader(model.backbone, reader, nesting, meta, hf_meta, model.family.expert_index)
     fill(params, hf_meta, read, {k: copy_sources[k] for k in copies if copy_sources[k] in hf_meta}, where)
     model.backbone.tie_weights()
     if mtp.init == "from_scratch":
@@ -100,8 +101,8 @@ def load_checkpoint(model: CheckpointedModel, model_dir: Path, fp8_block: tuple[
     elif new_depths:
         model.init_mtp_from_backbone(sorted(new_depths))
     model.provenance.disk_dtypes = {k: t.dtype for k, t in meta.items()}
-    model.provenance.prefix = prefix
-    model.provenance.passthrough = {k: f for k, f in files.items() if not k.startswith(prefix)}
+    model.provenance.nesting = nesting
+    model.provenance.passthrough = {k: f for k, f in files.items() if nesting.to_memory(k) is None}
 
 
 def hf_state(model: CheckpointedModel, keep_vars: bool = False) -> dict[str, torch.Tensor]:
@@ -185,6 +186,8 @@ def save_checkpoint(
 def _export_tensors(model: CheckpointedModel, writer: bool, only_mtp: bool) -> Iterator[tuple[str, torch.Tensor]]:
     """The export's ``(on-disk name, tensor)`` pairs: each tensor once (a tied one under its first name), the
     family's export copies, LoRA merged; ``only_mtp`` for the adapter export's MTP file."""
+    if model.provenance.disk_dtypes:  # loaded from a checkpoint: its layout comes back
+        keep_source_conversions(model.backbone, list(model.provenance.disk_dtypes))
     state = hf_state(model)
     tied = tied_names(hf_state(model, keep_vars=True))  # by identity: the detached values are distinct objects
     copies: dict[str, list[str]] = {}
@@ -198,7 +201,7 @@ def _export_tensors(model: CheckpointedModel, writer: bool, only_mtp: bool) -> I
         copies=copies,
         transforms=_lora_merges(model),
         select=model.keymap().is_mtp if only_mtp else None,
-        prefix=model.provenance.prefix,
+        nesting=model.provenance.nesting,
         passthrough=model.provenance.passthrough,
     )
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from mtp_recipes.checkpoint.hf import TensorReader
+from mtp_recipes.checkpoint.nesting import TEXT, Nesting
 from mtp_recipes.distributed.tensors import gather_full
 
 # (full tensor on the writer or None elsewhere, writer) -> the tensor to export (None off the writer); may run
@@ -29,7 +30,7 @@ def export_tensors(
     copies: dict[str, list[str]] | None = None,
     transforms: dict[str, Transform] | None = None,
     select: Callable[[str], bool] | None = None,
-    prefix: str = "",
+    nesting: Nesting = TEXT,
     passthrough: dict[str, Path] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(on-disk name, tensor)`` of every tensor the export writes (on the writer only; other ranks only join the
@@ -50,7 +51,7 @@ def export_tensors(
         # own storage for export copies: safetensors refuses aliases
         group = {name: full.detach() if name == hf_key else full.detach().clone() for name in names}
         for disk_key, tensor in to_disk(group).items():
-            yield prefix + disk_key, tensor.to(dtype_of(disk_key, tensor)).contiguous().cpu()
+            yield nesting.to_disk(disk_key), tensor.to(dtype_of(disk_key, tensor)).contiguous().cpu()
     if writer and select is None and passthrough:
         reader = TensorReader(passthrough)
         for key in passthrough:

@@ -16,6 +16,7 @@ from torch import nn
 
 from mtp_recipes.checkpoint.convert import disk_groups, from_disk, renamed_only
 from mtp_recipes.checkpoint.hf import TensorReader
+from mtp_recipes.checkpoint.nesting import Nesting
 from mtp_recipes.distributed.tensors import copy_rows, local_rows
 from mtp_recipes.errors import CheckpointError
 
@@ -108,7 +109,7 @@ def check_shapes(
 def row_reader(
     backbone: nn.Module,
     reader: TensorReader,
-    prefix: str,
+    nesting: Nesting,
     meta: dict[str, torch.Tensor],
     hf_meta: dict[str, torch.Tensor],
     expert_index: Callable[[str], int | None],
@@ -122,17 +123,17 @@ def row_reader(
     def read(hf_key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         keys = groups[hf_key]
         if rows is None:
-            return from_disk(backbone, {k: reader.get(prefix + k) for k in keys})[hf_key]
+            return from_disk(backbone, {k: reader.get(nesting.to_disk(k)) for k in keys})[hf_key]
         if rows[0] == rows[1]:  # more ranks than rows: this one holds none
             return torch.empty((0, *hf_meta[hf_key].shape[1:]), dtype=hf_meta[hf_key].dtype)
         if hf_key in renamed:
-            return from_disk(backbone, {keys[0]: reader.get(prefix + keys[0], rows)})[hf_key]
+            return from_disk(backbone, {keys[0]: reader.get(nesting.to_disk(keys[0]), rows)})[hf_key]
         # Merged experts (rows = experts): convert only this rank's experts' on-disk tensors.
         experts = [expert_index(k) for k in keys]
         num_rows = hf_meta[hf_key].shape[0]
         if None not in experts and set(experts) == set(range(num_rows)):
             mine = [k for k, e in zip(keys, experts, strict=True) if rows[0] <= e < rows[1]]
-            value = from_disk(backbone, {k: reader.get(prefix + k) for k in mine})[hf_key]
+            value = from_disk(backbone, {k: reader.get(nesting.to_disk(k)) for k in mine})[hf_key]
             if value.shape[0] == rows[1] - rows[0]:
                 return value
         return read(hf_key)[rows[0] : rows[1]]  # any other conversion: whole tensor, then this rank's rows

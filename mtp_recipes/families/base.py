@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from mtp_recipes import hf_compat
+from mtp_recipes.checkpoint.nesting import Nesting
 from mtp_recipes.engines import Conventions, EngineRule, ServingLimit
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.mtp.config import MTPConfig
@@ -38,10 +39,9 @@ class Family(ABC):
     # drafting math the depths are trained with (serving.engine picks the engine) and what
     # ``python -m mtp_recipes.check`` checks an export against.
     engine_rules: ClassVar[tuple[EngineRule, ...]] = ()
-    # Prefixes under which a checkpoint may nest the backbone's tensors (a multimodal checkpoint's
-    # ``language_model.``); the loader strips the one it finds, the saver writes it back, and tensors
-    # outside it (other towers) are copied verbatim.
-    checkpoint_prefixes: ClassVar[tuple[str, ...]] = ()
+    # How a multimodal checkpoint may nest the language model's tensors: the loader maps the nesting it finds to
+    # the text model's names, the saver maps them back, and the other towers' tensors are copied verbatim.
+    checkpoint_nestings: ClassVar[tuple[Nesting, ...]] = ()
     # Whether ``mtp.block_types`` may choose the sublayers of one depth; a family whose depths have one fixed
     # layout refuses a value instead of ignoring it.
     configurable_blocks: ClassVar[bool] = False

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
 
+from mtp_recipes.checkpoint.nesting import Nesting
 from mtp_recipes.engines import Conventions, EngineRule, ServingLimit
 from mtp_recipes.families.base import Family, KeyPrefixes, register, set_fields
 from mtp_recipes.families.frozen import freeze_modules
@@ -74,7 +75,7 @@ class MiniMaxM3(Family):
             modules_field="num_mtp_modules",
         ),
     )
-    checkpoint_prefixes = ("language_model.",)
+    checkpoint_nestings = (Nesting("language_model."),)
 
     def mtp_config(
         self, hf_config: PretrainedConfig, source: dict[str, Any] | None = None, **overrides: Any
