@@ -187,7 +187,9 @@ def smallest_fitting(cfg: DictConfig, counts: ModelCounts, max_world_size: int =
         if world % cfg.trainer.dp_replicate:
             continue
         shard = world // cfg.trainer.dp_replicate
-        eps = [ep for ep in range(1, shard + 1) if shard % ep == 0 and (ep == 1 or counts.routed_experts % ep == 0)]
+        # ep > 1 only splits routed experts: a dense model has none to split
+        splits = [ep for ep in range(2, shard + 1) if counts.routed_experts and counts.routed_experts % ep == 0]
+        eps = [1, *(ep for ep in splits if shard % ep == 0)]
         for ac in checkpointing:
             for ep in eps:
                 plan = memory_plan(_with(cfg, ep=ep, activation_checkpointing=ac), world, counts)
