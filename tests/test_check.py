@@ -19,6 +19,8 @@ The expectations are transcribed here from the engines' code, independently of t
   ``model.mtp.layers.N`` onto its one module.
 * vLLM ``qwen3_next_mtp.py``: ``num_nextn_predict_layers`` defaults to 1; SGLang ``qwen3_next_mtp.py`` builds a
   one-layer model.
+* vLLM ``qwen3_5_mtp.py`` ``Qwen3_5MultiTokenPredictor.__init__``: ``num_mtp_layers = getattr(config,
+  "mtp_num_hidden_layers", 1)`` layers ``mtp.layers.{i}``; SGLang ``qwen3_5_mtp.py`` builds one layer.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ EXPECTED = {
     ("minimax_m3_debug", 2): {V34: "draft step 2 runs module 1", V33: OK, SGL: "does not draft"},
     ("mimo_v2_flash_debug", 1): {V34: OK, V33: OK, SGL: OK},
     ("qwen3_next_debug", 1): {V34: OK, V33: OK, SGL: OK},
+    ("qwen3_5_debug", 1): {V34: OK, V33: OK, SGL: OK},
+    ("qwen3_5_moe_debug", 1): {V34: OK, V33: OK, SGL: OK},
     ("mimo_v2_flash_debug", 2): {
         V34: "modules the engine does not build",
         V33: "modules the engine does not build",

@@ -83,7 +83,10 @@ def test_a_mistyped_key_or_recipe_is_one_line_with_the_fix(tmp_path, args, expec
 def test_help_lists_the_recipes_and_groups(tmp_path):
     result = command("mtp_recipes.finetune", "--help", cwd=tmp_path)
     assert result.returncode == 0
-    recipes = "deepseek_v3, deepseek_v32, glm4_5_air, mimo_v2_flash, minimax_m3, nemotron_super, qwen3_next_80b, step3p5_flash"
+    recipes = (
+        "deepseek_v3, deepseek_v32, glm4_5_air, mimo_v2_flash, minimax_m3, nemotron_super, qwen3_5_27b, "
+        "qwen3_5_35b_a3b, qwen3_next_80b, step3p5_flash"
+    )
     assert f"recipes (--config-name): {recipes}; default: finetune" in result.stdout
     assert "  model=: deepseek_v3, deepseek_v32, deepseek_v32_debug, deepseek_v3_debug," in result.stdout
 

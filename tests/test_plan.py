@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from mtp_recipes.config import to_schema
 from mtp_recipes.errors import ConfigError
-from mtp_recipes.memory_plan import GIB, memory_plan, refuse_unfitting
+from mtp_recipes.memory_plan import GIB, count_model, memory_plan, refuse_unfitting, smallest_fitting
 from mtp_recipes.model import MTPModel
 from mtp_recipes.plan import main
 from tests.helpers import debug_model_config
@@ -28,6 +28,8 @@ PUBLISHED = (
     "deepseek_v32",
     "mimo_v2_flash",
     "qwen3_next_80b",
+    "qwen3_5_27b",
+    "qwen3_5_35b_a3b",
 )
 
 
@@ -124,6 +126,17 @@ def test_eager_attention_adds_its_score_matrices():
             config(*cfg, f"trainer.activation_checkpointing={checkpointing}", "model.attn_implementation=eager"), 2
         )
         assert eager.activations - fused.activations == layers * scores
+
+
+def test_the_smallest_layout_of_a_dense_model_never_splits_experts():
+    """A dense model has no routed experts: the search tries ep=1 only (at 2 GPUs it asked for ep=2 and failed)."""
+    dense = to_schema(composed("model=qwen3_5_debug", "trainer.activation_checkpointing=true"))
+    counts = count_model(dense)
+    assert counts.routed_experts == 0
+    one = memory_plan(dense, 1, counts)
+    limit = (one.total - 0.4 * (one.params + one.grads + one.optimizer)) / GIB  # 1 GPU does not fit, 2 do
+    best = smallest_fitting(OmegaConf.merge(dense, {"trainer": {"gpu_memory_gb": limit}}), counts)
+    assert best is not None and (best.world_size, best.expert_parallel) == (2, 1)
 
 
 def test_setup_refuses_an_unfitting_plan_on_cuda_only(capsys):

@@ -15,6 +15,7 @@ from mtp_recipes.families import (  # noqa: F401  (they register)
     mimo_v2_flash,
     minimax_m3,
     nemotron_h,
+    qwen3_5,
     qwen3_next,
     step3p5,
 )

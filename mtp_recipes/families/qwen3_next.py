@@ -120,7 +120,8 @@ class Qwen3Next(Family):
             set_fields(config_json, {self.depth_field: mtp.num_physical_layers})
 
     def build_backbone(self, hf_config: PretrainedConfig) -> PreTrainedModel:
-        backbone = super().build_backbone(hf_config)
+        # The text causal LM (of a VL config: its language model).
+        backbone = super().build_backbone(self.text_config(hf_config))
         for module in backbone.modules():
             if type(module) is self.deltanet:
                 hf_compat.swap_class(module, self.packed_deltanet)

@@ -91,7 +91,14 @@ def run_ep(tmp_path: Path, name: str, *args: str, nproc: int) -> str:
 
 
 # DeepSeek-V3.2: V3's MLA + MoE block with an indexer (V3's expert-parallel load and export: below)
-EP2_MODELS = ["deepseek_v32_debug", "glm4_moe_debug", "mimo_v2_flash_debug", "nemotron_h_debug", "qwen3_next_debug"]
+EP2_MODELS = [
+    "deepseek_v32_debug",
+    "glm4_moe_debug",
+    "mimo_v2_flash_debug",
+    "nemotron_h_debug",
+    "qwen3_5_moe_debug",
+    "qwen3_next_debug",
+]
 # AdamW's eps is 1e-6, not 1e-8: an embedding row whose gradient is ~1e-8 (a rare token) turns a summation-order
 # difference of the gradient into a 3e-5 weight difference at eps=1e-8 (measured on GLM-4.5's debug model, 1.4e-6 at
 # 1e-6), which says nothing about expert parallelism.

@@ -1,5 +1,5 @@
-"""Qwen3-Next: its linear attention against transformers' own, the published MTP layout in and out, the MTP
-forward by hand, and the one physical depth."""
+"""Qwen3-Next, and Qwen3.5 where it shares Qwen3-Next's code: the linear attention against transformers' own, the
+MTP forward by hand, the one physical depth; Qwen3-Next's published layout in and out."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Qwen3NextConfig
-from transformers.models.qwen3_next import modeling_qwen3_next as hf
 
 from mtp_recipes.document_layout import position_in_document
 from mtp_recipes.errors import ConfigError
@@ -17,22 +16,28 @@ from mtp_recipes.export_check import check_export
 from mtp_recipes.model import MTPModel
 from tests.helpers import debug_model_config, packed_batch, published_round_trip
 
+# Qwen3.5 dense and MoE derive from the Qwen3-Next family: same MTP module, separate Gated DeltaNet projections.
+MODELS = ["qwen3_next_debug", "qwen3_5_debug", "qwen3_5_moe_debug"]
 
-def test_linear_attention_equals_transformers_own_on_unpacked_rows():
+
+@pytest.mark.parametrize("name", MODELS)
+def test_linear_attention_equals_transformers_own_on_unpacked_rows(name):
     """Our training forward of the Gated DeltaNet layer against transformers' forward of the same layer (its torch
     path: conv, chunked rule, gated norm), float32, two unpacked rows."""
     torch.manual_seed(0)
-    model = MTPModel.from_config(debug_model_config("qwen3_next_debug"))
+    model = MTPModel.from_config(debug_model_config(name))
     layer = model.backbone.model.layers[0].linear_attn
-    assert type(layer).__name__ == "PackedQwen3NextGatedDeltaNet"
+    own = model.family.deltanet
+    assert type(layer).__name__.startswith("Packed") and type(layer).__mro__[1] is own
     x = torch.randn(2, 150, model.text_config.hidden_size)
-    torch.testing.assert_close(layer(x), hf.Qwen3NextGatedDeltaNet.forward(layer, x), rtol=1e-4, atol=2e-6)
+    torch.testing.assert_close(layer(x), own.forward(layer, x), rtol=1e-4, atol=2e-6)
 
 
-def test_packed_documents_do_not_leak_through_the_linear_attention():
+@pytest.mark.parametrize("name", MODELS)
+def test_packed_documents_do_not_leak_through_the_linear_attention(name):
     """A packed row's second document: the same backbone states as alone; without seq_idx they differ."""
     torch.manual_seed(0)
-    model = MTPModel.from_config(debug_model_config("qwen3_next_debug"), experts_implementation="eager").double()
+    model = MTPModel.from_config(debug_model_config(name), experts_implementation="eager").double()
     batch = packed_batch(model.text_config.vocab_size, [[20, 12]])
     packed = model(**batch).hidden_states[0, 20:]
     alone = model(**{k: v[:, 20:] for k, v in batch.items()} | {"seq_idx": torch.zeros(1, 12, dtype=torch.long)})
@@ -85,13 +90,14 @@ def test_published_layout_survives_load_train_save(tmp_path):
     assert [(r.engine, r.problems) for r in reports] == [(r.engine, []) for r in reports] and len(reports) == 3
 
 
-def test_mtp_forward_matches_a_plain_pytorch_reference():
+@pytest.mark.parametrize("name", MODELS)
+def test_mtp_forward_matches_a_plain_pytorch_reference(name):
     """``fc(cat[pre_fc_norm_embedding(emb(x_{t+1})), pre_fc_norm_hidden(h)])`` -> the full-attention layer ->
     ``mtp.norm``, norms ``x * (1 + w)``; repeated for a second step on the state after ``mtp.norm``, no embedding
     zeroed at position 0 (vLLM's and SGLang's drafters)."""
     torch.manual_seed(0)
     model = MTPModel.from_config(
-        debug_model_config("qwen3_next_debug"), num_layers=2, use_repeated_layer=True, experts_implementation="eager"
+        debug_model_config(name), num_layers=2, use_repeated_layer=True, experts_implementation="eager"
     )
     model = model.double()
     with torch.no_grad():
@@ -116,10 +122,12 @@ def test_mtp_forward_matches_a_plain_pytorch_reference():
         x = torch.cat([rms(emb[shifted], depth.enorm.weight), rms(h, depth.hnorm.weight)], -1) @ depth.eh_proj.weight.T
         h = rms(mask(depth.blocks[0], x), depth.final_norm.weight)
         torch.testing.assert_close(out.mtp_hidden_states[k - 1], h, rtol=1e-6, atol=1e-6)
-    assert depth.blocks[0].block_type == "full_attention" and type(depth.blocks[0].mlp).__name__.endswith("MoeBlock")
+    assert depth.blocks[0].block_type == "full_attention"
+    assert type(depth.blocks[0].mlp) is type(decoder.layers[0].mlp)  # MoE in the MoE models, as vLLM builds it
 
 
-def test_more_than_one_physical_depth_is_refused_in_one_line():
+@pytest.mark.parametrize("name", MODELS)
+def test_more_than_one_physical_depth_is_refused_in_one_line(name):
     with pytest.raises(ConfigError, match="mtp.use_repeated_layer=true") as err:
-        MTPModel.from_config(debug_model_config("qwen3_next_debug"), num_layers=2)
+        MTPModel.from_config(debug_model_config(name), num_layers=2)
     assert "\n" not in str(err.value) and "mtp.fc" in str(err.value)

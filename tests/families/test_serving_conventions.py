@@ -45,6 +45,9 @@ ENGINE = {
     "minimax_m3_debug": Engine(h0="normed", recycle="pre_norm", zero_first=True),
     "mimo_v2_flash_debug": Engine(h0="normed", recycle="normed", zero_first=False),
     "qwen3_next_debug": Engine(h0="normed", recycle="normed", zero_first=False),
+    # qwen3_5_mtp.py: the same predictor as qwen3_next_mtp.py, layer step % mtp_num_hidden_layers
+    "qwen3_5_debug": Engine(h0="normed", recycle="normed", zero_first=False),
+    "qwen3_5_moe_debug": Engine(h0="normed", recycle="normed", zero_first=False),
 }
 # SGLang 0.5.23 deepseek_nextn.py, glm4_moe_nextn.py: the embedding at position 0 is kept
 SGLANG = {
@@ -55,6 +58,9 @@ SGLANG = {
     "mimo_v2_flash_debug": Engine(h0="normed", recycle="normed", zero_first=False),
     # qwen3_next_mtp.py: a one-layer Qwen3NextModel whose norm output is drafted and recycled, as vLLM's
     "qwen3_next_debug": Engine(h0="normed", recycle="normed", zero_first=False),
+    # qwen3_5_mtp.py: fc + pre-fc norms, a one-layer text model whose norm output is drafted and recycled
+    "qwen3_5_debug": Engine(h0="normed", recycle="normed", zero_first=False),
+    "qwen3_5_moe_debug": Engine(h0="normed", recycle="normed", zero_first=False),
 }
 DEPTHS = 2
 
@@ -167,6 +173,7 @@ def test_final_norm_weight_reaches_depth_one_only_through_a_normed_h0(name):
         ("mimo_v2_flash_debug", {"num_layers": 2, "use_repeated_layer": True}, {}),
         ("qwen3_next_debug", {"num_layers": 1}, {}),
         ("qwen3_next_debug", {"num_layers": 3, "use_repeated_layer": True}, {}),
+        ("qwen3_5_moe_debug", {"num_layers": 3, "use_repeated_layer": True}, {}),
     ],
 )
 def test_unservable_layouts_are_named_at_export(name, overrides, engines, tmp_path, caplog):

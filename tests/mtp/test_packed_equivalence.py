@@ -127,7 +127,14 @@ def test_a_leak_would_be_detected():
 
 # MiniMax-M3, DeepSeek-V3.2, MiMo-V2-Flash and Qwen3-Next: transformers refuses flex_attention for them ("does not
 # support an attention implementation through torch's flex_attention"), so their packed path is the sdpa/eager one.
-NO_FLEX = ("minimax_m3_debug", "deepseek_v32_debug", "qwen3_next_debug", *EAGER_ONLY)
+NO_FLEX = (
+    "minimax_m3_debug",
+    "deepseek_v32_debug",
+    "qwen3_next_debug",
+    "qwen3_5_debug",
+    "qwen3_5_moe_debug",
+    *EAGER_ONLY,
+)
 FLEX_MODELS = [name for name in DEBUG_MODELS if name not in NO_FLEX]
 
 

@@ -198,6 +198,8 @@ RECIPE_FAMILIES = [
     ("deepseek_v32", "deepseek_v32_debug"),
     ("mimo_v2_flash", "mimo_v2_flash_debug"),
     ("qwen3_next_80b", "qwen3_next_debug"),
+    ("qwen3_5_27b", "qwen3_5_debug"),
+    ("qwen3_5_35b_a3b", "qwen3_5_moe_debug"),
 ]
 
 
