@@ -57,7 +57,7 @@ def test_dispatch_and_combine_equal_the_experts_module_run_whole(tmp_path):
     ]
     specs += ["deepseek_v3_debug:grouped_mm:float32", "nemotron_h_debug:grouped_mm:float32"]
     result = torchrun("ep_dispatch_worker.py", *specs, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
     done = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
     assert done == [f"ok {spec} {routing}" for spec in specs for routing in ("random", "all to rank 0")]
 
