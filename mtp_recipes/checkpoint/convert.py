@@ -23,14 +23,10 @@ def to_disk(backbone: PreTrainedModel, state_dict: dict[str, torch.Tensor]) -> d
     return hf_compat.revert_conversions(backbone, state_dict)
 
 
-def _conversions(backbone: PreTrainedModel) -> list[WeightRenaming | WeightConverter]:
+def _load_conversions(backbone: PreTrainedModel) -> tuple[list[WeightRenaming], list[WeightConverter]]:
     # Conversions attached to the backbone win, as in transformers' own revert_weight_conversion (to_disk).
     attached = hf_compat.attached_weight_conversions(backbone)
-    return deepcopy(attached) if attached is not None else hf_compat.model_weight_conversions(backbone)
-
-
-def _load_conversions(backbone: PreTrainedModel) -> tuple[list[WeightRenaming], list[WeightConverter]]:
-    conversions = _conversions(backbone)
+    conversions = deepcopy(attached) if attached is not None else hf_compat.model_weight_conversions(backbone)
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
     return renamings, converters
@@ -40,9 +36,7 @@ def keep_source_conversions(backbone: PreTrainedModel, source_keys: list[str]) -
     """Make :func:`to_disk` revert only the conversions that match one of ``source_keys`` (the on-disk names of the
     checkpoint the model was loaded from), as transformers saves a model it loaded: a tensor the source already
     kept in the in-memory layout (experts stacked on disk) is written back in that layout, not split."""
-    conversions = _conversions(backbone)
-    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    renamings, converters = _load_conversions(backbone)
     by_pattern = {p: c for c in converters for p in c.source_patterns}
     used: set[int] = set()
     for key in source_keys:
@@ -54,7 +48,8 @@ def keep_source_conversions(backbone: PreTrainedModel, source_keys: list[str]) -
         pattern = hf_compat.rename_key(key, [], converters)[1]
         if pattern is not None:
             used.add(id(by_pattern[pattern]))
-    hf_compat.attach_weight_conversions(backbone, [c for c in conversions if id(c) in used])
+    # transformers' saver reverts the renamings and the converters apart, each kind in its own order
+    hf_compat.attach_weight_conversions(backbone, [c for c in (*renamings, *converters) if id(c) in used])
 
 
 def disk_groups(backbone: PreTrainedModel, keys: list[str]) -> dict[str, list[str]]:
