@@ -15,11 +15,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtp_recipes import hf_compat
 from mtp_recipes.document_layout import position_in_document
 from mtp_recipes.families.nemotron_h_mamba import kernels
 
@@ -189,3 +191,19 @@ def zero_padding(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> t
     if attention_mask is None or attention_mask.dim() != 2:
         return hidden
     return (hidden * attention_mask[:, :, None]).to(hidden.dtype)
+
+
+class PackedForward:
+    """The training forward of a Gated DeltaNet layer, mixed in before transformers' class (a subclass that adds no
+    state, swapped in with ``hf_compat.swap_class``): packed documents stay apart. A call with a cache (generation),
+    or with positional arguments, is transformers' own forward. Subclasses say how the layer's projections give
+    ``(mixed_qkv, z, b, a)`` in :meth:`projections`."""
+
+    def projections(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or hf_compat.passed_cache(kwargs) is not None:
+            return super().forward(hidden_states, *args, **kwargs)
+        hidden = zero_padding(hidden_states, kwargs.get("attention_mask"))
+        return deltanet_forward(self, *self.projections(hidden), kwargs.get("seq_idx"))

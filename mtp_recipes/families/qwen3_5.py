@@ -12,17 +12,14 @@ causal LM; the published checkpoints are the VL model's, which nests the decoder
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from transformers.models.qwen3_5 import modeling_qwen3_5 as dense
 from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as moe
 
-from mtp_recipes import hf_compat
 from mtp_recipes.checkpoint.nesting import Nesting
 from mtp_recipes.engines import NORMED_CHAIN, EngineRule
 from mtp_recipes.families.base import register
-from mtp_recipes.families.gated_deltanet import deltanet_forward, zero_padding
+from mtp_recipes.families.gated_deltanet import PackedForward
 from mtp_recipes.families.qwen3_next import Qwen3Next
 
 
@@ -33,25 +30,16 @@ def separate_inputs(layer: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch
     return layer.in_proj_qkv(hidden), z, layer.in_proj_b(hidden), layer.in_proj_a(hidden)
 
 
-def packed_forward(self: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """The cache-less forward that keeps packed documents apart; a call with a cache, or with positional arguments,
-    is transformers' own."""
-    if args or hf_compat.passed_cache(kwargs) is not None:
-        return super(type(self), self).forward(hidden_states, *args, **kwargs)
-    hidden = zero_padding(hidden_states, kwargs.get("attention_mask"))
-    return deltanet_forward(self, *separate_inputs(self, hidden), kwargs.get("seq_idx"))
-
-
-class PackedQwen35GatedDeltaNet(dense.Qwen3_5GatedDeltaNet):
+class PackedQwen35GatedDeltaNet(PackedForward, dense.Qwen3_5GatedDeltaNet):
     """transformers' Qwen3.5 linear-attention layer (same parameters) with the packed training forward."""
 
-    forward = packed_forward
+    projections = separate_inputs
 
 
-class PackedQwen35MoeGatedDeltaNet(moe.Qwen3_5MoeGatedDeltaNet):
+class PackedQwen35MoeGatedDeltaNet(PackedForward, moe.Qwen3_5MoeGatedDeltaNet):
     """transformers' Qwen3.5-MoE linear-attention layer (same parameters) with the packed training forward."""
 
-    forward = packed_forward
+    projections = separate_inputs
 
 
 class Qwen35(Qwen3Next):

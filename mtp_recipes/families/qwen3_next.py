@@ -28,20 +28,9 @@ from mtp_recipes import hf_compat
 from mtp_recipes.engines import NORMED_CHAIN, EngineRule
 from mtp_recipes.errors import ConfigError
 from mtp_recipes.families.base import Family, KeyPrefixes, register, set_fields, sub_config
-from mtp_recipes.families.gated_deltanet import deltanet_forward, zero_padding
+from mtp_recipes.families.gated_deltanet import PackedForward
 from mtp_recipes.mtp.config import MTPConfig
 from mtp_recipes.mtp.stack import MTPDepth
-
-
-class PackedQwen3NextGatedDeltaNet(hf.Qwen3NextGatedDeltaNet):
-    """transformers' Qwen3-Next linear-attention layer (same parameters) whose cache-less forward keeps packed
-    documents apart; a call with a cache, or with positional arguments, is transformers' own."""
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args or hf_compat.passed_cache(kwargs) is not None:
-            return super().forward(hidden_states, *args, **kwargs)
-        hidden = zero_padding(hidden_states, kwargs.get("attention_mask"))
-        return deltanet_forward(self, *qkvz_inputs(self, hidden), kwargs.get("seq_idx"))
 
 
 def qkvz_inputs(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -54,6 +43,12 @@ def qkvz_inputs(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, .
     b, a = layer.in_proj_ba(hidden).view(batch, length, hk, 2 * per).split([per, per], dim=-1)
     mixed = torch.cat([q.reshape(batch, length, -1), k.reshape(batch, length, -1), v.reshape(batch, length, -1)], -1)
     return mixed, z.reshape(batch, length, hv, dv), b.reshape(batch, length, hv), a.reshape(batch, length, hv)
+
+
+class PackedQwen3NextGatedDeltaNet(PackedForward, hf.Qwen3NextGatedDeltaNet):
+    """transformers' Qwen3-Next linear-attention layer (same parameters) with the packed training forward."""
+
+    projections = qkvz_inputs
 
 
 class Qwen3Next(Family):
